@@ -1,0 +1,48 @@
+//! What PID 1 must do that no other process does.
+
+use std::ffi::CString;
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let (src, tgt, fs, d) = (c(source), c(target), c(fstype), c(data));
+    // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), flags, d.as_ptr().cast()) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        // EBUSY: already mounted (e.g. by the kernel); anything else is worth a line.
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            eprintln!("sbx-guest-agent: cannot mount {fstype} on {target}: {err}");
+        }
+    }
+}
+
+pub fn mount_pseudo_filesystems() {
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nodev, "");
+    mount("sysfs", "/sys", "sysfs", nodev, "");
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "ptmxmode=0666,mode=0620");
+    mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
+    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
+    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755");
+}
+
+pub fn set_hostname(name: &str) {
+    // SAFETY: passes a valid buffer and its length.
+    unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+}
+
+/// Flushes filesystems and reboots; with `reboot=k` the VMM sees the i8042
+/// reset and ends the VM.
+pub fn reboot() -> ! {
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // reboot(2) only returns on error; there is nothing else PID 1 can do.
+    loop {
+        std::thread::park();
+    }
+}

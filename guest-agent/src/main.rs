@@ -1,0 +1,28 @@
+//! sbx guest agent: PID 1 of the microVM.
+//!
+//! It mounts the pseudo filesystems, reports that it started through the
+//! debug port, runs the command given after `--` on the kernel command line
+//! (a shell on the console when there is none), reaps every process, reports
+//! the command's exit status and reboots, which ends the VM.
+
+mod init;
+mod report;
+mod run;
+
+fn main() {
+    let is_init = std::process::id() == 1;
+    if is_init {
+        init::mount_pseudo_filesystems();
+        init::set_hostname("sbx");
+    }
+    report::send(sbx_protocol::debug_port::Report::AgentStarted);
+
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let code = run::run(&argv);
+
+    report::send(sbx_protocol::debug_port::Report::ExitStatus(code));
+    if is_init {
+        init::reboot();
+    }
+    std::process::exit(i32::from(code));
+}

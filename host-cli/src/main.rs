@@ -1,0 +1,63 @@
+//! sbx: microVM sandboxes for AI agents.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+mod boot;
+mod doctor;
+mod paths;
+mod terminal;
+
+/// Exit status for failures of sbx itself (as opposed to the guest command's
+/// own status), following `docker run`'s convention.
+pub const EXIT_SBX_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "sbx",
+    version,
+    about = "Run AI agents in microVM sandboxes",
+    long_about = "sbx gives every agent session its own microVM, booted by sbx's own VMM on KVM, \
+and governs everything that crosses the VM boundary.\n\n\
+Start with `sbx doctor` to see whether this host can run sandboxes, then \
+`sbx boot -- uname -a` to boot a guest and run one command in it."
+)]
+struct Cli {
+    /// Log verbosity for sbx itself (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check what this host can do and say what to fix.
+    Doctor(doctor::Args),
+    /// Boot a guest kernel directly and run one command in it (low level).
+    Boot(boot::Args),
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Doctor(args) => doctor::run(args),
+        Command::Boot(args) => boot::run(args, start),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("sbx: {e:#}");
+            ExitCode::from(EXIT_SBX_ERROR)
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The host/guest protocol shared by the VMM and the guest agent.
+
+pub mod debug_port;

@@ -1,0 +1,396 @@
+//! One microVM from configuration to exit: builds the VM (memory, kernel,
+//! devices, vCPUs), runs one thread per vCPU plus this event thread, and
+//! tears everything down on guest exit, host signal or error.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::x86_64::mptable;
+use crate::boot::{self, BootError};
+use crate::control::{ExitReason, ResetTrigger, VmControl};
+use crate::devices::bus::PioBus;
+use crate::devices::legacy::debug_port::{self, DebugPort};
+use crate::devices::legacy::i8042::{ResetLine, I8042_BASE, I8042_LEN};
+use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::legacy::EventFdTrigger;
+use crate::host::{self, HostError};
+use crate::timings::{BootTimings, Mark, TimingsReport};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// The guest's console: where its serial output goes and, optionally, a file
+/// descriptor whose bytes are typed into it.
+pub struct Console {
+    pub output: Box<dyn Write + Send>,
+    pub input: Option<RawFd>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kvm_path: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+}
+
+/// The smallest memory a guest may be given; the kernel check gives a precise figure.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Above this the guest's RAM would not fit the host's address space sensibly.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("--vcpus {requested} is out of range: this host allows 1 to {max}")]
+    VcpuCount { requested: u32, max: u32 },
+    #[error("--mem {0} MiB is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB} MiB)")]
+    MemRange(u64),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot set up {what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start vCPU thread {index}: {source}")]
+    Thread { index: u8, source: std::io::Error },
+}
+
+fn setup_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
+    move |source| VmmError::Setup { what, source }
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    pub reason: ExitReason,
+    /// The exit status the guest agent reported, if it reported one.
+    pub guest_status: Option<u8>,
+    pub timings: TimingsReport,
+}
+
+/// Validates `vcpus` against this host's KVM and the MP table.
+pub fn check_vcpus(requested: u32, kvm_max: usize) -> Result<u8, VmmError> {
+    let max = kvm_max.min(usize::from(mptable::MAX_VCPUS)) as u32;
+    if requested == 0 || requested > max {
+        return Err(VmmError::VcpuCount { requested, max });
+    }
+    Ok(requested as u8)
+}
+
+pub fn check_mem(mib: u64) -> Result<(), VmmError> {
+    if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
+        return Err(VmmError::MemRange(mib));
+    }
+    Ok(())
+}
+
+/// Boots `config` and runs it to completion.
+pub fn run(config: &VmConfig, console: Console, timings: BootTimings) -> Result<VmOutcome, VmmError> {
+    check_mem(config.mem_mib)?;
+    host::probe(&config.kvm_path).check_bootable()?;
+    let vm = Vm::new(&config.kvm_path)?;
+    let vcpu_count = check_vcpus(config.vcpus, vm.max_vcpus())?;
+
+    let mem = memory::create(config.mem_mib)?;
+    vm.register_memory(&mem)?;
+    let entry = boot::load(
+        &mem,
+        config.mem_mib,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &config.cmdline,
+        vcpu_count,
+    )?;
+
+    let control = Arc::new(VmControl::new(timings).map_err(setup_err("the exit event"))?);
+    let (bus, serial) = build_devices(&vm, &control, console.output)?;
+
+    let base_cpuid = vcpu::supported_cpuid(&vm.kvm).map_err(|e| VmmError::Setup {
+        what: "CPUID",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })?;
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let v = Vcpu::new(&vm, index)?;
+        v.configure(&vm.kvm, &mem, &base_cpuid, vcpu_count, entry.entry, entry.zero_page)?;
+        vcpus.push(v);
+    }
+    control.timings.mark(Mark::VmConfigured);
+
+    let signals = HostSignals::block().map_err(setup_err("signal handling"))?;
+    let threads = spawn_vcpus(vcpus, &bus, &control);
+    let loop_result = match &threads {
+        Ok(_) => event_loop(&control, &signals, &serial, console.input),
+        Err(_) => Ok(()),
+    };
+    // Teardown happens on every path: stop and join whatever was started.
+    control.request_exit(ExitReason::VmmError {
+        vcpu: None,
+        detail: "event loop ended".into(),
+    });
+    let threads = match threads {
+        Ok(t) => t,
+        Err((started, e)) => {
+            stop_vcpus(started);
+            return Err(e);
+        }
+    };
+    stop_vcpus(threads);
+    drop(signals);
+    if let Ok(mut s) = serial.lock() {
+        s.flush();
+    }
+    loop_result.map_err(setup_err("the event loop"))?;
+
+    Ok(VmOutcome {
+        reason: control.reason().unwrap_or(ExitReason::GuestReset),
+        guest_status: control.guest_status(),
+        timings: control.timings.report(),
+    })
+}
+
+fn build_devices(
+    vm: &Vm,
+    control: &Arc<VmControl>,
+    output: Box<dyn Write + Send>,
+) -> Result<(Arc<PioBus>, Arc<Mutex<SerialConsole>>), VmmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the serial interrupt"))?;
+    vm.fd
+        .register_irqfd(&irq, COM1_IRQ)
+        .map_err(|e| VmmError::Setup {
+            what: "the serial interrupt",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(irq), output)));
+    let mut bus = PioBus::default();
+    let overlap = |e: crate::devices::bus::OverlapError| VmmError::Setup {
+        what: "the port I/O bus",
+        source: std::io::Error::other(e.to_string()),
+    };
+    bus.insert(COM1_BASE, COM1_LEN, serial.clone())
+        .map_err(overlap)?;
+    bus.insert(
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(ResetLine::new(ResetTrigger(control.clone())))),
+    )
+    .map_err(overlap)?;
+    bus.insert(
+        sbx_protocol::debug_port::PORT,
+        debug_port::LEN,
+        Arc::new(Mutex::new(DebugPort::new(control.clone()))),
+    )
+    .map_err(overlap)?;
+    Ok((Arc::new(bus), serial))
+}
+
+type StartedVcpus = Vec<JoinHandle<()>>;
+
+fn spawn_vcpus(
+    vcpus: Vec<Vcpu>,
+    bus: &Arc<PioBus>,
+    control: &Arc<VmControl>,
+) -> Result<StartedVcpus, (StartedVcpus, VmmError)> {
+    // A no-op handler: the signal only needs to interrupt KVM_RUN with EINTR.
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
+        return Err((
+            Vec::new(),
+            VmmError::Setup {
+                what: "the vCPU kick signal",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            },
+        ));
+    }
+    let mut started = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        let index = v.index;
+        let (bus, control) = (bus.clone(), control.clone());
+        match std::thread::Builder::new()
+            .name(format!("sbx-vcpu-{index}"))
+            .spawn(move || v.run(bus, control))
+        {
+            Ok(h) => started.push(h),
+            Err(source) => return Err((started, VmmError::Thread { index, source })),
+        }
+    }
+    Ok(started)
+}
+
+/// Interrupts every vCPU thread until it notices the stop flag, then joins it.
+fn stop_vcpus(threads: StartedVcpus) {
+    use std::os::unix::thread::JoinHandleExt;
+    let mut pending = threads;
+    while !pending.is_empty() {
+        for t in &pending {
+            if !t.is_finished() {
+                // SAFETY: the pthread is alive until joined, which happens only below.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+        let (done, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        pending = rest;
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP are blocked while the VM runs (vCPU threads
+/// inherit the mask) and read from a signalfd by the event loop instead.
+struct HostSignals {
+    fd: std::os::fd::OwnedFd,
+    old_mask: libc::sigset_t,
+}
+
+impl HostSignals {
+    fn block() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain libc calls on locally owned sigset_t values.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            let mut old_mask: libc::sigset_t = std::mem::zeroed();
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old_mask);
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
+                return Err(e);
+            }
+            Ok(Self {
+                fd: std::os::fd::OwnedFd::from_raw_fd(fd),
+                old_mask,
+            })
+        }
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: reads one signalfd_siginfo into a correctly sized buffer.
+        unsafe {
+            let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+            let n = libc::read(
+                self.fd.as_raw_fd(),
+                &mut info as *mut _ as *mut libc::c_void,
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            );
+            (n as usize == std::mem::size_of::<libc::signalfd_siginfo>())
+                .then_some(info.ssi_signo as i32)
+        }
+    }
+}
+
+impl Drop for HostSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `block`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+    }
+}
+
+const EV_EXIT: u64 = 0;
+const EV_SIGNAL: u64 = 1;
+const EV_INPUT: u64 = 2;
+
+fn event_loop(
+    control: &VmControl,
+    signals: &HostSignals,
+    serial: &Mutex<SerialConsole>,
+    input: Option<RawFd>,
+) -> std::io::Result<()> {
+    let epoll = Epoll::new()?;
+    let add = |fd: RawFd, data: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, data),
+        )
+    };
+    add(control.exit_evt.as_raw_fd(), EV_EXIT)?;
+    add(signals.fd.as_raw_fd(), EV_SIGNAL)?;
+    if let Some(fd) = input {
+        add(fd, EV_INPUT)?;
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut events = vec![EpollEvent::default(); 4];
+    while !control.should_stop() {
+        // While input waits for room in the UART FIFO, poll instead of blocking.
+        let timeout = if pending.is_empty() { -1 } else { 5 };
+        let n = match epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                EV_SIGNAL => {
+                    if let Some(signo) = signals.read() {
+                        control.request_exit(ExitReason::Signal(signo));
+                    }
+                }
+                EV_INPUT if pending.is_empty() => {
+                    let mut buf = [0u8; 256];
+                    let fd = input.unwrap_or(-1);
+                    // SAFETY: reads into a stack buffer of the given length.
+                    let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    if r <= 0 {
+                        // EOF or error: stop listening, keep the VM running.
+                        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    } else {
+                        pending.extend_from_slice(&buf[..r as usize]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !pending.is_empty() {
+            if let Ok(mut s) = serial.lock() {
+                let taken = s.enqueue_input(&pending);
+                pending.drain(..taken);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_and_memory_ranges() {
+        assert!(check_vcpus(0, 288).is_err());
+        assert_eq!(check_vcpus(4, 288).unwrap(), 4);
+        let e = check_vcpus(300, 288).unwrap_err().to_string();
+        assert!(e.contains("1 to 254"), "{e}");
+        assert!(check_vcpus(5, 4).is_err());
+        assert!(check_mem(0).is_err());
+        assert!(check_mem(8).is_err());
+        assert!(check_mem(256).is_ok());
+    }
+}
