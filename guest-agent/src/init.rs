@@ -7,7 +7,15 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let (src, tgt, fs, d) = (c(source), c(target), c(fstype), c(data));
     // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
-    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), flags, d.as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            fs.as_ptr(),
+            flags,
+            d.as_ptr().cast(),
+        )
+    };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         // EBUSY: already mounted (e.g. by the kernel); anything else is worth a line.
@@ -22,15 +30,44 @@ pub fn mount_pseudo_filesystems() {
     mount("proc", "/proc", "proc", nodev, "");
     mount("sysfs", "/sys", "sysfs", nodev, "");
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
-    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "ptmxmode=0666,mode=0620");
-    mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
-    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777");
-    mount("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755");
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "ptmxmode=0666,mode=0620",
+    );
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    );
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    );
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    );
 }
 
 pub fn set_hostname(name: &str) {
     // SAFETY: passes a valid buffer and its length.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+}
+
+pub fn sync() {
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
 }
 
 /// Flushes filesystems and reboots; with `reboot=k` the VMM sees the i8042

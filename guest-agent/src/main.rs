@@ -2,9 +2,10 @@
 //!
 //! It mounts the pseudo filesystems, reports that it started through the
 //! debug port, runs the command given after `--` on the kernel command line
-//! (a shell on the console when there is none), reaps every process, reports
-//! the command's exit status and reboots, which ends the VM.
+//! (a shell on the console when there is none), reaps every process, syncs,
+//! and reports the command's exit status, which ends the VM.
 
+mod cmdline;
 mod init;
 mod report;
 mod run;
@@ -17,9 +18,16 @@ fn main() {
     }
     report::send(sbx_protocol::debug_port::Report::AgentStarted);
 
-    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let argv: Vec<String> = std::fs::read_to_string("/proc/cmdline")
+        .ok()
+        .and_then(|l| cmdline::command(&l))
+        .unwrap_or_else(|| std::env::args().skip(1).collect());
     let code = run::run(&argv);
 
+    if is_init {
+        init::sync();
+    }
+    // The VMM ends the VM on this report; rebooting is the fallback.
     report::send(sbx_protocol::debug_port::Report::ExitStatus(code));
     if is_init {
         init::reboot();

@@ -29,7 +29,10 @@ pub fn run(argv: &[String]) -> u8 {
         .env_clear()
         .env("PATH", PATH)
         .env("HOME", "/root")
-        .env("TERM", std::env::var("TERM").unwrap_or_else(|_| "linux".into()))
+        .env(
+            "TERM",
+            std::env::var("TERM").unwrap_or_else(|_| "linux".into()),
+        )
         .current_dir("/");
     if interactive {
         // A session of its own with the serial port as controlling terminal,

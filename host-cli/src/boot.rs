@@ -113,6 +113,8 @@ impl<W: Write> Write for Unbuffered<W> {
 }
 
 pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
+    // The host first: on a host that cannot boot guests, nothing else matters.
+    vmm::host::probe(&args.kvm).check_bootable()?;
     let kernel = args.kernel.clone().unwrap_or_else(paths::default_kernel);
     let initrd = args.initrd.clone().unwrap_or_else(paths::default_initrd);
     if !kernel.exists() {
@@ -224,7 +226,11 @@ mod tests {
 
     #[test]
     fn command_is_appended_after_double_dash() {
-        let l = guest_cmdline("console=ttyS0", &["sh".into(), "-c".into(), "echo hi".into()]).unwrap();
+        let l = guest_cmdline(
+            "console=ttyS0",
+            &["sh".into(), "-c".into(), "echo hi".into()],
+        )
+        .unwrap();
         assert!(l.starts_with("console=ttyS0"));
         assert!(l.ends_with(" -- sh -c \"echo hi\""), "{l}");
         assert!(guest_cmdline("x", &["a\"b".into()]).is_err());

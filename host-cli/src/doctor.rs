@@ -110,8 +110,16 @@ fn checks(kvm_path: &Path) -> (Vec<Check>, host::HostKvm) {
         ),
         fix: None,
     });
-    out.push(artifact("guest kernel", &paths::default_kernel(), "cargo xtask kernel"));
-    out.push(artifact("guest rootfs", &paths::default_initrd(), "cargo xtask rootfs"));
+    out.push(artifact(
+        "guest kernel",
+        &paths::default_kernel(),
+        "cargo xtask kernel",
+    ));
+    out.push(artifact(
+        "guest rootfs",
+        &paths::default_initrd(),
+        "cargo xtask rootfs",
+    ));
     (out, h)
 }
 
@@ -129,7 +137,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         );
     } else {
         for c in &checks {
-            println!("{} {:<14} {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+            println!(
+                "{} {:<14} {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
             if let Some(fix) = &c.fix {
                 println!("     {:<14} next: {fix}", "");
             }

@@ -42,6 +42,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // Like other CLI tools, end quietly when a reader closes the pipe (`sbx doctor | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));

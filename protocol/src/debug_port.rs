@@ -41,7 +41,11 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for r in [Report::AgentStarted, Report::ExitStatus(0), Report::ExitStatus(255)] {
+        for r in [
+            Report::AgentStarted,
+            Report::ExitStatus(0),
+            Report::ExitStatus(255),
+        ] {
             assert_eq!(Report::decode(r.encode()), Some(r));
         }
         assert_eq!(Report::decode(0), None);

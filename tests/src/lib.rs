@@ -1,1 +1,49 @@
+//! Helpers for the real-guest tests. These tests boot real guests, so they
+//! need a KVM that can run standard kernels: `cargo xtask test` runs them
+//! directly on such hosts and inside the nested test host elsewhere.
 
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The `sbx` binary under test: `$SBX_BIN`, else the workspace's debug build.
+pub fn sbx_bin() -> PathBuf {
+    std::env::var_os("SBX_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sbx"))
+}
+
+pub fn sbx(args: &[&str]) -> Output {
+    Command::new(sbx_bin())
+        .args(args)
+        .output()
+        .expect("cannot run sbx (build it with cargo build -p host-cli)")
+}
+
+/// Fails the test with a clear message when this host cannot boot guests,
+/// rather than letting every boot fail with a less obvious error.
+pub fn require_real_kvm() {
+    let host = vmm::host::probe(std::path::Path::new(vmm::host::DEFAULT_KVM_PATH));
+    if let Err(e) = host.check_bootable() {
+        panic!("real-guest tests need a KVM that boots standard guests; run them with `cargo xtask test`: {e}");
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The last line of stdout parsed as the JSON document `sbx boot --json` prints.
+pub fn json_tail(out: &Output) -> serde_json::Value {
+    let stdout = text(&out.stdout);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON line in stdout:\n{stdout}\nstderr:\n{}",
+                text(&out.stderr)
+            )
+        });
+    serde_json::from_str(last).expect("valid JSON from sbx --json")
+}

@@ -111,6 +111,14 @@ fn elf_end(path: &Path, image: &[u8]) -> Result<u64, BootError> {
     Ok(end)
 }
 
+/// The start of the kernel image: enough for the ELF and bzImage headers and
+/// the program header table, without reading the whole (large) file.
+fn read_headers(file: &mut File) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(64 * 1024);
+    file.by_ref().take(64 * 1024).read_to_end(&mut head)?;
+    Ok(head)
+}
+
 fn mib_ceil(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
@@ -124,11 +132,12 @@ pub fn load(
     cmdline: &str,
     vcpus: u8,
 ) -> Result<BootEntry, BootError> {
-    let image = std::fs::read(kernel).map_err(|source| BootError::KernelRead {
+    let read_err = |source| BootError::KernelRead {
         path: kernel.to_path_buf(),
         source,
-    })?;
-    let kernel_end = elf_end(kernel, &image)?;
+    };
+    let mut file = File::open(kernel).map_err(read_err)?;
+    let kernel_end = elf_end(kernel, &read_headers(&mut file).map_err(read_err)?)?;
     let low_end = (mem_mib << 20).min(MMIO_GAP_START);
     if kernel_end > low_end {
         return Err(BootError::MemoryTooSmall {
@@ -138,13 +147,12 @@ pub fn load(
         });
     }
 
-    let mut cursor = std::io::Cursor::new(image);
-    let loaded = Elf::load(mem, None, &mut cursor, Some(GuestAddress(HIMEM_START))).map_err(
-        |e| BootError::KernelLoad {
+    let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+        BootError::KernelLoad {
             path: kernel.to_path_buf(),
             detail: e.to_string(),
-        },
-    )?;
+        }
+    })?;
 
     let initrd = match initrd {
         Some(path) => Some(load_initrd(mem, mem_mib, path, kernel_end, low_end)?),

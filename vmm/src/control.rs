@@ -11,6 +11,8 @@ use crate::timings::BootTimings;
 /// Why a VM stopped. The first reason recorded wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
+    /// The guest agent reported its command's exit status: the normal end of a one-shot boot.
+    AgentExited,
     /// The guest reset the machine (`reboot=k`): a normal end.
     GuestReset,
     /// The guest asked KVM to power off.
@@ -32,13 +34,17 @@ pub enum ExitReason {
 impl ExitReason {
     /// True when the guest ended the VM on purpose.
     pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::GuestReset | ExitReason::GuestShutdown)
+        matches!(
+            self,
+            ExitReason::AgentExited | ExitReason::GuestReset | ExitReason::GuestShutdown
+        )
     }
 }
 
 impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            ExitReason::AgentExited => write!(f, "guest agent exited"),
             ExitReason::GuestReset => write!(f, "guest rebooted"),
             ExitReason::GuestShutdown => write!(f, "guest powered off"),
             ExitReason::TripleFault { vcpu, registers } => {
@@ -48,7 +54,10 @@ impl std::fmt::Display for ExitReason {
                 vcpu,
                 detail,
                 registers,
-            } => write!(f, "KVM error on vCPU {vcpu}: {detail}; registers:\n{registers}"),
+            } => write!(
+                f,
+                "KVM error on vCPU {vcpu}: {detail}; registers:\n{registers}"
+            ),
             ExitReason::VmmError {
                 vcpu: Some(v),
                 detail,
@@ -96,7 +105,10 @@ impl VmControl {
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_guest_status(&self, code: u8) {

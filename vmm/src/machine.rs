@@ -104,7 +104,11 @@ pub fn check_mem(mib: u64) -> Result<(), VmmError> {
 }
 
 /// Boots `config` and runs it to completion.
-pub fn run(config: &VmConfig, console: Console, timings: BootTimings) -> Result<VmOutcome, VmmError> {
+pub fn run(
+    config: &VmConfig,
+    console: Console,
+    timings: BootTimings,
+) -> Result<VmOutcome, VmmError> {
     check_mem(config.mem_mib)?;
     host::probe(&config.kvm_path).check_bootable()?;
     let vm = Vm::new(&config.kvm_path)?;
@@ -131,7 +135,14 @@ pub fn run(config: &VmConfig, console: Console, timings: BootTimings) -> Result<
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
         let v = Vcpu::new(&vm, index)?;
-        v.configure(&vm.kvm, &mem, &base_cpuid, vcpu_count, entry.entry, entry.zero_page)?;
+        v.configure(
+            &vm.kvm,
+            &mem,
+            &base_cpuid,
+            vcpu_count,
+            entry.entry,
+            entry.zero_page,
+        )?;
         vcpus.push(v);
     }
     control.timings.mark(Mark::VmConfigured);

@@ -16,7 +16,11 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 3] = [Mark::VmConfigured, Mark::FirstVcpuEntry, Mark::GuestAgentStart];
+    pub const ALL: [Mark; 3] = [
+        Mark::VmConfigured,
+        Mark::FirstVcpuEntry,
+        Mark::GuestAgentStart,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -66,16 +66,16 @@ impl Vcpu {
         zero_page: u64,
     ) -> Result<(), VcpuError> {
         let index = self.index;
-        let kvm_err = |what| move |source| VcpuError::Kvm {
-            index,
-            what,
-            source,
+        let kvm_err = |what| {
+            move |source| VcpuError::Kvm {
+                index,
+                what,
+                source,
+            }
         };
         let mut cpuid = base_cpuid.clone();
         cpuid::normalize(&mut cpuid, index, count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("set CPUID"))?;
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         msr::setup_msrs(kvm, &self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
         self.setup_xcr0(kvm, &cpuid);
         lapic::setup_lint(&self.fd).map_err(kvm_err("set up the local APIC"))?;
@@ -163,7 +163,9 @@ impl Vcpu {
                 VcpuExit::FailEntry(reason, cpu) => Some(self.internal(&format!(
                     "VM entry failed (hardware reason {reason:#x}, host CPU {cpu})"
                 ))),
-                VcpuExit::InternalError => Some(self.internal("KVM internal error (emulation failure)")),
+                VcpuExit::InternalError => {
+                    Some(self.internal("KVM internal error (emulation failure)"))
+                }
                 other => {
                     let detail = format!("unexpected exit {other:?}");
                     Some(self.internal(&detail))

@@ -88,7 +88,10 @@ mod tests {
         assert_eq!(p.e820_entries, 2);
         let (lo, hi) = (p.e820_table[0], p.e820_table[1]);
         assert_eq!(({ lo.addr }, { lo.size }), (0, EBDA_START));
-        assert_eq!(({ hi.addr }, { hi.size }), (HIMEM_START, (256 << 20) - HIMEM_START));
+        assert_eq!(
+            ({ hi.addr }, { hi.size }),
+            (HIMEM_START, (256 << 20) - HIMEM_START)
+        );
         assert_eq!({ p.hdr.cmdline_size }, 10);
     }
 

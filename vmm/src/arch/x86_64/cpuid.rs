@@ -112,7 +112,6 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, vendor: Vendor, apic_id: u32, count
     }
 }
 
-
 /// The XCR0 value the guest would choose: every state component CPUID leaf 0xd advertises.
 pub fn supported_xcr0(cpuid: &CpuId) -> Option<u64> {
     cpuid

@@ -25,7 +25,7 @@ pub const TSS_INDEX: u8 = 3;
 
 /// Decodes a GDT entry into the segment form KVM expects in `kvm_sregs`.
 pub fn kvm_segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let granularity = ((entry >> 55) & 1) as u8;
     if granularity == 1 {

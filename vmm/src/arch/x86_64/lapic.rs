@@ -28,9 +28,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
     let mut state = vcpu.get_lapic()?;
     let lvt0 = get_reg(&state, APIC_LVT0);
-    set_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = get_reg(&state, APIC_LVT1);
-    set_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&state)
 }
 

@@ -3,8 +3,8 @@
 pub mod boot_params;
 pub mod cpuid;
 pub mod gdt;
-pub mod layout;
 pub mod lapic;
+pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;

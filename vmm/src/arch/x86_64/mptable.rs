@@ -62,7 +62,16 @@ pub fn build(base: u64, vcpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
     for irq in 0..IRQ_COUNT {
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0, 0]);

@@ -5,7 +5,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::gdt::{kvm_segment_from_gdt, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
-use super::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR};
+use super::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -107,7 +107,12 @@ fn configure_page_tables<M: GuestMemory>(mem: &M, sregs: &mut kvm_sregs) -> Resu
     write(mem, "PML4", PML4_ADDR, PDPT_ADDR | PRESENT_RW)?;
     write(mem, "PDPT", PDPT_ADDR, PD_ADDR | PRESENT_RW)?;
     for i in 0..512u64 {
-        write(mem, "page directory", PD_ADDR + i * 8, (i << 21) | PRESENT_RW | HUGE)?;
+        write(
+            mem,
+            "page directory",
+            PD_ADDR + i * 8,
+            (i << 21) | PRESENT_RW | HUGE,
+        )?;
     }
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= X86_CR4_PAE;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sbx_protocol::debug_port::Report;
 
-use crate::control::VmControl;
+use crate::control::{ExitReason, VmControl};
 use crate::devices::bus::PioDevice;
 use crate::timings::Mark;
 
@@ -34,7 +34,12 @@ impl PioDevice for DebugPort {
         }
         match Report::decode(u32::from_le_bytes(bytes)) {
             Some(Report::AgentStarted) => self.control.timings.mark(Mark::GuestAgentStart),
-            Some(Report::ExitStatus(code)) => self.control.set_guest_status(code),
+            Some(Report::ExitStatus(code)) => {
+                // The agent has synced its filesystems before reporting; nothing
+                // the guest does after this matters, so end the VM now.
+                self.control.set_guest_status(code);
+                self.control.request_exit(ExitReason::AgentExited);
+            }
             None => tracing::debug!(value = ?bytes, "unknown debug port report ignored"),
         }
     }

@@ -1,0 +1,199 @@
+//! `cargo xtask test`: formatting, lints, unit tests, then the real-guest
+//! tests, which boot real guests (in the nested test host where this host's
+//! KVM cannot).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::{demo, kernel, paths, proc, rootfs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip fmt and clippy (for quick iterations on the real-guest tests).
+    #[arg(long)]
+    no_lint: bool,
+    /// Only run tests whose name contains this string (passed to the test binaries).
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+/// Sums libtest's "test result:" lines.
+#[derive(Default, Debug, PartialEq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match label {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, echoing its output and counting test results.
+fn run_counting(cmd: &mut Command, tally: &mut Tally) -> anyhow::Result<bool> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start the test command")?;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            tally.add_line(&line);
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env!("CARGO"));
+    c.current_dir(paths::workspace());
+    c
+}
+
+/// Builds the real-guest test binaries and returns their paths.
+fn build_guest_tests() -> anyhow::Result<Vec<PathBuf>> {
+    let out = proc::output(cargo().args([
+        "test",
+        "-p",
+        "sbx-tests",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let mut bins = Vec::new();
+    for line in out.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact" && v["profile"]["test"] == true {
+            if let Some(exe) = v["executable"].as_str() {
+                bins.push(PathBuf::from(exe));
+            }
+        }
+    }
+    if bins.is_empty() {
+        bail!("no real-guest test binaries were built");
+    }
+    Ok(bins)
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let mut tally = Tally::default();
+    let mut failures: Vec<&str> = Vec::new();
+    if !args.no_lint {
+        proc::step("cargo fmt --check");
+        if proc::run(cargo().args(["fmt", "--all", "--check"])).is_err() {
+            failures.push("cargo fmt --check");
+        }
+        proc::step("cargo clippy --all-targets -- -D warnings");
+        if proc::run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+        .is_err()
+        {
+            failures.push("clippy");
+        }
+    }
+    proc::step("unit tests");
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--exclude", "sbx-tests"]);
+    if let Some(f) = &args.filter {
+        unit.args(["--", f]);
+    }
+    if !run_counting(&mut unit, &mut tally)? {
+        failures.push("unit tests");
+    }
+
+    kernel::build()?;
+    rootfs::build()?;
+    let sbx = demo::build_sbx()?;
+    proc::step("building real-guest tests");
+    let bins = build_guest_tests()?;
+    proc::step("real-guest tests");
+    // One shell runs every binary, so the nested host boots once.
+    let filter = args
+        .filter
+        .as_deref()
+        .map(|f| format!(" '{}'", f.replace('\'', "")))
+        .unwrap_or_default();
+    let script: String = bins
+        .iter()
+        .map(|b| format!("'{}' --test-threads=1{filter} || rc=1\n", b.display()))
+        .collect();
+    let argv = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("export SBX_BIN='{}'\nrc=0\n{script}exit $rc", sbx.display()),
+    ];
+    let mut guest = Command::new(std::env::current_exe()?);
+    if demo::host_can_boot(&sbx) {
+        guest.args(&argv);
+    } else {
+        proc::step("this host's /dev/kvm cannot boot standard guests; running them in the nested test host");
+        guest
+            .args(["nested", "--timeout", "2400", "--"])
+            .args(&argv);
+    }
+    if !run_counting(&mut guest, &mut tally)? {
+        failures.push("real-guest tests");
+    }
+
+    println!(
+        "{} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
+    if failures.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!("xtask test: failed: {}", failures.join(", "));
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_reads_libtest_lines() {
+        let mut t = Tally::default();
+        t.add_line("test result: ok. 28 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        t.add_line(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 3 tests");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 31,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
+}
