@@ -73,7 +73,7 @@ fn quote_arg(arg: &str) -> anyhow::Result<String> {
 
 pub fn guest_cmdline(base: &str, command: &[String]) -> anyhow::Result<String> {
     let mut line = base.trim().to_string();
-    if needs_noxsave() && !line.split_whitespace().any(|w| w == "noxsave") {
+    if vmm::host::nested_under_tcg() && !line.split_whitespace().any(|w| w == "noxsave") {
         line.push_str(" noxsave");
     }
     if !command.is_empty() {
@@ -84,18 +84,6 @@ pub fn guest_cmdline(base: &str, command: &[String]) -> anyhow::Result<String> {
         }
     }
     Ok(line)
-}
-
-/// Under QEMU's software emulation (the nested test host) XSETBV is not
-/// intercepted for nested guests, so a guest enabling XSAVE faults. QEMU's
-/// TCG announces itself in the hypervisor CPUID leaf.
-fn needs_noxsave() -> bool {
-    let leaf = std::arch::x86_64::__cpuid(0x4000_0000);
-    let mut sig = [0u8; 12];
-    sig[0..4].copy_from_slice(&leaf.ebx.to_le_bytes());
-    sig[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
-    sig[8..12].copy_from_slice(&leaf.edx.to_le_bytes());
-    &sig == b"TCGTCGTCGTCG"
 }
 
 /// Writes every byte straight through, so that prompts without a newline show up.
@@ -205,6 +193,7 @@ fn report(args: &Args, outcome: &VmOutcome) -> anyhow::Result<()> {
             "guest_status": outcome.guest_status,
             "marks": marks,
             "peak_rss_kib": peak_rss_kib(),
+            "guest_resident_kib": outcome.guest_resident_bytes / 1024,
         });
         println!("{doc}");
     }

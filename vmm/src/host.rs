@@ -68,6 +68,19 @@ pub fn host_cpu_vendor() -> CpuVendor {
     }
 }
 
+/// True when this host is itself a guest of QEMU's software emulation (TCG),
+/// as the nested test host is. TCG does not intercept a nested guest's XSETBV,
+/// so guests booted here need `noxsave`. TCG announces itself in the
+/// hypervisor CPUID leaf.
+pub fn nested_under_tcg() -> bool {
+    let leaf = std::arch::x86_64::__cpuid(0x4000_0000);
+    let mut sig = [0u8; 12];
+    sig[0..4].copy_from_slice(&leaf.ebx.to_le_bytes());
+    sig[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
+    sig[8..12].copy_from_slice(&leaf.edx.to_le_bytes());
+    &sig == b"TCGTCGTCGTCG"
+}
+
 fn hw_virt_flag() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
         .map(|s| {

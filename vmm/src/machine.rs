@@ -84,6 +84,8 @@ pub struct VmOutcome {
     pub reason: ExitReason,
     /// The exit status the guest agent reported, if it reported one.
     pub guest_status: Option<u8>,
+    /// Guest memory resident on the host when the VM stopped.
+    pub guest_resident_bytes: u64,
     pub timings: TimingsReport,
 }
 
@@ -175,6 +177,7 @@ pub fn run(
     Ok(VmOutcome {
         reason: control.reason().unwrap_or(ExitReason::GuestReset),
         guest_status: control.guest_status(),
+        guest_resident_bytes: memory::resident_bytes(&mem),
         timings: control.timings.report(),
     })
 }

@@ -158,46 +158,14 @@ fn build_into(
     version: &str,
     key: &str,
 ) -> anyhow::Result<()> {
-    let src = cache.join(format!("linux-source-{version}"));
-    if !src.join("Makefile").is_file() {
-        proc::step(&format!("unpacking {SOURCE_TARBALL}"));
-        let staging = cache.join(format!(".unpack.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging)?;
-        proc::run(
-            Command::new("tar")
-                .arg("-xf")
-                .arg(SOURCE_TARBALL)
-                .arg("-C")
-                .arg(&staging),
-        )?;
-        let _ = std::fs::remove_dir_all(&src);
-        std::fs::rename(staging.join("linux-source-6.1"), &src)?;
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-
+    let src = unpacked_source(cache, version)?;
     let build = cache.join("kernel").join(format!("{key}.build"));
     std::fs::create_dir_all(&build)?;
     proc::step(&format!(
         "configuring guest kernel {key} (allnoconfig + {})",
         frag_path.display()
     ));
-    proc::output(
-        make(&src, &build)
-            .arg(format!("KCONFIG_ALLCONFIG={}", frag_path.display()))
-            .arg("allnoconfig"),
-    )?;
-    proc::output(make(&src, &build).arg("olddefconfig"))?;
-    let config = std::fs::read_to_string(build.join(".config"))?;
-    let missing = unmet(wanted, &config);
-    if !missing.is_empty() {
-        bail!(
-            "{} options in {} did not take in the final kernel config (misspelt, or a dependency is missing):\n  {}",
-            missing.len(),
-            frag_path.display(),
-            missing.join("\n  ")
-        );
-    }
+    configure(&src, &build, frag_path, wanted)?;
 
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
     proc::step(&format!(
@@ -217,6 +185,68 @@ fn build_into(
     // The object tree is large and keyed by this hash only; drop it.
     let _ = std::fs::remove_dir_all(&build);
     Ok(())
+}
+
+/// The kernel source tree, unpacked into the cache once per source version.
+fn unpacked_source(cache: &Path, version: &str) -> anyhow::Result<PathBuf> {
+    let src = cache.join(format!("linux-source-{version}"));
+    if !src.join("Makefile").is_file() {
+        proc::step(&format!("unpacking {SOURCE_TARBALL}"));
+        let staging = cache.join(format!(".unpack.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)?;
+        proc::run(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(SOURCE_TARBALL)
+                .arg("-C")
+                .arg(&staging),
+        )?;
+        let _ = std::fs::remove_dir_all(&src);
+        std::fs::rename(staging.join("linux-source-6.1"), &src)?;
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    Ok(src)
+}
+
+/// allnoconfig with the fragment, olddefconfig, then the check that every
+/// fragment option took. Fails fast, before anything is compiled.
+fn configure(src: &Path, build: &Path, frag_path: &Path, wanted: &[Wanted]) -> anyhow::Result<()> {
+    proc::output(
+        make(src, build)
+            .arg(format!("KCONFIG_ALLCONFIG={}", frag_path.display()))
+            .arg("allnoconfig"),
+    )?;
+    proc::output(make(src, build).arg("olddefconfig"))?;
+    let config = std::fs::read_to_string(build.join(".config"))?;
+    let missing = unmet(wanted, &config);
+    if !missing.is_empty() {
+        bail!(
+            "{} options in {} did not take in the final kernel config (misspelt, or a dependency is missing):\n  {}",
+            missing.len(),
+            frag_path.display(),
+            missing.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Configures (without compiling) a kernel for `frag_path` in a scratch
+/// directory: how `cargo xtask test` proves that a bad fragment is caught.
+pub fn check_fragment(frag_path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(frag_path)
+        .with_context(|| format!("cannot read {}", frag_path.display()))?;
+    let wanted = parse_fragment(frag_path, &text)?;
+    deps::ensure(deps::KERNEL_BUILD)?;
+    let cache = paths::cache_dir();
+    let src = unpacked_source(&cache, &deps::version(SOURCE_PKG)?)?;
+    let build = cache
+        .join("kernel")
+        .join(format!(".check.{}", std::process::id()));
+    std::fs::create_dir_all(&build)?;
+    let result = configure(&src, &build, frag_path, &wanted);
+    let _ = std::fs::remove_dir_all(&build);
+    result
 }
 
 /// Runs make with its output in a log, showing how many files it has compiled.

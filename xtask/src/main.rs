@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod cpio;
 mod demo;
 mod deps;
@@ -34,6 +35,8 @@ enum Command {
     Demo,
     /// Run fmt, clippy, unit tests and the real-guest tests.
     Test(test::Args),
+    /// Run the benchmarks under benches/ and print their numbers.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Nested(args) => nested::run(args),
         Command::Demo => demo::run(),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

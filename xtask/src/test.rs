@@ -70,6 +70,27 @@ fn cargo() -> Command {
     c
 }
 
+/// The shipped fragment plus `CONFIG_VIRTIO_FZ=y` must fail naming that option.
+fn misspelt_fragment_is_caught() -> anyhow::Result<()> {
+    let mut text = std::fs::read_to_string(kernel::fragment_path())?;
+    text.push_str("CONFIG_VIRTIO_FZ=y\n");
+    let path = std::env::temp_dir().join(format!("sbx-misspelt-{}.config", std::process::id()));
+    std::fs::write(&path, &text)?;
+    let result = kernel::check_fragment(&path);
+    let _ = std::fs::remove_file(&path);
+    match result {
+        Err(e) if e.to_string().contains("CONFIG_VIRTIO_FZ=y") => {
+            eprintln!(
+                "    ok: {}",
+                e.to_string().lines().last().unwrap_or_default().trim()
+            );
+            Ok(())
+        }
+        Err(e) => bail!("kernel fragment check failed for another reason: {e:#}"),
+        Ok(()) => bail!("kernel fragment check accepted CONFIG_VIRTIO_FZ=y"),
+    }
+}
+
 /// Builds the real-guest test binaries and returns their paths.
 fn build_guest_tests() -> anyhow::Result<Vec<PathBuf>> {
     let out = proc::output(cargo().args([
@@ -130,6 +151,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
 
     kernel::build()?;
+    proc::step("a misspelt option in a kernel fragment is caught");
+    match misspelt_fragment_is_caught() {
+        Ok(()) => tally.passed += 1,
+        Err(e) => {
+            eprintln!("{e:#}");
+            tally.failed += 1;
+            failures.push("kernel fragment check");
+        }
+    }
     rootfs::build()?;
     let sbx = demo::build_sbx()?;
     proc::step("building real-guest tests");
