@@ -18,10 +18,13 @@ fn main() {
     }
     report::send(sbx_protocol::debug_port::Report::AgentStarted);
 
-    let argv: Vec<String> = std::fs::read_to_string("/proc/cmdline")
-        .ok()
-        .and_then(|l| cmdline::command(&l))
-        .unwrap_or_else(|| std::env::args().skip(1).collect());
+    // No `--` on the kernel command line means an interactive shell; argv is
+    // only a fallback for running outside a VM (it also holds stray kernel
+    // parameters such as `noxsave`).
+    let argv: Vec<String> = match std::fs::read_to_string("/proc/cmdline") {
+        Ok(line) => cmdline::command(&line).unwrap_or_default(),
+        Err(_) => std::env::args().skip(1).collect(),
+    };
     let code = run::run(&argv);
 
     if is_init {

@@ -153,7 +153,10 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
 fn status(outcome: &VmOutcome) -> anyhow::Result<u8> {
     match (outcome.reason.is_clean(), outcome.guest_status) {
         (true, Some(code)) => Ok(code),
-        (true, None) => bail!("the guest stopped without reporting an exit status (did the guest agent start? check the console output)"),
+        (true, None) => bail!(
+            "{} before the guest agent reported an exit status (did the agent start? check the console output)",
+            outcome.reason
+        ),
         (false, _) => bail!("the VM failed: {}", outcome.reason),
     }
 }

@@ -47,3 +47,25 @@ pub fn json_tail(out: &Output) -> serde_json::Value {
         });
     serde_json::from_str(last).expect("valid JSON from sbx --json")
 }
+
+/// Reads `from` until what was read contains `needle`; panics on EOF or after
+/// `timeout`. Returns everything read.
+pub fn read_until(
+    from: &mut impl std::io::Read,
+    needle: &str,
+    timeout: std::time::Duration,
+) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !text(&seen).contains(needle) {
+        let n = from.read(&mut buf).expect("read guest output");
+        assert!(
+            n > 0 && std::time::Instant::now() < deadline,
+            "guest never printed {needle:?}; it printed: {}",
+            text(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}

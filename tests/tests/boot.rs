@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sbx_tests::{json_tail, require_real_kvm, sbx, sbx_bin, text};
+use sbx_tests::{json_tail, read_until, require_real_kvm, sbx, sbx_bin, text};
 
 #[test]
 fn boots_with_1_2_and_4_vcpus_and_the_guest_sees_them() {
@@ -125,19 +125,7 @@ fn sigterm_stops_the_vm_promptly() {
         .unwrap();
     // Wait for the guest to be running the command.
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !text(&seen).contains("up") {
-        use std::io::Read;
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0 && Instant::now() < deadline,
-            "guest never started: {}",
-            text(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stdout, "up", Duration::from_secs(60));
     // SAFETY: signals our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let start = Instant::now();
@@ -201,10 +189,9 @@ fn bad_input_gets_one_clear_line() {
         .args(["boot", "--", "true"])
         .uid(65534)
         .gid(65534)
-        .output();
-    if let Ok(out) = out {
-        assert_clear_error(&out, "permission denied");
-    }
+        .output()
+        .expect("run sbx as nobody");
+    assert_clear_error(&out, "permission denied");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -253,4 +240,50 @@ fn triple_fault_is_reported_with_registers() {
         "{err}"
     );
     std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn guest_reboot_through_i8042_ends_the_vm() {
+    require_real_kvm();
+    // busybox `reboot -f` skips the agent's exit report: the kernel resets
+    // through the i8042 (reboot=k) and the VMM must end the VM.
+    let start = Instant::now();
+    let out = sbx(&["boot", "--", "reboot", "-f"]);
+    let err = text(&out.stderr);
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("guest rebooted before the guest agent reported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn console_input_reaches_the_guest_shell() {
+    require_real_kvm();
+    let mut child = Command::new(sbx_bin())
+        .arg("boot")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Type after the prompt, as a person would: the guest's 8250 driver
+    // drops what arrives while the shell is still opening its terminal.
+    let mut stdout = child.stdout.take().unwrap();
+    read_until(&mut stdout, "# ", Duration::from_secs(60));
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"echo typed-$((6*7)); exit 5\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    {
+        use std::io::Read;
+        stdout.read_to_end(&mut rest).unwrap();
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5), "{}", text(&rest));
+    assert!(text(&rest).contains("typed-42"), "{}", text(&rest));
 }

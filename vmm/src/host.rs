@@ -55,13 +55,18 @@ pub enum HostError {
     Pvm { path: String },
 }
 
+/// Twelve ASCII bytes spread over three CPUID registers, in the given order.
+fn signature(regs: [u32; 3]) -> [u8; 12] {
+    let mut id = [0u8; 12];
+    for (chunk, r) in id.chunks_mut(4).zip(regs) {
+        chunk.copy_from_slice(&r.to_le_bytes());
+    }
+    id
+}
+
 pub fn host_cpu_vendor() -> CpuVendor {
     let r = std::arch::x86_64::__cpuid(0);
-    let mut id = [0u8; 12];
-    id[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-    id[4..8].copy_from_slice(&r.edx.to_le_bytes());
-    id[8..12].copy_from_slice(&r.ecx.to_le_bytes());
-    match &id {
+    match &signature([r.ebx, r.edx, r.ecx]) {
         b"GenuineIntel" => CpuVendor::Intel,
         b"AuthenticAMD" | b"HygonGenuine" => CpuVendor::Amd,
         _ => CpuVendor::Other,
@@ -73,12 +78,8 @@ pub fn host_cpu_vendor() -> CpuVendor {
 /// so guests booted here need `noxsave`. TCG announces itself in the
 /// hypervisor CPUID leaf.
 pub fn nested_under_tcg() -> bool {
-    let leaf = std::arch::x86_64::__cpuid(0x4000_0000);
-    let mut sig = [0u8; 12];
-    sig[0..4].copy_from_slice(&leaf.ebx.to_le_bytes());
-    sig[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
-    sig[8..12].copy_from_slice(&leaf.edx.to_le_bytes());
-    &sig == b"TCGTCGTCGTCG"
+    let r = std::arch::x86_64::__cpuid(0x4000_0000);
+    &signature([r.ebx, r.ecx, r.edx]) == b"TCGTCGTCGTCG"
 }
 
 fn hw_virt_flag() -> bool {

@@ -288,6 +288,20 @@ fn pump(path: &Path, offset: &mut u64, out: &mut dyn Write) {
     }
 }
 
+/// Forwards the command's new stdout and stderr to ours.
+fn pump_outputs(scratch: &Path, offsets: &mut (u64, u64)) {
+    pump(
+        &scratch.join("stdout"),
+        &mut offsets.0,
+        &mut std::io::stdout(),
+    );
+    pump(
+        &scratch.join("stderr"),
+        &mut offsets.1,
+        &mut std::io::stderr(),
+    );
+}
+
 fn make_scratch() -> anyhow::Result<PathBuf> {
     let base = std::env::temp_dir();
     for i in 0..100 {
@@ -342,18 +356,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut child = qemu.spawn().context("cannot start qemu-system-x86_64")?;
 
     let start = Instant::now();
-    let (mut out_off, mut err_off) = (0u64, 0u64);
+    let mut offsets = (0u64, 0u64);
     let timed_out = loop {
-        pump(
-            &scratch.join("stdout"),
-            &mut out_off,
-            &mut std::io::stdout(),
-        );
-        pump(
-            &scratch.join("stderr"),
-            &mut err_off,
-            &mut std::io::stderr(),
-        );
+        pump_outputs(&scratch, &mut offsets);
         if child.try_wait()?.is_some() {
             break false;
         }
@@ -364,16 +369,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    pump(
-        &scratch.join("stdout"),
-        &mut out_off,
-        &mut std::io::stdout(),
-    );
-    pump(
-        &scratch.join("stderr"),
-        &mut err_off,
-        &mut std::io::stderr(),
-    );
+    pump_outputs(&scratch, &mut offsets);
     let mut qemu_err = String::new();
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut qemu_err);

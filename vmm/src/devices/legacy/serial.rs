@@ -21,8 +21,15 @@ impl SerialConsole {
         }
     }
 
-    /// Queues host input for the guest; returns how many bytes fit in the FIFO.
+    /// Queues host input for the guest; returns how many bytes were taken.
+    /// Nothing is taken until the guest driver enables the receive interrupt:
+    /// the 8250 driver flushes the FIFO when a tty opens, so earlier input
+    /// would be lost.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        const IER_RECEIVED_DATA: u8 = 0x01;
+        if self.uart.state().interrupt_enable & IER_RECEIVED_DATA == 0 {
+            return 0;
+        }
         let room = self.uart.fifo_capacity().min(bytes.len());
         if room == 0 {
             return 0;
