@@ -4,7 +4,8 @@
 //!
 //! The VM sees the host's whole filesystem read-only (9p), with a writable
 //! per-run scratch directory and any `--rw` directories shared read-write at
-//! the same paths, a fresh tmpfs on /tmp and /run, and runs the command as
+//! the same paths, the host's /tmp under a writable in-memory overlay, a fresh
+//! tmpfs on /run, and runs the command as
 //! root in the same working directory with the same environment. Its stdout,
 //! stderr and exit status come back through the scratch directory.
 
@@ -19,7 +20,7 @@ use crate::cpio::Archive;
 use crate::{deps, paths, proc, rootfs};
 
 /// Modules the nested host's init loads (dependencies come from modules.dep).
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm_amd"];
+const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd"];
 /// Exit status when the command did not finish within the timeout (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
 
@@ -145,13 +146,17 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 fail() { echo "sbx-nested: $*" > /dev/ttyS0; poweroff -f; }
-for m in virtio_pci 9pnet_virtio 9p; do modprobe $m || fail "cannot load $m"; done
+for m in virtio_pci 9pnet_virtio 9p overlay; do modprobe $m || fail "cannot load $m"; done
 modprobe kvm_amd npt=1 || echo "sbx-nested: kvm_amd did not load; no /dev/kvm" > /dev/ttyS0
 opts=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o $opts scratch /scratch || fail "cannot mount the scratch share"
 . /scratch/nested.env
 mount -t 9p -o $opts,ro,cache=loose hostroot /host || fail "cannot mount the host root"
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+# /tmp shows the host's files (a checkout may live there) but writes stay in the VM.
+mkdir -p /tmpw && mount -t tmpfs tmpfs /tmpw && mkdir -p /tmpw/upper /tmpw/work
+chmod 1777 /tmpw/upper
+mount -t overlay overlay -o lowerdir=/host/tmp,upperdir=/tmpw/upper,workdir=/tmpw/work /host/tmp \
+  || fail "cannot mount the /tmp overlay"
 mount -t tmpfs -o mode=0755 tmpfs /host/run
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
