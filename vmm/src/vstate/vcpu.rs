@@ -159,6 +159,8 @@ impl Vcpu {
                     vcpu: self.index,
                     registers: dump_registers(&self.fd),
                 }),
+                // With the in-kernel LAPIC, HLT is handled by KVM; a HLT exit
+                // means the guest stopped for good.
                 VcpuExit::Hlt => Some(ExitReason::GuestShutdown),
                 VcpuExit::FailEntry(reason, cpu) => Some(self.internal(&format!(
                     "VM entry failed (hardware reason {reason:#x}, host CPU {cpu})"
