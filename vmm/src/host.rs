@@ -4,13 +4,8 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CpuVendor {
-    Intel,
-    Amd,
-    Other,
-}
+use crate::arch::x86_64::cpuid::signature;
+pub use crate::arch::x86_64::cpuid::Vendor as CpuVendor;
 
 /// Which KVM backs the device node.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -55,22 +50,9 @@ pub enum HostError {
     Pvm { path: String },
 }
 
-/// Twelve ASCII bytes spread over three CPUID registers, in the given order.
-fn signature(regs: [u32; 3]) -> [u8; 12] {
-    let mut id = [0u8; 12];
-    for (chunk, r) in id.chunks_mut(4).zip(regs) {
-        chunk.copy_from_slice(&r.to_le_bytes());
-    }
-    id
-}
-
 pub fn host_cpu_vendor() -> CpuVendor {
     let r = std::arch::x86_64::__cpuid(0);
-    match &signature([r.ebx, r.edx, r.ecx]) {
-        b"GenuineIntel" => CpuVendor::Intel,
-        b"AuthenticAMD" | b"HygonGenuine" => CpuVendor::Amd,
-        _ => CpuVendor::Other,
-    }
+    CpuVendor::from_leaf0(r.ebx, r.edx, r.ecx)
 }
 
 /// True when this host is itself a guest of QEMU's software emulation (TCG),

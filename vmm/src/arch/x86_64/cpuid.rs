@@ -16,27 +16,38 @@ const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Vendor {
     Intel,
     Amd,
     Other,
 }
 
+/// Twelve ASCII bytes spread over three CPUID registers, in the given order.
+pub fn signature(regs: [u32; 3]) -> [u8; 12] {
+    let mut id = [0u8; 12];
+    for (chunk, r) in id.chunks_mut(4).zip(regs) {
+        chunk.copy_from_slice(&r.to_le_bytes());
+    }
+    id
+}
+
 impl Vendor {
-    pub fn from_cpuid(entries: &[kvm_cpuid_entry2]) -> Vendor {
-        let Some(e) = entries.iter().find(|e| e.function == LEAF_VENDOR) else {
-            return Vendor::Other;
-        };
-        let mut id = [0u8; 12];
-        id[0..4].copy_from_slice(&e.ebx.to_le_bytes());
-        id[4..8].copy_from_slice(&e.edx.to_le_bytes());
-        id[8..12].copy_from_slice(&e.ecx.to_le_bytes());
-        match &id {
+    /// Decodes the vendor string of CPUID leaf 0.
+    pub fn from_leaf0(ebx: u32, edx: u32, ecx: u32) -> Vendor {
+        match &signature([ebx, edx, ecx]) {
             b"GenuineIntel" => Vendor::Intel,
             b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
             _ => Vendor::Other,
         }
+    }
+
+    pub fn from_cpuid(entries: &[kvm_cpuid_entry2]) -> Vendor {
+        entries
+            .iter()
+            .find(|e| e.function == LEAF_VENDOR)
+            .map_or(Vendor::Other, |e| Vendor::from_leaf0(e.ebx, e.edx, e.ecx))
     }
 }
 
