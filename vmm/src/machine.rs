@@ -350,10 +350,13 @@ fn event_loop(
     if let Some(fd) = input {
         add(fd, EV_INPUT)?;
     }
+    // Console input read but not yet taken by the guest's UART. While some is
+    // waiting, stdin is not watched (it would stay readable and spin the loop)
+    // and the loop polls the UART instead.
     let mut pending: Vec<u8> = Vec::new();
+    let mut input_open = input.is_some();
     let mut events = vec![EpollEvent::default(); 4];
     while !control.should_stop() {
-        // While input waits for room in the UART FIFO, poll instead of blocking.
         let timeout = if pending.is_empty() { -1 } else { 5 };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
@@ -361,23 +364,23 @@ fn event_loop(
             Err(e) => return Err(e),
         };
         for ev in &events[..n] {
-            match ev.data() {
-                EV_SIGNAL => {
+            match (ev.data(), input) {
+                (EV_SIGNAL, _) => {
                     if let Some(signo) = signals.read() {
                         control.request_exit(ExitReason::Signal(signo));
                     }
                 }
-                EV_INPUT if pending.is_empty() => {
+                (EV_INPUT, Some(fd)) => {
                     let mut buf = [0u8; 256];
-                    let fd = input.unwrap_or(-1);
                     // SAFETY: reads into a stack buffer of the given length.
                     let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
                     if r <= 0 {
                         // EOF or error: stop listening, keep the VM running.
-                        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        input_open = false;
                     } else {
                         pending.extend_from_slice(&buf[..r as usize]);
                     }
+                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 }
                 _ => {}
             }
@@ -386,6 +389,9 @@ fn event_loop(
             if let Ok(mut s) = serial.lock() {
                 let taken = s.enqueue_input(&pending);
                 pending.drain(..taken);
+            }
+            if let (true, true, Some(fd)) = (pending.is_empty(), input_open, input) {
+                add(fd, EV_INPUT)?;
             }
         }
     }
