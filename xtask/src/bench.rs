@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::{demo, kernel, nested, paths, proc, rootfs};
+use crate::{demo, kernel, paths, proc, rootfs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -49,15 +49,5 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         "--initrd".into(),
         initrd.to_string_lossy().into_owned(),
     ];
-    demo::run_real_guest(
-        &release.join("sbx"),
-        argv,
-        nested::Args {
-            timeout: 1800,
-            mem: 2048,
-            rw: vec![],
-            keep: false,
-            command: vec![],
-        },
-    )
+    demo::run_real_guest(&release.join("sbx"), argv, 1800)
 }

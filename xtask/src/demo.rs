@@ -29,17 +29,14 @@ pub fn host_can_boot(sbx: &std::path::Path) -> bool {
 pub fn run_real_guest(
     sbx: &std::path::Path,
     argv: Vec<String>,
-    nested_args: nested::Args,
+    timeout_secs: u64,
 ) -> anyhow::Result<u8> {
     if host_can_boot(sbx) {
         let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
         Ok(status.code().unwrap_or(1) as u8)
     } else {
         proc::step("this host's /dev/kvm cannot boot standard guests (see `sbx doctor`); using the nested test host");
-        nested::run(nested::Args {
-            command: argv,
-            ..nested_args
-        })
+        nested::run(nested::Args::for_command(argv, timeout_secs))
     }
 }
 
@@ -55,17 +52,7 @@ pub fn run() -> anyhow::Result<u8> {
         "uname".into(),
         "-a".into(),
     ];
-    let code = run_real_guest(
-        &sbx,
-        argv,
-        nested::Args {
-            timeout: 300,
-            mem: 2048,
-            rw: vec![],
-            keep: false,
-            command: vec![],
-        },
-    )?;
+    let code = run_real_guest(&sbx, argv, 300)?;
     if code != 0 {
         anyhow::bail!("the sandboxed command failed with exit status {code}");
     }

@@ -23,6 +23,8 @@ use crate::{deps, paths, proc, rootfs};
 const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd"];
 /// Exit status when the command did not finish within the timeout (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
+/// Memory of the nested host: room for a few guests at once.
+pub const DEFAULT_MEM_MIB: u64 = 2048;
 
 #[derive(clap::Args, Clone)]
 pub struct Args {
@@ -30,7 +32,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
     /// Memory of the nested host in MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
     pub mem: u64,
     /// Host directory to share read-write at the same path (repeatable).
     #[arg(long, value_name = "DIR")]
@@ -316,6 +318,19 @@ fn make_scratch() -> anyhow::Result<PathBuf> {
         }
     }
     bail!("cannot create a scratch directory in {}", base.display())
+}
+
+impl Args {
+    /// `command` with the defaults the command line would give, and `timeout`.
+    pub fn for_command(command: Vec<String>, timeout: u64) -> Args {
+        Args {
+            timeout,
+            mem: DEFAULT_MEM_MIB,
+            rw: vec![],
+            keep: false,
+            command,
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
