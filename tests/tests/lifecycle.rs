@@ -10,10 +10,11 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
-fn cache() -> PathBuf {
-    std::env::var_os("SBX_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/sbx"))
+/// The artifact `cargo xtask test` built, which it names in `var`.
+fn artifact(var: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set; run the real-guest tests with `cargo xtask test`")
+    })
 }
 
 #[test]
@@ -29,8 +30,8 @@ fn repeated_boots_leak_no_threads_or_fds() {
     );
     let config = VmConfig {
         kvm_path: PathBuf::from("/dev/kvm"),
-        kernel: cache().join("vmlinux"),
-        initrd: Some(cache().join("initramfs.cpio")),
+        kernel: artifact("SBX_KERNEL"),
+        initrd: Some(artifact("SBX_INITRD")),
         cmdline,
         vcpus: 2,
         mem_mib: 128,

@@ -150,7 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         failures.push("unit tests");
     }
 
-    kernel::build()?;
+    let vmlinux = kernel::build()?;
     proc::step("a misspelt option in a kernel fragment is caught");
     match misspelt_fragment_is_caught() {
         Ok(()) => tally.passed += 1,
@@ -160,7 +160,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             failures.push("kernel fragment check");
         }
     }
-    rootfs::build()?;
+    let initrd = rootfs::build()?;
     let sbx = demo::build_sbx()?;
     proc::step("building real-guest tests");
     let bins = build_guest_tests()?;
@@ -178,7 +178,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let argv = vec![
         "sh".into(),
         "-c".into(),
-        format!("export SBX_BIN='{}'\nrc=0\n{script}exit $rc", sbx.display()),
+        format!(
+            "export SBX_BIN='{}' SBX_KERNEL='{}' SBX_INITRD='{}'\nrc=0\n{script}exit $rc",
+            sbx.display(),
+            vmlinux.display(),
+            initrd.display()
+        ),
     ];
     let mut guest = Command::new(std::env::current_exe()?);
     if demo::host_can_boot(&sbx) {
