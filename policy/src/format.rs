@@ -1,0 +1,113 @@
+//! The policy file as written (TOML), before it is checked and compiled.
+//! Every table rejects unknown keys, so a misspelt key is an error with a
+//! line number rather than a rule that silently does nothing.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub(crate) type S<T> = Spanned<T>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFile {
+    pub version: Option<S<i64>>,
+    pub layer: Option<S<String>>,
+    pub mode: Option<S<String>>,
+    pub preset: Option<S<String>>,
+    #[serde(default)]
+    pub mount: Vec<S<RawMount>>,
+    #[serde(default)]
+    pub fs: Vec<S<RawFsRule>>,
+    #[serde(default)]
+    pub network: Vec<S<RawNetRule>>,
+    #[serde(default)]
+    pub credential: Vec<S<RawCredential>>,
+    #[serde(default)]
+    pub mcp: Vec<S<RawMcpRule>>,
+    #[serde(default)]
+    pub exec: Vec<S<RawExecRule>>,
+    pub limits: Option<S<RawLimits>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMount {
+    pub id: Option<S<String>>,
+    pub host: S<String>,
+    pub guest: S<String>,
+    pub mode: Option<S<String>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFsRule {
+    pub id: Option<S<String>>,
+    pub action: S<String>,
+    pub paths: Vec<S<String>>,
+    pub access: Option<S<String>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNetRule {
+    pub id: Option<S<String>>,
+    pub action: S<String>,
+    pub to: Vec<S<String>>,
+    #[serde(default)]
+    pub ports: Vec<S<toml::Value>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCredential {
+    pub id: Option<S<String>>,
+    pub action: S<String>,
+    pub secret: S<String>,
+    pub hosts: Vec<S<String>>,
+    pub env: Option<S<String>>,
+    pub header: Option<S<String>>,
+    pub format: Option<S<String>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMcpRule {
+    pub id: Option<S<String>>,
+    pub action: S<String>,
+    pub server: S<String>,
+    pub tools: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub args: BTreeMap<String, S<RawArg>>,
+    pub calls_per_minute: Option<S<i64>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawArg {
+    pub glob: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExecRule {
+    pub id: Option<S<String>>,
+    pub action: S<String>,
+    pub commands: Vec<S<String>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub vcpus: Option<S<i64>>,
+    pub memory_mib: Option<S<i64>>,
+    pub lifetime: Option<S<String>>,
+}

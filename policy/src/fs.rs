@@ -1,0 +1,302 @@
+//! File rules: the mounts that grant access, and deny globs that carve
+//! paths out of them.
+
+use std::path::{Path, PathBuf};
+
+use globset::GlobMatcher;
+use toml::Spanned;
+
+use crate::compile::Ctx;
+use crate::format::{RawFsRule, RawMount};
+use crate::rule::{Action, RuleIdx, Surface};
+use crate::PolicyError;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+impl Access {
+    pub fn parse(s: &str) -> Option<Access> {
+        match s {
+            "read" => Some(Access::Read),
+            "write" => Some(Access::Write),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
+}
+
+/// A host directory shared into the guest.
+#[derive(Clone, Debug)]
+pub struct Mount {
+    pub host: PathBuf,
+    /// Absolute, normalised guest path.
+    pub guest: String,
+    pub read_only: bool,
+    pub(crate) rule: RuleIdx,
+}
+
+struct FsDeny {
+    rule: RuleIdx,
+    /// Globs starting with `/` match guest paths; others match paths
+    /// relative to the mount.
+    globs: Vec<(bool, GlobMatcher)>,
+    read: bool,
+    write: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct FsRules {
+    pub(crate) mounts: Vec<Mount>,
+    denies: Vec<FsDeny>,
+}
+
+/// Resolves `.` and `..` without touching the disk. `..` above the root
+/// stays at the root, as the kernel does.
+pub fn normalize_guest_path(path: &str) -> Option<String> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+fn under<'a>(path: &'a str, root: &str) -> Option<&'a str> {
+    if root == "/" {
+        return Some(path.trim_start_matches('/'));
+    }
+    let rest = path.strip_prefix(root)?;
+    if rest.is_empty() {
+        Some("")
+    } else {
+        rest.strip_prefix('/')
+    }
+}
+
+const RESERVED: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
+
+fn host_path(ctx: &Ctx, raw: &Spanned<String>) -> Result<PathBuf, PolicyError> {
+    let s = raw.get_ref();
+    if s.is_empty() || s.contains('\0') {
+        return Err(ctx.err(raw.span().start, "the host path is empty"));
+    }
+    let p = if let Some(rest) = s.strip_prefix("~/") {
+        let home = std::env::var_os("HOME")
+            .ok_or_else(|| ctx.err(raw.span().start, "`~` needs $HOME, which is not set"))?;
+        Path::new(&home).join(rest)
+    } else if Path::new(s).is_absolute() {
+        PathBuf::from(s)
+    } else {
+        // Relative to the policy file, so that a project policy can say ".".
+        let base = Path::new(&*ctx.src.name).parent().unwrap_or(Path::new(""));
+        base.join(s)
+    };
+    Ok(p)
+}
+
+impl FsRules {
+    pub(crate) fn add_mount(
+        &mut self,
+        ctx: &mut Ctx,
+        raw: &Spanned<RawMount>,
+    ) -> Result<(), PolicyError> {
+        let m = raw.get_ref();
+        let host = host_path(ctx, &m.host)?;
+        let guest = normalize_guest_path(m.guest.get_ref())
+            .ok_or_else(|| ctx.err(m.guest.span().start, "the guest path must be absolute"))?;
+        if guest == "/" || RESERVED.iter().any(|r| under(&guest, r).is_some()) {
+            return Err(ctx.err(
+                m.guest.span().start,
+                format!("cannot mount over `{guest}`: /, /proc, /sys, /dev and /run belong to the guest system"),
+            ));
+        }
+        let read_only = match m
+            .mode
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span().start))
+        {
+            None | Some(("ro", _)) => true,
+            Some(("rw", _)) => false,
+            Some((other, at)) => {
+                return Err(ctx.err(at, format!("mount mode `{other}` is not \"ro\" or \"rw\"")))
+            }
+        };
+        let summary = format!(
+            "mount {} at {guest} {}",
+            host.display(),
+            if read_only { "read-only" } else { "read-write" }
+        );
+        let rule = ctx.rule(
+            Surface::Fs,
+            m.id.as_ref(),
+            raw.span().start,
+            Action::Allow,
+            m.reason.clone(),
+            summary,
+        )?;
+        if let Some(prev) = self.mounts.iter_mut().find(|p| p.guest == guest) {
+            if prev.host != host {
+                let senior = &ctx.rules[prev.rule as usize];
+                return Err(ctx.err(
+                    m.host.span().start,
+                    format!(
+                        "{guest} is already mounted from {} by {} ({} layer); one guest path has one host directory",
+                        prev.host.display(),
+                        senior.location,
+                        senior.layer
+                    ),
+                ));
+            }
+            // The same mount twice: read-only wins, the senior rule stays.
+            prev.read_only |= read_only;
+            return Ok(());
+        }
+        self.mounts.push(Mount {
+            host,
+            guest,
+            read_only,
+            rule,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn add_rule(
+        &mut self,
+        ctx: &mut Ctx,
+        raw: &Spanned<RawFsRule>,
+    ) -> Result<(), PolicyError> {
+        let r = raw.get_ref();
+        let action = ctx.action(&r.action)?;
+        if action == Action::Allow {
+            return Err(ctx.err(
+                r.action.span().start,
+                "file rules only deny; grant access with a [[mount]]",
+            ));
+        }
+        ctx.non_empty(&r.paths, raw.span().start, "paths")?;
+        let (read, write) = match r
+            .access
+            .as_ref()
+            .map(|a| (a.get_ref().as_str(), a.span().start))
+        {
+            None | Some(("read-write", _)) => (true, true),
+            Some(("read", _)) => (true, false),
+            Some(("write", _)) => (false, true),
+            Some((other, at)) => {
+                return Err(ctx.err(
+                    at,
+                    format!("access `{other}` is not \"read\", \"write\" or \"read-write\""),
+                ))
+            }
+        };
+        let mut globs = Vec::new();
+        for p in &r.paths {
+            globs.push((p.get_ref().starts_with('/'), ctx.glob(p)?));
+        }
+        let what = match (read, write) {
+            (true, true) => "read and write",
+            (true, false) => "read",
+            _ => "write",
+        };
+        let list: Vec<&str> = r.paths.iter().map(|p| p.get_ref().as_str()).collect();
+        let summary = format!("deny {what} of {}", list.join(", "));
+        let rule = ctx.rule(
+            Surface::Fs,
+            r.id.as_ref(),
+            raw.span().start,
+            action,
+            r.reason.clone(),
+            summary,
+        )?;
+        self.denies.push(FsDeny {
+            rule,
+            globs,
+            read,
+            write,
+        });
+        Ok(())
+    }
+
+    /// The mount that holds `path` (normalised), and the path inside it.
+    pub(crate) fn mount_of<'a>(&self, path: &'a str) -> Option<(&Mount, &'a str)> {
+        self.mounts
+            .iter()
+            .filter_map(|m| under(path, &m.guest).map(|rel| (m, rel)))
+            .max_by_key(|(m, _)| m.guest.len())
+    }
+
+    /// Calls `seen` with every deny rule that covers `path` or one of its
+    /// ancestors inside the mount (denying `.ssh` denies what is in it).
+    pub(crate) fn visit_denies(
+        &self,
+        path: &str,
+        rel: &str,
+        access: Access,
+        mut seen: impl FnMut(RuleIdx),
+    ) {
+        let prefixes = |s: &str| {
+            let mut v: Vec<String> = Vec::new();
+            let mut acc = String::new();
+            for c in s.split('/').filter(|c| !c.is_empty()) {
+                if !acc.is_empty() || s.starts_with('/') {
+                    acc.push('/');
+                }
+                acc.push_str(c);
+                v.push(acc.clone());
+            }
+            v
+        };
+        let (abs, rels) = (prefixes(path), prefixes(rel));
+        for d in &self.denies {
+            let applies = match access {
+                Access::Read => d.read,
+                Access::Write => d.write,
+            };
+            if !applies {
+                continue;
+            }
+            let hit = d.globs.iter().any(|(absolute, g)| {
+                let candidates = if *absolute { &abs } else { &rels };
+                candidates.iter().any(|c| g.is_match(c))
+            });
+            if hit {
+                seen(d.rule);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths() {
+        assert_eq!(
+            normalize_guest_path("/a/./b/../c//d/").as_deref(),
+            Some("/a/c/d")
+        );
+        assert_eq!(normalize_guest_path("/../../etc").as_deref(), Some("/etc"));
+        assert_eq!(normalize_guest_path("relative"), None);
+        assert_eq!(under("/workspace/x", "/workspace"), Some("x"));
+        assert_eq!(under("/workspace", "/workspace"), Some(""));
+        assert_eq!(under("/workspacex", "/workspace"), None);
+    }
+}
