@@ -1,1 +1,36 @@
-//! placeholder
+//! sbx's audit log: one JSON line per policy decision and guest event,
+//! written before the decision takes effect, synced on a bounded interval,
+//! hash-chained so that edits, deletions and reordering are detected.
+
+mod log;
+mod query;
+mod record;
+mod verify;
+
+use std::path::PathBuf;
+
+pub use log::{decision_event, Appended, AuditLog, Identity};
+pub use query::{parse_time, read_records, Filter};
+pub use record::{Category, Event, Record, GENESIS, SCHEMA};
+pub use verify::{verify, Problem, Verified};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot {what} audit log {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("audit log {} is in use by another sbx process; one session writes one log", .0.display())]
+    Busy(PathBuf),
+    /// The log can no longer record; the session must stop acting.
+    #[error("audit log {} cannot record ({why}); failing closed: nothing more is allowed until it can", path.display())]
+    Failed { path: PathBuf, why: String },
+    #[error("audit log {}, line {line}: {what}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
+}
