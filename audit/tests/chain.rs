@@ -7,10 +7,10 @@ use sbx_audit::{read_records, verify, AuditLog, Category, Event, Filter, Identit
 
 fn event(i: usize) -> Event {
     Event {
-        surface: Some(if i % 2 == 0 { "net" } else { "fs" }.into()),
+        surface: Some(if i.is_multiple_of(2) { "net" } else { "fs" }.into()),
         action: "connect".into(),
         resource: format!("host{i}.example:443"),
-        decision: Some(if i % 3 == 0 { "deny" } else { "allow" }.into()),
+        decision: Some(if i.is_multiple_of(3) { "deny" } else { "allow" }.into()),
         ..Event::default()
     }
 }
