@@ -2,12 +2,17 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use sbx_audit::{AuditLog, Category, Event, Identity};
+use sbx_policy::{Decision, Surface};
 use vmm::{BootTimings, Console, Mark, VmConfig, VmOutcome};
 
-use crate::{paths, terminal};
+use crate::{paths, policy_cmd, terminal};
+
+/// How long an audit record may wait in the page cache before it is synced.
+pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Command line every sbx guest gets: serial console, `reboot=k` so that a
 /// guest reboot ends the VM, and a panic reboots at once instead of hanging.
@@ -22,9 +27,13 @@ Examples:
   sbx boot --timings -- true           print boot marks (wall and CPU time)
   sbx boot --json --console-log /dev/null -- true
 
+The policy (see `sbx policy show`) must allow the vCPUs, memory and command;
+each decision and the guest's exit are recorded in the session's audit log
+(`sbx events`).
+
 Exit status: the guest command's own status; 125 when sbx itself failed
-(bad input, no usable KVM, the guest crashed); 127 when the guest could not
-start the command.")]
+(bad input, no usable KVM, the guest crashed, the policy refused); 127 when
+the guest could not start the command.")]
 pub struct Args {
     /// Uncompressed ELF kernel (default: $SBX_KERNEL or the one `cargo xtask kernel` built).
     #[arg(long)]
@@ -53,9 +62,31 @@ pub struct Args {
     /// Print the outcome and boot marks as one JSON object on standard output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    select: policy_cmd::Select,
     /// Command to run in the guest (an interactive shell when omitted).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// Records a decision and turns a denial into an error naming the rule.
+fn admit(
+    log: &AuditLog,
+    surface: Surface,
+    action: &str,
+    resource: &str,
+    d: &Decision<'_>,
+) -> anyhow::Result<()> {
+    if log.decision(surface, action, resource, d)? {
+        return Ok(());
+    }
+    bail!(
+        "policy denies {action} {resource}: {} (rule `{}`, {} layer, {})",
+        d.reason,
+        d.rule.id,
+        d.rule.layer,
+        d.rule.location
+    )
 }
 
 /// Quotes one argument for the kernel command line, which splits on spaces
@@ -117,6 +148,37 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             initrd.display()
         );
     }
+    let policy = args.select.load().context("cannot load the policy")?;
+    let session = format!("boot-{}-{}", std::process::id(), unix_secs());
+    let log_path = paths::audit_dir().join(format!("{session}.jsonl"));
+    let log = AuditLog::open(&log_path, Identity::current(&session), AUDIT_SYNC_INTERVAL)?;
+    let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
+    log.append(
+        Category::Session,
+        Event {
+            action: "start".into(),
+            resource: session.clone(),
+            details: serde_json::json!({ "vcpus": args.vcpus, "mem_mib": args.mem, "policy": sources }),
+            ..Event::default()
+        },
+    )?;
+    let size = format!("{} vCPUs, {} MiB", args.vcpus, args.mem);
+    admit(
+        &log,
+        Surface::Limits,
+        "start",
+        &size,
+        &policy.decide_limits(args.vcpus.into(), args.mem),
+    )?;
+    let argv0 = args.command.first().map_or("/bin/sh", String::as_str);
+    admit(
+        &log,
+        Surface::Exec,
+        "exec",
+        argv0,
+        &policy.decide_exec(argv0),
+    )?;
+
     let config = VmConfig {
         kvm_path: args.kvm.clone(),
         kernel,
@@ -144,10 +206,33 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         input: interactive.then_some(0),
     };
 
-    let outcome = vmm::run(&config, console, BootTimings::new(start))?;
+    let result = vmm::run(&config, console, BootTimings::new(start));
     drop(_raw);
+    let ended = match &result {
+        Ok(o) => {
+            serde_json::json!({ "exit_reason": o.reason.to_string(), "guest_status": o.guest_status })
+        }
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    log.append(
+        Category::Session,
+        Event {
+            action: "stop".into(),
+            resource: session,
+            details: ended,
+            ..Event::default()
+        },
+    )?;
+    log.close()?;
+    let outcome = result?;
     report(&args, &outcome)?;
     status(&outcome)
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn status(outcome: &VmOutcome) -> anyhow::Result<u8> {

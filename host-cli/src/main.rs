@@ -5,9 +5,11 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
 mod boot;
 mod doctor;
 mod paths;
+mod policy_cmd;
 mod terminal;
 
 /// Exit status for failures of sbx itself (as opposed to the guest command's
@@ -38,6 +40,12 @@ enum Command {
     Doctor(doctor::Args),
     /// Boot a guest kernel directly and run one command in it (low level).
     Boot(boot::Args),
+    /// Check, explain and show policy; sign organisation bundles.
+    Policy(policy_cmd::Args),
+    /// Verify audit logs.
+    Audit(audit_cmd::Args),
+    /// Print sessions' events and policy decisions from their audit logs.
+    Events(audit_cmd::EventsArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +63,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Boot(args) => boot::run(args, start),
+        Command::Policy(args) => policy_cmd::run(args),
+        Command::Audit(args) => audit_cmd::run(args),
+        Command::Events(args) => audit_cmd::events(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -62,5 +73,15 @@ fn main() -> ExitCode {
             eprintln!("sbx: {e:#}");
             ExitCode::from(EXIT_SBX_ERROR)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        // Catches clashing flags (such as a subcommand's `--log` against the
+        // global one) at test time rather than as a panic in a user's hands.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -253,7 +253,10 @@ fn write_run_files(scratch: &Path, args: &Args, cwd: &Path) -> anyhow::Result<()
         }
     }
     env.push_str(&format!(
-        "export SBX_NESTED=1\nexport SBX_NESTED_SCRATCH={}\n",
+        // The host's home is read-only in here; audit logs go to scratch
+        // unless the caller chose a place.
+        "export SBX_NESTED=1\nexport SBX_NESTED_SCRATCH={}\n\
+         export SBX_STATE_DIR=\"${{SBX_STATE_DIR:-$SBX_NESTED_SCRATCH/state}}\"\n",
         sh_quote(&scratch.to_string_lossy())
     ));
     let argv: Vec<String> = args.command.iter().map(|a| sh_quote(a)).collect();

@@ -1,0 +1,192 @@
+//! `sbx audit verify` and `sbx events`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use sbx_audit::{Filter, Record};
+
+use crate::paths;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check audit logs' hash chains; names the first record that was
+    /// edited, deleted or moved. Exits 0 if intact, 1 if not.
+    Verify {
+        /// Logs to check (default: every session's log).
+        files: Vec<PathBuf>,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    match args.cmd {
+        Cmd::Verify { files } => verify(files),
+    }
+}
+
+fn session_logs() -> anyhow::Result<Vec<PathBuf>> {
+    let dir = paths::audit_dir();
+    let mut logs: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    logs.sort();
+    Ok(logs)
+}
+
+fn verify(files: Vec<PathBuf>) -> anyhow::Result<u8> {
+    let files = if files.is_empty() {
+        session_logs()?
+    } else {
+        files
+    };
+    if files.is_empty() {
+        bail!(
+            "no audit logs in {}; name one to check",
+            paths::audit_dir().display()
+        );
+    }
+    let mut bad = 0;
+    for f in &files {
+        match sbx_audit::verify(f)? {
+            Ok(v) => println!(
+                "ok      {}: {} records, head {}",
+                f.display(),
+                v.records,
+                &v.head[..16]
+            ),
+            Err(p) => {
+                bad += 1;
+                println!("TAMPERED {}: {p}", f.display());
+            }
+        }
+    }
+    Ok(if bad == 0 { 0 } else { 1 })
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Examples:
+  sbx events                           every session's events
+  sbx events s1 --decision deny        what policy refused in session s1
+  sbx events --surface net --since 10m
+  sbx events s1 --follow --json")]
+pub struct EventsArgs {
+    /// Session whose events to print (default: all sessions).
+    session: Option<String>,
+    /// Only this surface: fs, net, credential, mcp, exec, limits.
+    #[arg(long)]
+    surface: Option<String>,
+    /// Only this outcome: allow, deny, audit-deny.
+    #[arg(long)]
+    decision: Option<String>,
+    /// Only this kind of record: decision, guest, session.
+    #[arg(long)]
+    category: Option<String>,
+    /// Only records at or after this time (RFC 3339, or a duration ago: 10m, 2h).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Only records at or before this time.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Keep printing records as they are written.
+    #[arg(long, short)]
+    follow: bool,
+    /// Print records as JSON lines, as stored.
+    #[arg(long)]
+    json: bool,
+    /// Read this log file instead of the session logs.
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+}
+
+fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
+    if json {
+        return writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default());
+    }
+    let e = &r.event;
+    let rule = match (&e.rule_id, &e.layer) {
+        (Some(id), Some(layer)) => format!("{id} ({layer})"),
+        _ => String::new(),
+    };
+    writeln!(
+        out,
+        "{}  {:<12} {:<8} {:<10} {:<10} {:<8} {}  {}  {}",
+        r.ts,
+        r.session,
+        r.category.as_str(),
+        e.surface.as_deref().unwrap_or("-"),
+        e.decision.as_deref().unwrap_or("-"),
+        e.action,
+        e.resource,
+        rule,
+        e.reason.as_deref().unwrap_or("")
+    )
+}
+
+pub fn events(a: EventsArgs) -> anyhow::Result<u8> {
+    let now = time::OffsetDateTime::now_utc();
+    let when = |s: &Option<String>| -> anyhow::Result<Option<time::OffsetDateTime>> {
+        s.as_deref()
+            .map(|t| {
+                sbx_audit::parse_time(t, now)
+                    .with_context(|| format!("`{t}` is not a time: use RFC 3339 (2026-11-21T10:00:00Z) or a duration ago (10m, 2h)"))
+            })
+            .transpose()
+    };
+    let filter = Filter {
+        session: None,
+        surface: a.surface.clone(),
+        decision: a.decision.clone(),
+        category: a.category.clone(),
+        since: when(&a.since)?,
+        until: when(&a.until)?,
+    };
+    let logs = match (&a.file, &a.session) {
+        (Some(f), _) => vec![f.clone()],
+        (None, Some(s)) => {
+            let f = paths::audit_dir().join(format!("{s}.jsonl"));
+            if !f.exists() {
+                bail!("no session named `{s}` (no audit log at {}); `sbx events` lists every session's events", f.display());
+            }
+            vec![f]
+        }
+        (None, None) => session_logs()?,
+    };
+    let mut offsets = vec![0u64; logs.len()];
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut batch = Vec::new();
+        for (log, off) in logs.iter().zip(offsets.iter_mut()) {
+            let (records, next) = read(log, *off)?;
+            *off = next;
+            batch.extend(records.into_iter().filter(|r| filter.matches(r)));
+        }
+        batch.sort_by(|a, b| a.ts.cmp(&b.ts));
+        for r in &batch {
+            print(&mut out, r, a.json)?;
+        }
+        out.flush()?;
+        if !a.follow {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn read(log: &Path, from: u64) -> anyhow::Result<(Vec<Record>, u64)> {
+    Ok(sbx_audit::read_records(log, from)?)
+}
