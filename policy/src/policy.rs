@@ -468,10 +468,8 @@ impl Policy {
     ) -> (Decision<'_>, Option<&CredentialGrant>) {
         let mut t = Tally::new(explain);
         self.creds.visit(secret, host, |i| t.see(&self.rules, i));
-        let grant_rule = match t.winner() {
-            Some((i, _)) if self.rules[i as usize].action == Action::Allow => Some(i),
-            _ => None,
-        };
+        // An audit-mode deny lets the request through on the allow's terms.
+        let grant_rule = t.allow();
         let what = format!("secret {secret} to {host}");
         let d = t.decide(
             &self.rules,
@@ -525,10 +523,7 @@ impl Policy {
         let mismatch = self
             .mcp
             .visit(&self.rules, server, tool, args, |i| t.see(&self.rules, i));
-        let rate = match t.winner() {
-            Some((i, Verdict::Allow)) => self.mcp.calls_per_minute(i),
-            _ => None,
-        };
+        let rate = t.allow().and_then(|i| self.mcp.calls_per_minute(i));
         let what = format!("{server}.{tool}");
         let default = self.default_rule(Surface::Mcp);
         let mut d = t.decide(

@@ -223,6 +223,11 @@ impl Tally {
         }
     }
 
+    /// The most senior allow rule that matched, whatever the verdict.
+    pub(crate) fn allow(&self) -> Option<RuleIdx> {
+        self.allow
+    }
+
     /// The deciding rule and verdict, or None when nothing matched.
     pub(crate) fn winner(&self) -> Option<(RuleIdx, Verdict)> {
         if let Some(i) = self.enforce_deny {

@@ -368,3 +368,29 @@ fn deny_all_denies() {
     assert!(!p.decide_exec("ls").allowed());
     assert!(!p.decide_fs("/workspace/a", Access::Read).allowed());
 }
+
+#[test]
+fn audit_mode_denials_keep_the_allowing_rules_terms() {
+    let mut b = PolicyBuilder::new();
+    b.add_text(
+        "p.toml",
+        "[[credential]]\naction = \"allow\"\nsecret = \"T\"\nhosts = [\"a.com\"]\n\
+         [[mcp]]\naction = \"allow\"\nserver = \"s\"\ncalls_per_minute = 5\n",
+    )
+    .unwrap();
+    b.add_text(
+        "rollout.toml",
+        "mode = \"audit\"\n[[credential]]\naction = \"deny\"\nsecret = \"*\"\nhosts = [\"*\"]\n\
+         [[mcp]]\naction = \"deny\"\nserver = \"*\"\n",
+    )
+    .unwrap();
+    let p = b.build().unwrap();
+    let (d, grant) = p.decide_credential("T", &NetHost::Name("a.com".into()));
+    assert_eq!(d.outcome(), "audit-deny");
+    assert!(
+        grant.is_some(),
+        "allowed through audit mode, so the grant applies"
+    );
+    let (d, rate) = p.decide_mcp("s", "t", &serde_json::Map::new());
+    assert_eq!((d.outcome(), rate), ("audit-deny", Some(5)));
+}

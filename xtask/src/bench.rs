@@ -5,8 +5,21 @@ use std::process::Command;
 
 use crate::{demo, kernel, paths, proc, rootfs};
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// Everything.
+    All,
+    /// Boot latency and memory, sbx against QEMU (boots real guests).
+    Boot,
+    /// Network policy decisions per second (host only).
+    Policy,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
+    /// Which benchmarks to run.
+    #[arg(value_enum, default_value_t = Which::All)]
+    which: Which,
     /// Boots per VMM.
     #[arg(long, default_value_t = 10)]
     runs: usize,
@@ -16,6 +29,27 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
+    let release = paths::target_dir().join("release");
+    if args.which != Which::Boot {
+        proc::step("policy decisions");
+        proc::run(
+            Command::new(env!("CARGO"))
+                .current_dir(paths::workspace())
+                .args([
+                    "build",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "sbx-benches",
+                    "--bin",
+                    "sbx-bench-policy",
+                ]),
+        )?;
+        proc::run(&mut Command::new(release.join("sbx-bench-policy")))?;
+        if args.which == Which::Policy {
+            return Ok(0);
+        }
+    }
     let vmlinux = kernel::build()?;
     let initrd = rootfs::build()?;
     proc::step("building release sbx and benchmarks");
@@ -32,7 +66,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 "sbx-benches",
             ]),
     )?;
-    let release = paths::target_dir().join("release");
     let argv: Vec<String> = vec![
         release
             .join("sbx-bench-boot")

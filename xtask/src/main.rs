@@ -9,6 +9,7 @@ mod bench;
 mod cpio;
 mod demo;
 mod deps;
+mod fuzz;
 mod kernel;
 mod nested;
 mod paths;
@@ -37,6 +38,8 @@ enum Command {
     Test(test::Args),
     /// Run the benchmarks under benches/ and print their numbers.
     Bench(bench::Args),
+    /// Fuzz the policy parser and matcher (cargo fuzz, nightly).
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
-use crate::{demo, kernel, paths, proc, rootfs};
+use crate::{demo, fuzz, kernel, paths, proc, rootfs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,6 +18,9 @@ pub struct Args {
     /// Only run tests whose name contains this string (passed to the test binaries).
     #[arg(long)]
     filter: Option<String>,
+    /// Skip the short fuzz run of the policy targets.
+    #[arg(long)]
+    no_fuzz: bool,
 }
 
 /// Sums libtest's "test result:" lines.
@@ -148,6 +151,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     if !run_counting(&mut unit, &mut tally)? {
         failures.push("unit tests");
+    }
+
+    // A short run keeps the fuzz targets building and catches shallow
+    // crashes; `cargo xtask fuzz` runs them for real.
+    if !args.no_fuzz {
+        match fuzz::run_targets(&fuzz::TARGETS, 20) {
+            Ok(()) => tally.passed += 1,
+            Err(e) => {
+                eprintln!("{e:#}");
+                tally.failed += 1;
+                failures.push("fuzz smoke run");
+            }
+        }
     }
 
     let vmlinux = kernel::build()?;

@@ -1,0 +1,71 @@
+//! `cargo xtask fuzz`: runs the policy fuzz targets with cargo-fuzz on the
+//! nightly toolchain (installing cargo-fuzz from crates.io if it is missing).
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::{paths, proc};
+
+pub const TARGETS: [&str; 2] = ["parse", "decide"];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 600)]
+    seconds: u64,
+    /// Only this target (parse or decide).
+    #[arg(long)]
+    target: Option<String>,
+}
+
+fn has_nightly() -> bool {
+    proc::output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_ok()
+}
+
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if proc::output(Command::new(env!("CARGO")).args(["fuzz", "--version"])).is_ok() {
+        return Ok(());
+    }
+    proc::step("installing cargo-fuzz from crates.io");
+    proc::run(Command::new(env!("CARGO")).args(["install", "--quiet", "--locked", "cargo-fuzz"]))
+}
+
+/// Runs each target for `seconds`; a crash fails with the artifact's path.
+pub fn run_targets(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
+    if !has_nightly() {
+        bail!("cargo fuzz needs the nightly toolchain: `rustup toolchain install nightly`");
+    }
+    ensure_cargo_fuzz()?;
+    let dir = paths::workspace().join("policy");
+    for t in targets {
+        proc::step(&format!("fuzzing {t} for {seconds} s"));
+        let corpus = dir.join("fuzz/corpus").join(t);
+        proc::run(
+            Command::new("rustup")
+                .current_dir(&dir)
+                .args(["run", "nightly", "cargo", "fuzz", "run", "-O", t])
+                .arg(&corpus)
+                .args([
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                    "-max_len=4096",
+                    "-print_final_stats=1",
+                ]),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let targets: Vec<&str> = match &args.target {
+        Some(t) if TARGETS.contains(&t.as_str()) => vec![t.as_str()],
+        Some(t) => bail!(
+            "unknown fuzz target `{t}`: the targets are {}",
+            TARGETS.join(", ")
+        ),
+        None => TARGETS.to_vec(),
+    };
+    run_targets(&targets, args.seconds)?;
+    Ok(0)
+}
