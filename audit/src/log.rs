@@ -156,10 +156,12 @@ impl AuditLog {
             wake: Condvar::new(),
         });
         let s = shared.clone();
-        let flusher = std::thread::Builder::new()
-            .name("audit-sync".into())
-            .spawn(move || flush_loop(&s))
-            .map_err(|e| AuditError::io(path, "start the sync thread for", e))?;
+        let flusher = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("audit-sync".into())
+                .spawn(move || flush_loop(&s))
+        })
+        .map_err(|e| AuditError::io(path, "start the sync thread for", e))?;
         Ok(AuditLog {
             shared,
             flusher: Some(flusher),
@@ -286,6 +288,24 @@ impl Drop for AuditLog {
     fn drop(&mut self) {
         let _ = self.sync();
         self.stop();
+    }
+}
+
+/// Runs `f` (which spawns a thread) with every signal blocked, so the new
+/// thread starts with them blocked: a process-directed SIGTERM must reach the
+/// thread that handles it (the VMM's event loop), not kill the process
+/// through a helper thread that never asked for it.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data, filled by sigfillset; pthread_sigmask
+    // changes only this thread's mask and is restored below.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
     }
 }
 

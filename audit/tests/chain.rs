@@ -193,3 +193,38 @@ fn filters_select_records() {
     write_log(&path, 1);
     assert_eq!(read_records(&path, end).unwrap().0.len(), 1);
 }
+
+#[test]
+fn the_sync_thread_leaves_signals_to_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let _log = AuditLog::open(
+        &dir.path().join("s.jsonl"),
+        Identity::current("s"),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let task = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .unwrap()
+                .trim()
+                == "audit-sync"
+        })
+        .expect("the sync thread runs");
+    let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .unwrap()
+        .trim();
+    let mask = u64::from_str_radix(blocked, 16).unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        assert_ne!(
+            mask & (1 << (sig - 1)),
+            0,
+            "signal {sig} not blocked: {blocked}"
+        );
+    }
+}

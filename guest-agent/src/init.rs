@@ -70,6 +70,17 @@ pub fn sync() {
     unsafe { libc::sync() };
 }
 
+/// Waits until what was written to the console has left the UART: the VM
+/// ends as soon as the exit status is reported, which would cut off the
+/// command's last output still queued in the tty.
+pub fn drain_console() {
+    for fd in [1, 2] {
+        // SAFETY: tcdrain on our own standard descriptors; failure (not a
+        // tty) is harmless.
+        unsafe { libc::tcdrain(fd) };
+    }
+}
+
 /// Flushes filesystems and reboots; with `reboot=k` the VMM sees the i8042
 /// reset and ends the VM.
 pub fn reboot() -> ! {

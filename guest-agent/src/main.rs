@@ -29,6 +29,7 @@ fn main() {
 
     if is_init {
         init::sync();
+        init::drain_console();
     }
     // The VMM ends the VM on this report; rebooting is the fallback.
     report::send(sbx_protocol::debug_port::Report::ExitStatus(code));
