@@ -30,28 +30,6 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
     let release = paths::target_dir().join("release");
-    if args.which != Which::Boot {
-        proc::step("policy decisions");
-        proc::run(
-            Command::new(env!("CARGO"))
-                .current_dir(paths::workspace())
-                .args([
-                    "build",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "sbx-benches",
-                    "--bin",
-                    "sbx-bench-policy",
-                ]),
-        )?;
-        proc::run(&mut Command::new(release.join("sbx-bench-policy")))?;
-        if args.which == Which::Policy {
-            return Ok(0);
-        }
-    }
-    let vmlinux = kernel::build()?;
-    let initrd = rootfs::build()?;
     proc::step("building release sbx and benchmarks");
     proc::run(
         Command::new(env!("CARGO"))
@@ -66,6 +44,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 "sbx-benches",
             ]),
     )?;
+    if args.which != Which::Boot {
+        proc::step("policy decisions");
+        proc::run(&mut Command::new(release.join("sbx-bench-policy")))?;
+        if args.which == Which::Policy {
+            return Ok(0);
+        }
+    }
+    let vmlinux = kernel::build()?;
+    let initrd = rootfs::build()?;
     let argv: Vec<String> = vec![
         release
             .join("sbx-bench-boot")
