@@ -186,6 +186,7 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         cmdline: guest_cmdline(&args.cmdline, &args.command)?,
         vcpus: args.vcpus,
         mem_mib: args.mem,
+        lifetime: policy.lifetime().map(|(d, _)| d),
     };
     tracing::debug!(cmdline = %config.cmdline, "booting");
 
@@ -226,6 +227,17 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     log.close()?;
     let outcome = result?;
     report(&args, &outcome)?;
+    if let (vmm::ExitReason::LifetimeExpired(d), Some((_, rule))) =
+        (&outcome.reason, policy.lifetime())
+    {
+        bail!(
+            "the policy ended the session after {} s: rule `{}` ({} layer, {}) limits its lifetime",
+            d.as_secs(),
+            rule.id,
+            rule.layer,
+            rule.location
+        );
+    }
     status(&outcome)
 }
 

@@ -35,6 +35,7 @@ fn repeated_boots_leak_no_threads_or_fds() {
         cmdline,
         vcpus: 2,
         mem_mib: 128,
+        lifetime: None,
     };
     let boot = || {
         let console = Console {

@@ -90,3 +90,37 @@ fn the_policy_refuses_before_the_guest_boots() {
         text(&ro.stderr)
     );
 }
+
+#[test]
+fn the_policy_lifetime_ends_the_session() {
+    require_real_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "[limits]\nlifetime = \"4s\"\n").unwrap();
+    let start = std::time::Instant::now();
+    let out = sbx_in(
+        dir.path(),
+        &[
+            "boot",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--",
+            "sleep",
+            "600",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("after 4 s") && err.contains("limits.lifetime"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+    let ev = sbx_in(dir.path(), &["events", "--json"]);
+    let stop = text(&ev.stdout).lines().last().unwrap().to_string();
+    assert!(stop.contains("lifetime of 4 s"), "{stop}");
+}

@@ -29,6 +29,8 @@ pub enum ExitReason {
     VmmError { vcpu: Option<u8>, detail: String },
     /// The host asked us to stop (SIGINT, SIGTERM, SIGHUP).
     Signal(i32),
+    /// The VM ran for as long as its configuration allows.
+    LifetimeExpired(std::time::Duration),
 }
 
 impl ExitReason {
@@ -64,6 +66,9 @@ impl std::fmt::Display for ExitReason {
             } => write!(f, "VMM error on vCPU {v}: {detail}"),
             ExitReason::VmmError { vcpu: None, detail } => write!(f, "VMM error: {detail}"),
             ExitReason::Signal(n) => write!(f, "stopped by signal {n}"),
+            ExitReason::LifetimeExpired(d) => {
+                write!(f, "stopped after its lifetime of {} s", d.as_secs())
+            }
         }
     }
 }

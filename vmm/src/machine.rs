@@ -42,6 +42,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub vcpus: u32,
     pub mem_mib: u64,
+    /// Stop the VM after this long (a policy's session lifetime).
+    pub lifetime: Option<std::time::Duration>,
 }
 
 /// The smallest memory a guest may be given; the kernel check gives a precise figure.
@@ -152,7 +154,7 @@ pub fn run(
     let signals = HostSignals::block().map_err(setup_err("signal handling"))?;
     let threads = spawn_vcpus(vcpus, &bus, &control);
     let loop_result = match &threads {
-        Ok(_) => event_loop(&control, &signals, &serial, console.input),
+        Ok(_) => event_loop(&control, &signals, &serial, console.input, config.lifetime),
         Err(_) => Ok(()),
     };
     // Teardown happens on every path: stop and join whatever was started.
@@ -336,7 +338,9 @@ fn event_loop(
     signals: &HostSignals,
     serial: &Mutex<SerialConsole>,
     input: Option<RawFd>,
+    lifetime: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
+    let deadline = lifetime.map(|d| (d, std::time::Instant::now() + d));
     let epoll = Epoll::new()?;
     let add = |fd: RawFd, data: u64| {
         epoll.ctl(
@@ -357,7 +361,16 @@ fn event_loop(
     let mut input_open = input.is_some();
     let mut events = vec![EpollEvent::default(); 4];
     while !control.should_stop() {
-        let timeout = if pending.is_empty() { -1 } else { 5 };
+        let mut timeout = if pending.is_empty() { -1 } else { 5 };
+        if let Some((limit, at)) = deadline {
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                control.request_exit(ExitReason::LifetimeExpired(limit));
+                continue;
+            }
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+        }
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
