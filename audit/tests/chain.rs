@@ -204,15 +204,25 @@ fn the_sync_thread_leaves_signals_to_the_caller() {
     )
     .unwrap();
     // Other tests run in parallel: threads come and go, and several logs
-    // may be open. Every sync thread that can be read must block them.
-    let statuses: Vec<String> = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "audit-sync")
-        })
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .collect();
+    // may be open. Every sync thread that can be read must block them. A new
+    // thread names itself once it runs, so look for a while.
+    let sync_threads = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "audit-sync")
+            })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut statuses = sync_threads();
+    while statuses.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        statuses = sync_threads();
+    }
     assert!(!statuses.is_empty(), "the sync thread runs");
     for status in statuses {
         let blocked = status
