@@ -19,7 +19,7 @@ pub struct Args {
     target: Option<String>,
 }
 
-fn has_nightly() -> bool {
+pub fn has_nightly() -> bool {
     proc::output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_ok()
 }
 
