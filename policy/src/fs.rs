@@ -90,6 +90,16 @@ fn under<'a>(path: &'a str, root: &str) -> Option<&'a str> {
     }
 }
 
+/// `s` and each of its ancestors, as slices of it, shortest first:
+/// `a/b/c` gives `a`, `a/b`, `a/b/c`; `/w/a` gives `/w`, `/w/a`.
+fn ancestors(s: &str) -> Vec<&str> {
+    s.match_indices('/')
+        .map(|(i, _)| &s[..i])
+        .chain(std::iter::once(s))
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
 const RESERVED: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
 
 fn host_path(ctx: &Ctx, raw: &Spanned<String>) -> Result<PathBuf, PolicyError> {
@@ -251,19 +261,7 @@ impl FsRules {
         access: Access,
         mut seen: impl FnMut(RuleIdx),
     ) {
-        let prefixes = |s: &str| {
-            let mut v: Vec<String> = Vec::new();
-            let mut acc = String::new();
-            for c in s.split('/').filter(|c| !c.is_empty()) {
-                if !acc.is_empty() || s.starts_with('/') {
-                    acc.push('/');
-                }
-                acc.push_str(c);
-                v.push(acc.clone());
-            }
-            v
-        };
-        let (abs, rels) = (prefixes(path), prefixes(rel));
+        let (abs, rels) = (ancestors(path), ancestors(rel));
         for d in &self.denies {
             let applies = match access {
                 Access::Read => d.read,
@@ -298,5 +296,8 @@ mod tests {
         assert_eq!(under("/workspace/x", "/workspace"), Some("x"));
         assert_eq!(under("/workspace", "/workspace"), Some(""));
         assert_eq!(under("/workspacex", "/workspace"), None);
+        assert_eq!(ancestors("a/.ssh/id"), ["a", "a/.ssh", "a/.ssh/id"]);
+        assert_eq!(ancestors("/w/a"), ["/w", "/w/a"]);
+        assert!(ancestors("").is_empty());
     }
 }

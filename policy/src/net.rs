@@ -48,47 +48,14 @@ pub(crate) enum Dest {
     Net(Cidr),
 }
 
-/// Parses a connection target, `host:port`, `10.0.0.1:80` or `[::1]:443`.
-pub fn parse_host_port(input: &str) -> Result<(NetHost, u16), HostError> {
+/// Splits `host:port`, `[v6]:port`, a bare IPv6 address or a bare host
+/// into the host (brackets kept) and the port, if there is one.
+fn split_host_port(input: &str) -> Result<(&str, Option<u16>), HostError> {
     let err = |why: &str| HostError {
         input: input.to_string(),
         why: why.to_string(),
     };
     let s = input.trim();
-    let (host, port) = match s.strip_prefix('[') {
-        Some(rest) => {
-            let (inner, after) = rest.split_once(']').ok_or_else(|| err("`[` without `]`"))?;
-            let port = after
-                .strip_prefix(':')
-                .ok_or_else(|| err("expected HOST:PORT"))?;
-            (&s[..inner.len() + 2], port)
-        }
-        None => s
-            .rsplit_once(':')
-            .ok_or_else(|| err("expected HOST:PORT, such as example.com:443 or [::1]:80"))?,
-    };
-    if host.contains(':') && !host.starts_with('[') {
-        return Err(err("write IPv6 addresses in brackets: [::1]:443"));
-    }
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| err("the port must be a number from 1 to 65535"))?;
-    Ok((normalize_host(host)?, port))
-}
-
-/// Parses `host`, `*.host`, `**.host`, `host:port`, `10.0.0.1`, `[::1]:443`,
-/// `10.0.0.0/8` or `*`.
-pub(crate) fn parse_dest(input: &str) -> Result<(Dest, Option<u16>), HostError> {
-    let err = |why: &str| HostError {
-        input: input.to_string(),
-        why: why.to_string(),
-    };
-    let s = input.trim();
-    if s.contains('/') {
-        return Ok((Dest::Net(Cidr::parse(s)?), None));
-    }
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (inner, after) = rest
             .split_once(']')
@@ -118,6 +85,34 @@ pub(crate) fn parse_dest(input: &str) -> Result<(Dest, Option<u16>), HostError> 
                 .ok_or_else(|| err("the port must be a number from 1 to 65535"))?,
         ),
     };
+    Ok((host, port))
+}
+
+/// Parses a connection target, `host:port`, `10.0.0.1:80` or `[::1]:443`.
+pub fn parse_host_port(input: &str) -> Result<(NetHost, u16), HostError> {
+    let (host, port) = split_host_port(input)?;
+    let Some(port) = port else {
+        let why = if host.contains(':') && !host.starts_with('[') {
+            "write IPv6 addresses in brackets: [::1]:443"
+        } else {
+            "expected HOST:PORT, such as example.com:443 or [::1]:80"
+        };
+        return Err(HostError {
+            input: input.to_string(),
+            why: why.to_string(),
+        });
+    };
+    Ok((normalize_host(host)?, port))
+}
+
+/// Parses `host`, `*.host`, `**.host`, `host:port`, `10.0.0.1`, `[::1]:443`,
+/// `10.0.0.0/8` or `*`.
+pub(crate) fn parse_dest(input: &str) -> Result<(Dest, Option<u16>), HostError> {
+    let s = input.trim();
+    if s.contains('/') {
+        return Ok((Dest::Net(Cidr::parse(s)?), None));
+    }
+    let (host, port) = split_host_port(input)?;
     if !host.contains('*') {
         if let Ok(NetHost::Ip(ip)) = normalize_host(host) {
             return Ok((Dest::Net(Cidr::host(ip)), port));

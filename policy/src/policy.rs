@@ -107,18 +107,14 @@ impl PolicyBuilder {
         self.files.sort_by_key(|p| p.info.layer);
         let preset = match self.preset.take() {
             Some(p) => p,
+            // `parse` already refused unknown preset names.
             None => match self.files.iter().rev().find_map(|p| p.raw.preset.as_ref()) {
-                Some(p) => {
-                    preset::text(p.get_ref())?;
-                    p.get_ref().clone()
-                }
+                Some(p) => p.get_ref().clone(),
                 None => preset::DEFAULT.to_string(),
             },
         };
         let preset_src = Source::new(format!("preset:{preset}"), preset::text(&preset)?);
-        let mut preset_parsed = parse(preset_src, Layer::Preset, None)?;
-        preset_parsed.info.layer = Layer::Preset;
-        self.files.push(preset_parsed);
+        self.files.push(parse(preset_src, Layer::Preset, None)?);
 
         let mut p = Policy::empty(preset);
         for file in &self.files {
@@ -408,8 +404,7 @@ impl Policy {
             .visit_denies(&path, rel, access, |i| t.see(&self.rules, i));
         let what = format!("{} of {path}", access.as_str());
         let mount_rule = &self.rules[mount.rule as usize];
-        let enforced_deny = matches!(t.winner(), Some((i, Verdict::Deny)) if self.rules[i as usize].mode == Mode::Enforce);
-        if access == Access::Write && mount.read_only && !enforced_deny {
+        if access == Access::Write && mount.read_only && !t.enforced_deny() {
             return Decision {
                 verdict: Verdict::Deny,
                 rule: mount_rule,

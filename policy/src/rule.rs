@@ -223,6 +223,11 @@ impl Tally {
         }
     }
 
+    /// Whether an enforced deny matched.
+    pub(crate) fn enforced_deny(&self) -> bool {
+        self.enforce_deny.is_some()
+    }
+
     /// The most senior allow rule that matched, whatever the verdict.
     pub(crate) fn allow(&self) -> Option<RuleIdx> {
         self.allow
