@@ -10,7 +10,7 @@ mod verify;
 use std::path::PathBuf;
 
 pub use log::{decision_event, Appended, AuditLog, Identity};
-pub use query::{parse_time, read_records, Filter};
+pub use query::{parse_time, read_records, Cursor, Filter};
 pub use record::{Category, Event, Record, GENESIS, SCHEMA};
 pub use verify::{verify, Problem, Verified};
 

@@ -57,6 +57,23 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    /// Syncs what was written; a failure poisons the log.
+    fn sync(&mut self) -> Result<(), String> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Err(e) = self.file.sync_data() {
+            let why = format!("fsync failed: {e}");
+            self.failed = Some(why.clone());
+            return Err(why);
+        }
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}
+
 struct Shared {
     path: PathBuf,
     identity: Identity,
@@ -245,15 +262,10 @@ impl AuditLog {
     }
 
     fn sync_locked(&self, st: &mut State) -> Result<(), AuditError> {
-        if !st.dirty {
-            return Ok(());
-        }
-        if let Err(e) = st.file.sync_data() {
-            return Err(self.poison(st, format!("fsync failed: {e}")));
-        }
-        st.dirty = false;
-        st.last_sync = Instant::now();
-        Ok(())
+        st.sync().map_err(|why| AuditError::Failed {
+            path: self.shared.path.clone(),
+            why,
+        })
     }
 
     /// Forces everything written so far to disk.
@@ -320,14 +332,9 @@ fn flush_loop(shared: &Shared) {
             .wait_timeout(st, shared.interval)
             .unwrap_or_else(|p| p.into_inner());
         st = next;
-        if st.dirty && st.failed.is_none() && st.last_sync.elapsed() >= shared.interval {
-            match st.file.sync_data() {
-                Ok(()) => {
-                    st.dirty = false;
-                    st.last_sync = Instant::now();
-                }
-                Err(e) => st.failed = Some(format!("fsync failed: {e}")),
-            }
+        if st.failed.is_none() && st.last_sync.elapsed() >= shared.interval {
+            // A failure poisons the log; the next append reports it.
+            let _ = st.sync();
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Reading records back, filtered, for `sbx events`.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use time::format_description::well_known::Rfc3339;
@@ -50,30 +51,40 @@ pub fn parse_time(s: &str, now: OffsetDateTime) -> Option<OffsetDateTime> {
     now.checked_sub(time::Duration::try_from(ago).ok()?)
 }
 
-/// Every record of a log, in file order, starting after byte `from`.
-/// Returns the records and the offset to read from next time (for
-/// `--follow`); a partial last line is left for next time.
-pub fn read_records(path: &Path, from: u64) -> Result<(Vec<Record>, u64), AuditError> {
-    let bytes = std::fs::read(path).map_err(|e| AuditError::io(path, "read", e))?;
-    let start = (from as usize).min(bytes.len());
+/// Where the next read of a log starts, so that `--follow` reads only what
+/// was added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub offset: u64,
+    /// Lines before `offset`, for error messages.
+    pub line: usize,
+}
+
+/// The whole records of a log from `cursor` on, in file order; moves the
+/// cursor past them. A partial last line is left for next time.
+pub fn read_records(path: &Path, cursor: &mut Cursor) -> Result<Vec<Record>, AuditError> {
+    let mut file = std::fs::File::open(path).map_err(|e| AuditError::io(path, "read", e))?;
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(cursor.offset))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| AuditError::io(path, "read", e))?;
     let mut out = Vec::new();
-    let mut consumed = start;
-    let line_base = bytes[..start].iter().filter(|b| **b == b'\n').count();
-    for (i, chunk) in bytes[start..].split_inclusive(|b| *b == b'\n').enumerate() {
+    for chunk in bytes.split_inclusive(|b| *b == b'\n') {
         if !chunk.ends_with(b"\n") {
             break;
         }
-        consumed += chunk.len();
+        cursor.offset += chunk.len() as u64;
+        cursor.line += 1;
         let line = String::from_utf8_lossy(chunk);
         if line.trim().is_empty() {
             continue;
         }
         let r = serde_json::from_str(&line).map_err(|e| AuditError::Corrupt {
             path: path.to_path_buf(),
-            line: line_base + i + 1,
+            line: cursor.line,
             what: format!("not an audit record ({e}); `sbx audit verify` checks the whole log"),
         })?;
         out.push(r);
     }
-    Ok((out, consumed as u64))
+    Ok(out)
 }

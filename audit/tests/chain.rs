@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sbx_audit::{read_records, verify, AuditLog, Category, Event, Filter, Identity};
+use sbx_audit::{read_records, verify, AuditLog, Category, Cursor, Event, Filter, Identity};
 
 fn event(i: usize) -> Event {
     Event {
@@ -50,7 +50,7 @@ fn intact_logs_verify_and_reopened_logs_continue_the_chain() {
     write_log(&path, 3);
     let v = verify(&path).unwrap().unwrap();
     assert_eq!(v.records, 8);
-    let (records, _) = read_records(&path, 0).unwrap();
+    let records = read_records(&path, &mut Cursor::default()).unwrap();
     assert_eq!(
         records.iter().map(|r| r.seq).collect::<Vec<_>>(),
         (1..=8).collect::<Vec<_>>()
@@ -161,7 +161,8 @@ fn filters_select_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.jsonl");
     write_log(&path, 6);
-    let (records, end) = read_records(&path, 0).unwrap();
+    let mut end = Cursor::default();
+    let records = read_records(&path, &mut end).unwrap();
     let deny = Filter {
         decision: Some("deny".into()),
         ..Filter::default()
@@ -189,9 +190,9 @@ fn filters_select_records() {
     };
     assert_eq!(records.iter().filter(|r| other.matches(r)).count(), 0);
     // Following from the end finds nothing new, then the next record.
-    assert!(read_records(&path, end).unwrap().0.is_empty());
+    assert!(read_records(&path, &mut end).unwrap().is_empty());
     write_log(&path, 1);
-    assert_eq!(read_records(&path, end).unwrap().0.len(), 1);
+    assert_eq!(read_records(&path, &mut end).unwrap().len(), 1);
 }
 
 #[test]

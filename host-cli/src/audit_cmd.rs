@@ -1,7 +1,7 @@
 //! `sbx audit verify` and `sbx events`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -166,13 +166,12 @@ pub fn events(a: EventsArgs) -> anyhow::Result<u8> {
         }
         (None, None) => session_logs()?,
     };
-    let mut offsets = vec![0u64; logs.len()];
+    let mut cursors = vec![sbx_audit::Cursor::default(); logs.len()];
     let mut out = std::io::stdout().lock();
     loop {
         let mut batch = Vec::new();
-        for (log, off) in logs.iter().zip(offsets.iter_mut()) {
-            let (records, next) = read(log, *off)?;
-            *off = next;
+        for (log, cursor) in logs.iter().zip(cursors.iter_mut()) {
+            let records = sbx_audit::read_records(log, cursor)?;
             batch.extend(records.into_iter().filter(|r| filter.matches(r)));
         }
         batch.sort_by(|a, b| a.ts.cmp(&b.ts));
@@ -185,8 +184,4 @@ pub fn events(a: EventsArgs) -> anyhow::Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn read(log: &Path, from: u64) -> anyhow::Result<(Vec<Record>, u64)> {
-    Ok(sbx_audit::read_records(log, from)?)
 }

@@ -25,7 +25,7 @@ fn a_boot_is_audited_end_to_end() {
         .collect();
     assert_eq!(logs.len(), 1);
     let log = logs[0].path();
-    let records = sbx_audit::read_records(&log, 0).unwrap().0;
+    let records = sbx_audit::read_records(&log, &mut sbx_audit::Cursor::default()).unwrap();
     let actions: Vec<(&str, Option<&str>)> = records
         .iter()
         .map(|r| (r.event.action.as_str(), r.event.decision.as_deref()))
