@@ -32,6 +32,24 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts a check that xtask runs itself as one test, naming it among
+    /// the failures when it fails.
+    fn check(
+        &mut self,
+        name: &'static str,
+        result: anyhow::Result<()>,
+        failures: &mut Vec<&'static str>,
+    ) {
+        match result {
+            Ok(()) => self.passed += 1,
+            Err(e) => {
+                eprintln!("{e:#}");
+                self.failed += 1;
+                failures.push(name);
+            }
+        }
+    }
+
     fn add_line(&mut self, line: &str) {
         let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
@@ -155,30 +173,23 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 
     // A short run keeps the fuzz targets building and catches shallow
     // crashes; `cargo xtask fuzz` runs them for real.
-    if !args.no_fuzz && !fuzz::has_nightly() {
-        proc::step("fuzz smoke run skipped: cargo fuzz needs a nightly toolchain");
-        tally.ignored += 1;
-    } else if !args.no_fuzz {
-        match fuzz::run_targets(&fuzz::TARGETS, 20) {
-            Ok(()) => tally.passed += 1,
-            Err(e) => {
-                eprintln!("{e:#}");
-                tally.failed += 1;
-                failures.push("fuzz smoke run");
-            }
+    if !args.no_fuzz {
+        if fuzz::has_nightly() {
+            let r = fuzz::run_targets(&fuzz::TARGETS, 20);
+            tally.check("fuzz smoke run", r, &mut failures);
+        } else {
+            proc::step("fuzz smoke run skipped: cargo fuzz needs a nightly toolchain");
+            tally.ignored += 1;
         }
     }
 
     let vmlinux = kernel::build()?;
     proc::step("a misspelt option in a kernel fragment is caught");
-    match misspelt_fragment_is_caught() {
-        Ok(()) => tally.passed += 1,
-        Err(e) => {
-            eprintln!("{e:#}");
-            tally.failed += 1;
-            failures.push("kernel fragment check");
-        }
-    }
+    tally.check(
+        "kernel fragment check",
+        misspelt_fragment_is_caught(),
+        &mut failures,
+    );
     let initrd = rootfs::build()?;
     let sbx = demo::build_sbx()?;
     proc::step("building real-guest tests");
