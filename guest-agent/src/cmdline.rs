@@ -42,6 +42,14 @@ pub fn command(line: &str) -> Option<Vec<String>> {
     Some(words[at + 1..].to_vec())
 }
 
+/// Whether `word` appears among the kernel parameters (before any `--`).
+pub fn has_param(line: &str, word: &str) -> bool {
+    split(line)
+        .iter()
+        .take_while(|w| *w != "--")
+        .any(|w| w == word)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +60,7 @@ mod tests {
         assert_eq!(command(line).unwrap(), ["sh", "-c", "echo hi; exit 3", ""]);
         assert_eq!(command("console=ttyS0 quiet"), None);
         assert_eq!(command("a -- ").unwrap(), Vec::<String>::new());
+        assert!(has_param("quiet sbx.session -- x", "sbx.session"));
+        assert!(!has_param("quiet -- sbx.session", "sbx.session"));
     }
 }

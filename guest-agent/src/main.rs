@@ -1,14 +1,20 @@
 //! sbx guest agent: PID 1 of the microVM.
 //!
-//! It mounts the pseudo filesystems, reports that it started through the
-//! debug port, runs the command given after `--` on the kernel command line
-//! (a shell on the console when there is none), reaps every process, syncs,
-//! and reports the command's exit status, which ends the VM.
+//! It mounts the pseudo filesystems and reports that it started through the
+//! debug port. With `sbx.session` on the kernel command line it then serves
+//! the host over vsock (see `session`). Otherwise it runs the command given
+//! after `--` (a shell on the console when there is none), reaps every
+//! process, syncs, and reports the command's exit status, which ends the VM.
 
 mod cmdline;
+mod events;
+mod exec;
 mod init;
+mod reaper;
 mod report;
 mod run;
+mod session;
+mod vsock;
 
 fn main() {
     let is_init = std::process::id() == 1;
@@ -21,9 +27,15 @@ fn main() {
     // No `--` on the kernel command line means an interactive shell; argv is
     // only a fallback for running outside a VM (it also holds stray kernel
     // parameters such as `noxsave`).
-    let argv: Vec<String> = match std::fs::read_to_string("/proc/cmdline") {
-        Ok(line) => cmdline::command(&line).unwrap_or_default(),
-        Err(_) => std::env::args().skip(1).collect(),
+    let line = std::fs::read_to_string("/proc/cmdline").ok();
+    if let Some(l) = &line {
+        if cmdline::has_param(l, "sbx.session") {
+            session::serve();
+        }
+    }
+    let argv: Vec<String> = match &line {
+        Some(l) => cmdline::command(l).unwrap_or_default(),
+        None => std::env::args().skip(1).collect(),
     };
     let code = run::run(&argv);
 

@@ -70,7 +70,7 @@ pub struct Args {
 }
 
 /// Records a decision and turns a denial into an error naming the rule.
-fn admit(
+pub fn admit(
     log: &AuditLog,
     surface: Surface,
     action: &str,
@@ -131,11 +131,17 @@ impl<W: Write> Write for Unbuffered<W> {
     }
 }
 
-pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
+/// Checks that this host can boot guests and that the guest kernel and
+/// initramfs exist; returns their paths.
+pub fn guest_images(
+    kvm: &std::path::Path,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     // The host first: on a host that cannot boot guests, nothing else matters.
-    vmm::host::probe(&args.kvm).check_bootable()?;
-    let kernel = args.kernel.clone().unwrap_or_else(paths::default_kernel);
-    let initrd = args.initrd.clone().unwrap_or_else(paths::default_initrd);
+    vmm::host::probe(kvm).check_bootable()?;
+    let kernel = kernel.unwrap_or_else(paths::default_kernel);
+    let initrd = initrd.unwrap_or_else(paths::default_initrd);
     if !kernel.exists() {
         bail!(
             "guest kernel {} not found: build it with `cargo xtask kernel` or pass --kernel",
@@ -148,8 +154,17 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             initrd.display()
         );
     }
+    Ok((kernel, initrd))
+}
+
+pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
+    let (kernel, initrd) = guest_images(&args.kvm, args.kernel.clone(), args.initrd.clone())?;
     let policy = args.select.load().context("cannot load the policy")?;
-    let session = format!("boot-{}-{}", std::process::id(), unix_secs());
+    let session = format!(
+        "boot-{}-{}",
+        std::process::id(),
+        crate::session::state::unix_secs()
+    );
     let log_path = paths::audit_dir().join(format!("{session}.jsonl"));
     let log = AuditLog::open(&log_path, Identity::current(&session), AUDIT_SYNC_INTERVAL)?;
     let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
@@ -187,6 +202,7 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         vcpus: args.vcpus,
         mem_mib: args.mem,
         lifetime: policy.lifetime().map(|(d, _)| d),
+        vsock: None,
     };
     tracing::debug!(cmdline = %config.cmdline, "booting");
 
@@ -239,12 +255,6 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         );
     }
     status(&outcome)
-}
-
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn status(outcome: &VmOutcome) -> anyhow::Result<u8> {

@@ -10,6 +10,7 @@ mod boot;
 mod doctor;
 mod paths;
 mod policy_cmd;
+mod session;
 mod terminal;
 
 /// Exit status for failures of sbx itself (as opposed to the guest command's
@@ -24,7 +25,12 @@ pub const EXIT_SBX_ERROR: u8 = 125;
     long_about = "sbx gives every agent session its own microVM, booted by sbx's own VMM on KVM, \
 and governs everything that crosses the VM boundary.\n\n\
 Start with `sbx doctor` to see whether this host can run sandboxes, then \
-`sbx boot -- uname -a` to boot a guest and run one command in it."
+`sbx run -- uname -a` to run one command in a fresh sandbox, or:\n\n  \
+sbx start --name s1      boot a session in the background\n  \
+sbx exec s1 -- make      run commands in it (stdin, stdout, exit status pass through)\n  \
+sbx shell s1             an interactive shell\n  \
+sbx events s1            what happened in it, and what the policy decided\n  \
+sbx stop s1 && sbx rm s1"
 )]
 struct Cli {
     /// Log verbosity for sbx itself (error, warn, info, debug, trace); also RUST_LOG.
@@ -38,6 +44,20 @@ struct Cli {
 enum Command {
     /// Check what this host can do and say what to fix.
     Doctor(doctor::Args),
+    /// Start a session (a sandbox VM) in the background.
+    Start(session::StartArgs),
+    /// Run a command in a running session.
+    Exec(session::ExecArgs),
+    /// Open an interactive shell in a running session.
+    Shell(session::ShellArgs),
+    /// List sessions: name, state, uptime, vCPUs, memory.
+    Ls(session::LsArgs),
+    /// Stop a session: gracefully, then forcibly after a timeout.
+    Stop(session::StopArgs),
+    /// Remove stopped or dead sessions' state.
+    Rm(session::RmArgs),
+    /// Run one command in a fresh session that is removed afterwards.
+    Run(session::RunArgs),
     /// Boot a guest kernel directly and run one command in it (low level).
     Boot(boot::Args),
     /// Check, explain and show policy; sign organisation bundles.
@@ -46,6 +66,9 @@ enum Command {
     Audit(audit_cmd::Args),
     /// Print sessions' events and policy decisions from their audit logs.
     Events(audit_cmd::EventsArgs),
+    /// The session process itself (started by `sbx start`).
+    #[command(name = "__session", hide = true)]
+    Session(session::runner::Args),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +85,14 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Start(args) => session::start(args),
+        Command::Exec(args) => session::exec(args),
+        Command::Shell(args) => session::shell(args),
+        Command::Ls(args) => session::ls(args),
+        Command::Stop(args) => session::stop(args),
+        Command::Rm(args) => session::rm(args),
+        Command::Run(args) => session::run(args),
+        Command::Session(args) => session::runner::run(args),
         Command::Boot(args) => boot::run(args, start),
         Command::Policy(args) => policy_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(args),

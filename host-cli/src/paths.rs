@@ -42,6 +42,23 @@ pub fn system_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/etc/sbx"))
 }
 
+/// Live sessions' sockets and state: `$SBX_RUNTIME_DIR`, else
+/// `$XDG_RUNTIME_DIR/sbx`, else `/run/sbx` for root and `/tmp/sbx-<uid>`
+/// for others.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SBX_RUNTIME_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("sbx");
+    }
+    // SAFETY: getuid cannot fail.
+    match unsafe { libc::getuid() } {
+        0 => PathBuf::from("/run/sbx"),
+        uid => std::env::temp_dir().join(format!("sbx-{uid}")),
+    }
+}
+
 pub fn default_kernel() -> PathBuf {
     std::env::var_os("SBX_KERNEL")
         .map(PathBuf::from)

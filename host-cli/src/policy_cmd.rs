@@ -34,6 +34,24 @@ pub struct Select {
 }
 
 impl Select {
+    /// The same selection as command-line arguments (for a child process).
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        for p in &self.policy {
+            out.push("--policy".into());
+            out.push(p.clone().into_os_string());
+        }
+        if let Some(p) = &self.preset {
+            out.push("--preset".into());
+            out.push(p.into());
+        }
+        for k in &self.trusted_key {
+            out.push("--trusted-key".into());
+            out.push(k.clone().into_os_string());
+        }
+        out
+    }
+
     /// The files to load, most senior first.
     pub fn files(&self) -> Vec<PathBuf> {
         if !self.policy.is_empty() {

@@ -6,8 +6,19 @@ pub struct RawMode {
 }
 
 impl RawMode {
-    /// Puts `fd` in raw mode if it is a terminal; None otherwise.
+    /// Puts `fd` in raw mode if it is a terminal; None otherwise. Output
+    /// post-processing stays on (the serial console sends bare "\n").
     pub fn enter(fd: i32) -> Option<RawMode> {
+        Self::enter_with(fd, true)
+    }
+
+    /// Raw mode with output untouched too, for a guest PTY that does its
+    /// own "\r\n".
+    pub fn enter_fully(fd: i32) -> Option<RawMode> {
+        Self::enter_with(fd, false)
+    }
+
+    fn enter_with(fd: i32, opost: bool) -> Option<RawMode> {
         // SAFETY: isatty/tcgetattr/tcsetattr on a caller-provided fd with local buffers.
         unsafe {
             if libc::isatty(fd) != 1 {
@@ -19,8 +30,9 @@ impl RawMode {
             }
             let mut raw = saved;
             libc::cfmakeraw(&mut raw);
-            // Keep output post-processing so that guest "\n" still returns the carriage.
-            raw.c_oflag |= libc::OPOST;
+            if opost {
+                raw.c_oflag |= libc::OPOST;
+            }
             if libc::tcsetattr(fd, libc::TCSANOW, &raw) != 0 {
                 return None;
             }

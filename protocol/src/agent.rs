@@ -12,9 +12,15 @@
 //! [`Control::Credit`] as it consumes data, so a reader that stops reading
 //! stalls only its own process, never the connection.
 
+use std::io::{Read, Write};
+
 use serde::{Deserialize, Serialize};
 
 pub const VERSION: u16 = 1;
+/// The guest agent listens here; each connection carries one request.
+pub const AGENT_PORT: u32 = 1024;
+/// The host listens here for the guest agent's events.
+pub const EVENTS_PORT: u32 = 1025;
 /// Largest `length` a frame may declare.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Bytes of one stream a sender may have unacknowledged.
@@ -121,6 +127,8 @@ pub enum Control {
         id: Option<u32>,
         message: String,
     },
+    /// Stop every process, sync and power off (a graceful `sbx stop`).
+    Shutdown,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,6 +209,11 @@ impl FrameReader {
         self.buf.len()
     }
 
+    /// Takes the bytes read past the last whole frame.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     /// The next whole frame, if one has arrived. An error means the peer is
     /// broken or hostile: close the connection.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
@@ -244,6 +257,60 @@ impl FrameReader {
         self.buf.drain(..total);
         frame.map(Some)
     }
+}
+
+/// Frames from a blocking reader.
+pub struct FrameIo<R> {
+    inner: R,
+    reader: FrameReader,
+    buf: Box<[u8]>,
+}
+
+impl<R: Read> FrameIo<R> {
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            reader: FrameReader::default(),
+            buf: vec![0u8; MAX_DATA + 16].into_boxed_slice(),
+        }
+    }
+
+    /// The next frame; None at a clean end of stream. A broken frame or an
+    /// end of stream inside a frame is an error.
+    pub fn read_frame(&mut self) -> std::io::Result<Option<Frame>> {
+        loop {
+            match self.reader.next_frame() {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            }
+            let n = match self.inner.read(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return match self.reader.buffered() {
+                    0 => Ok(None),
+                    _ => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                };
+            }
+            self.reader.push(&self.buf[..n]);
+        }
+    }
+
+    /// The reader back, with any bytes read past the last frame returned.
+    pub fn into_parts(mut self) -> (R, Vec<u8>) {
+        let rest = self.reader.take_buffered();
+        (self.inner, rest)
+    }
+}
+
+/// Encodes and writes one frame in a single `write_all`.
+pub fn write_frame(w: &mut impl Write, frame: &Frame) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    encode(frame, &mut out);
+    w.write_all(&out)
 }
 
 #[cfg(test)]
@@ -290,6 +357,7 @@ mod tests {
                 id: Some(7),
                 message: "sh: not found".into(),
             }),
+            Frame::Control(Control::Shutdown),
             Frame::Data {
                 id: 7,
                 stream: Stream::Stdin,
@@ -324,6 +392,28 @@ mod tests {
         }
         assert_eq!(got, all_frames());
         assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn frame_io_reads_frames_and_returns_the_rest() {
+        let mut wire = Vec::new();
+        for f in all_frames() {
+            encode(&f, &mut wire);
+        }
+        wire.extend_from_slice(b"tail");
+        let mut io = FrameIo::new(&wire[..]);
+        for want in all_frames() {
+            assert_eq!(io.read_frame().unwrap(), Some(want));
+        }
+        let (_, rest) = io.into_parts();
+        assert_eq!(rest, b"tail");
+        let cut = &wire[..7];
+        let mut io = FrameIo::new(cut);
+        assert_eq!(
+            io.read_frame().unwrap_err().kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
+        assert_eq!(FrameIo::new(&[][..]).read_frame().unwrap(), None);
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn repeated_boots_leak_no_threads_or_fds() {
         vcpus: 2,
         mem_mib: 128,
         lifetime: None,
+        vsock: None,
     };
     let boot = || {
         let console = Console {

@@ -13,14 +13,18 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::arch::x86_64::mptable;
 use crate::boot::{self, BootError};
 use crate::control::{ExitReason, ResetTrigger, VmControl};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::{Bus, Buses};
 use crate::devices::legacy::debug_port::{self, DebugPort};
 use crate::devices::legacy::i8042::{ResetLine, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::{Vsock, VsockConfig};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::{self, HostError};
 use crate::timings::{BootTimings, Mark, TimingsReport};
 use crate::vstate::memory::{self, MemoryError};
@@ -44,6 +48,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Stop the VM after this long (a policy's session lifetime).
     pub lifetime: Option<std::time::Duration>,
+    /// The guest's vsock device, if it gets one.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// The smallest memory a guest may be given; the kernel check gives a precise figure.
@@ -120,17 +126,26 @@ pub fn run(
 
     let mem = memory::create(config.mem_mib)?;
     vm.register_memory(&mem)?;
+    let control = Arc::new(VmControl::new(timings).map_err(setup_err("the exit event"))?);
+    let (pio, serial) = build_legacy_devices(&vm, &control, console.output)?;
+    let mut virtio = VirtioDevices::default();
+    if let Some(vsock) = &config.vsock {
+        let dev = Vsock::new(vsock.clone()).map_err(setup_err("the vsock device"))?;
+        virtio.add(&vm, &mem, Box::new(dev))?;
+    }
+    let cmdline = virtio.cmdline(&config.cmdline);
     let entry = boot::load(
         &mem,
         config.mem_mib,
         &config.kernel,
         config.initrd.as_deref(),
-        &config.cmdline,
+        &cmdline,
         vcpu_count,
     )?;
-
-    let control = Arc::new(VmControl::new(timings).map_err(setup_err("the exit event"))?);
-    let (bus, serial) = build_devices(&vm, &control, console.output)?;
+    let bus = Arc::new(Buses {
+        pio,
+        mmio: std::mem::take(&mut virtio.bus),
+    });
 
     let base_cpuid = vcpu::supported_cpuid(&vm.kvm).map_err(|e| VmmError::Setup {
         what: "CPUID",
@@ -170,6 +185,7 @@ pub fn run(
         }
     };
     stop_vcpus(threads);
+    virtio.shutdown();
     drop(signals);
     if let Ok(mut s) = serial.lock() {
         s.flush();
@@ -184,11 +200,88 @@ pub fn run(
     })
 }
 
-fn build_devices(
+fn kvm_setup_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Setup {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+/// The VM's virtio-mmio devices, each with its window, GSI and queue kicks.
+#[derive(Default)]
+struct VirtioDevices {
+    bus: Bus,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    cmdline: Vec<String>,
+}
+
+impl VirtioDevices {
+    fn add(
+        &mut self,
+        vm: &Vm,
+        mem: &memory::GuestMemory,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), VmmError> {
+        let index = self.transports.len() as u32;
+        let base = VIRTIO_MMIO_BASE + u64::from(index) * MMIO_LEN;
+        let gsi = VIRTIO_IRQ_BASE + index;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("a virtio interrupt"))?;
+        vm.fd
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm_setup_err("a virtio interrupt"))?;
+        let mut kicks = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let kick =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("a virtio queue notifier"))?;
+            vm.fd
+                .register_ioevent(
+                    &kick,
+                    &kvm_ioctls::IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_setup_err("a virtio queue notifier"))?;
+            kicks.push(kick);
+        }
+        let transport =
+            MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irq)), kicks).shared();
+        self.bus
+            .insert(base, MMIO_LEN, transport.clone())
+            .map_err(|e| VmmError::Setup {
+                what: "the MMIO bus",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        self.transports.push(transport);
+        self.cmdline.push(mmio::cmdline_entry(base, gsi));
+        Ok(())
+    }
+
+    /// The guest command line with the devices declared before any `--`
+    /// (after it, words belong to the guest's command).
+    fn cmdline(&self, base: &str) -> String {
+        if self.cmdline.is_empty() {
+            return base.to_string();
+        }
+        let devices = self.cmdline.join(" ");
+        match base.find(" -- ") {
+            Some(at) => format!("{} {devices}{}", &base[..at], &base[at..]),
+            None => format!("{} {devices}", base.trim_end()),
+        }
+    }
+
+    fn shutdown(&self) {
+        for t in &self.transports {
+            if let Ok(mut t) = t.lock() {
+                t.shutdown();
+            }
+        }
+    }
+}
+
+fn build_legacy_devices(
     vm: &Vm,
     control: &Arc<VmControl>,
     output: Box<dyn Write + Send>,
-) -> Result<(Arc<PioBus>, Arc<Mutex<SerialConsole>>), VmmError> {
+) -> Result<(Bus, Arc<Mutex<SerialConsole>>), VmmError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the serial interrupt"))?;
     vm.fd
         .register_irqfd(&irq, COM1_IRQ)
@@ -197,33 +290,33 @@ fn build_devices(
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(irq), output)));
-    let mut bus = PioBus::default();
+    let mut bus = Bus::default();
     let overlap = |e: crate::devices::bus::OverlapError| VmmError::Setup {
         what: "the port I/O bus",
         source: std::io::Error::other(e.to_string()),
     };
-    bus.insert(COM1_BASE, COM1_LEN, serial.clone())
+    bus.insert(COM1_BASE.into(), COM1_LEN.into(), serial.clone())
         .map_err(overlap)?;
     bus.insert(
-        I8042_BASE,
-        I8042_LEN,
+        I8042_BASE.into(),
+        I8042_LEN.into(),
         Arc::new(Mutex::new(ResetLine::new(ResetTrigger(control.clone())))),
     )
     .map_err(overlap)?;
     bus.insert(
-        sbx_protocol::debug_port::PORT,
-        debug_port::LEN,
+        sbx_protocol::debug_port::PORT.into(),
+        debug_port::LEN.into(),
         Arc::new(Mutex::new(DebugPort::new(control.clone()))),
     )
     .map_err(overlap)?;
-    Ok((Arc::new(bus), serial))
+    Ok((bus, serial))
 }
 
 type StartedVcpus = Vec<JoinHandle<()>>;
 
 fn spawn_vcpus(
     vcpus: Vec<Vcpu>,
-    bus: &Arc<PioBus>,
+    bus: &Arc<Buses>,
     control: &Arc<VmControl>,
 ) -> Result<StartedVcpus, (StartedVcpus, VmmError)> {
     // A no-op handler: the signal only needs to interrupt KVM_RUN with EINTR.

@@ -1,60 +1,71 @@
-//! Port I/O bus: routes a trapped `in`/`out` to the device owning that port range.
-//! Ports nobody owns read as all ones and ignore writes, as on real hardware.
+//! Address buses: route a trapped port or MMIO access to the device owning
+//! that range. Addresses nobody owns read as all ones and ignore writes, as
+//! on real hardware. The same structure serves port I/O (16-bit addresses)
+//! and MMIO (64-bit).
 
 use std::sync::{Arc, Mutex};
 
-pub trait PioDevice: Send {
-    /// `offset` is relative to the device's base port.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]);
+pub trait BusDevice: Send {
+    /// `offset` is relative to the device's base address.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("port range {base:#x}+{len} overlaps a device already on the bus")]
+#[error("address range {base:#x}+{len:#x} overlaps a device already on the bus")]
 pub struct OverlapError {
-    pub base: u16,
-    pub len: u16,
+    pub base: u64,
+    pub len: u64,
 }
 
 struct Range {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
 #[derive(Default)]
-pub struct PioBus {
+pub struct Bus {
     ranges: Vec<Range>,
 }
 
-impl PioBus {
+/// The guest's two address spaces: port I/O (legacy devices) and MMIO (virtio).
+#[derive(Default)]
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+impl Bus {
     pub fn insert(
         &mut self,
-        base: u16,
-        len: u16,
-        device: Arc<Mutex<dyn PioDevice>>,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), OverlapError> {
-        let end = u32::from(base) + u32::from(len);
-        let overlaps = self.ranges.iter().any(|r| {
-            u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end
-        });
+        let err = OverlapError { base, len };
+        let end = base.checked_add(len).ok_or(OverlapError { base, len })?;
+        let overlaps = self
+            .ranges
+            .iter()
+            .any(|r| base < r.base + r.len && r.base < end);
         if len == 0 || overlaps {
-            return Err(OverlapError { base, len });
+            return Err(err);
         }
         self.ranges.push(Range { base, len, device });
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
         self.ranges
             .iter()
-            .find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len))
-            .map(|r| (r, port - r.base))
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (r, addr - r.base))
     }
 
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
-            // A poisoned lock means another vCPU thread panicked; the VM is going down anyway.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            // A poisoned lock means another thread panicked; the VM is going down anyway.
             Some((r, offset)) => match r.device.lock() {
                 Ok(mut d) => d.read(offset, data),
                 Err(_) => data.fill(0xff),
@@ -63,8 +74,8 @@ impl PioBus {
         }
     }
 
-    pub fn write(&self, port: u16, data: &[u8]) {
-        if let Some((r, offset)) = self.find(port) {
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((r, offset)) = self.find(addr) {
             if let Ok(mut d) = r.device.lock() {
                 d.write(offset, data);
             }
@@ -77,11 +88,11 @@ mod tests {
     use super::*;
 
     struct Echo(Vec<u8>);
-    impl PioDevice for Echo {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, _offset: u16, data: &[u8]) {
+        fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0.extend_from_slice(data);
         }
     }
@@ -89,10 +100,11 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let dev = Arc::new(Mutex::new(Echo(vec![])));
-        let mut bus = PioBus::default();
+        let mut bus = Bus::default();
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         assert!(bus.insert(0x3ff, 2, dev.clone()).is_err());
         assert!(bus.insert(0x3f0, 8, dev.clone()).is_ok());
+        assert!(bus.insert(u64::MAX - 1, 4, dev.clone()).is_err());
         let mut b = [0u8; 1];
         bus.read(0x3fa, &mut b);
         assert_eq!(b[0], 2);

@@ -1,4 +1,5 @@
-//! Devices the guest reaches through trapped port I/O.
+//! Devices the guest sees: legacy PC devices on port I/O and virtio devices on MMIO.
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;

@@ -14,7 +14,7 @@ use super::memory::GuestMemory;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, lapic, msr, regs};
 use crate::control::{ExitReason, VmControl};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::Buses;
 use crate::timings::Mark;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +112,7 @@ impl Vcpu {
 
     /// Runs the vCPU until the VM is asked to stop. Exits that end the VM are
     /// reported through `control`; this function never panics on guest input.
-    pub fn run(mut self, bus: Arc<PioBus>, control: Arc<VmControl>) {
+    pub fn run(mut self, bus: Arc<Buses>, control: Arc<VmControl>) {
         let _guard = StopOnPanic {
             control: control.clone(),
             index: self.index,
@@ -136,19 +136,21 @@ impl Vcpu {
             };
             let stop = match exit {
                 VcpuExit::IoOut(port, data) => {
-                    bus.write(port, data);
+                    bus.pio.write(u64::from(port), data);
                     None
                 }
                 VcpuExit::IoIn(port, data) => {
-                    bus.read(port, data);
+                    bus.pio.read(u64::from(port), data);
                     None
                 }
-                // No MMIO devices yet: unclaimed MMIO reads as all ones, writes are dropped.
-                VcpuExit::MmioRead(_, data) => {
-                    data.fill(0xff);
+                VcpuExit::MmioRead(addr, data) => {
+                    bus.mmio.read(addr, data);
                     None
                 }
-                VcpuExit::MmioWrite(..) => None,
+                VcpuExit::MmioWrite(addr, data) => {
+                    bus.mmio.write(addr, data);
+                    None
+                }
                 VcpuExit::SystemEvent(kind, _) => Some(match kind {
                     KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
                     KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestShutdown,

@@ -23,6 +23,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// 32-bit MMIO gap below 4 GiB: no RAM is placed here (IOAPIC, LAPIC, virtio-mmio).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio devices: one 4 KiB window each from here, inside the MMIO gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Their interrupts: IOAPIC pins from here (0-4 are the legacy devices').
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Default addresses of the interrupt controllers.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;

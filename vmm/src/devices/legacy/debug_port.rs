@@ -5,7 +5,7 @@ use std::sync::Arc;
 use sbx_protocol::debug_port::Report;
 
 use crate::control::{ExitReason, VmControl};
-use crate::devices::bus::PioDevice;
+use crate::devices::bus::BusDevice;
 use crate::timings::Mark;
 
 pub const LEN: u16 = 4;
@@ -20,12 +20,12 @@ impl DebugPort {
     }
 }
 
-impl PioDevice for DebugPort {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for DebugPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };

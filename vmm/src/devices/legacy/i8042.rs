@@ -1,7 +1,7 @@
 //! The i8042 keyboard controller, kept only for its CPU reset line: a guest
 //! booted with `reboot=k` writes 0xfe to port 0x64 to reboot, which ends the VM.
 
-use crate::devices::bus::PioDevice;
+use crate::devices::bus::BusDevice;
 
 pub const I8042_BASE: u16 = 0x60;
 pub const I8042_LEN: u16 = 5;
@@ -18,13 +18,13 @@ impl<T: vm_superio::Trigger> ResetLine<T> {
     }
 }
 
-impl<T: vm_superio::Trigger + Send> PioDevice for ResetLine<T> {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl<T: vm_superio::Trigger + Send> BusDevice for ResetLine<T> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = self.dev.read(offset as u8);
         data.fill(v);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1 {
             let _ = self.dev.write(offset as u8, data[0]);
         }

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use super::EventFdTrigger;
-use crate::devices::bus::PioDevice;
+use crate::devices::bus::BusDevice;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_LEN: u16 = 8;
@@ -42,8 +42,8 @@ impl SerialConsole {
     }
 }
 
-impl PioDevice for SerialConsole {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 {
             data[0] = self.uart.read(offset as u8);
         } else {
@@ -51,7 +51,7 @@ impl PioDevice for SerialConsole {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1 {
             // A failing console sink must not stop the guest; output is lost, not the VM.
             let _ = self.uart.write(offset as u8, data[0]);

@@ -1,0 +1,447 @@
+//! The session process: one per session, started detached by `sbx start`
+//! (`sbx __session`). It owns the VM, the session's audit log and its
+//! control socket, and lives exactly as long as the VM.
+//!
+//! Threads: the VMM's (vCPUs, vsock worker, event loop on the main thread),
+//! one reading the guest agent's events, one accepting control connections.
+//! An exec request is checked against the policy and audited here; the
+//! client's socket is then handed to the vsock device, which moves its bytes
+//! to the guest agent directly.
+
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sbx_audit::{AuditLog, Category, Event, Identity};
+use sbx_policy::{Policy, Surface};
+use sbx_protocol::agent::{
+    encode, write_frame, Control, EventKind, Frame, FrameIo, GuestEvent, AGENT_PORT, EVENTS_PORT,
+    VERSION,
+};
+use vmm::devices::virtio::vsock::{VsockConfig, VsockHost};
+use vmm::{BootTimings, Console, VmConfig};
+
+use super::state::{self, Dir, Info, Phase};
+use crate::{boot, paths, policy_cmd};
+
+/// The guest's vsock address (each VM has a device of its own).
+const GUEST_CID: u32 = 3;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub name: String,
+    #[arg(long)]
+    pub vcpus: u32,
+    #[arg(long)]
+    pub mem: u64,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub kvm: PathBuf,
+    /// Descriptor of the pipe on which to report readiness to `sbx start`.
+    #[arg(long)]
+    pub ready_fd: Option<i32>,
+    #[command(flatten)]
+    pub select: policy_cmd::Select,
+}
+
+/// The pipe to `sbx start`: one line, `ok` or `error: ...`, then closed.
+struct Ready(Mutex<Option<std::fs::File>>);
+
+impl Ready {
+    fn report(&self, line: &str) {
+        if let Some(mut f) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+type SharedInfo = Arc<Mutex<Info>>;
+
+fn set_phase(dir: &Dir, info: &SharedInfo, phase: Phase, exit: Option<String>) {
+    let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+    i.state = phase;
+    i.exit = exit;
+    if let Err(e) = dir.write_info(&i) {
+        tracing::warn!("{e:#}");
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    // Every thread inherits this mask, so SIGINT, SIGTERM and SIGHUP reach
+    // the VMM's signalfd (a graceful VM stop) and never kill a helper thread.
+    block_stop_signals();
+    // SAFETY: the descriptor was set up for us by `sbx start` and is ours alone.
+    let ready = Arc::new(Ready(Mutex::new(
+        args.ready_fd
+            .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) }),
+    )));
+    let result = serve(&args, &ready);
+    if let Err(e) = &result {
+        ready.report(&format!("error: {e:#}"));
+    }
+    result
+}
+
+fn block_stop_signals() {
+    // SAFETY: plain libc calls on a locally owned sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
+    let dir = Dir::new(&args.name)?;
+    let _lock = state::hold_lock(&dir.lock_path())?;
+    let info: SharedInfo = Arc::new(Mutex::new(Info {
+        name: args.name.clone(),
+        pid: std::process::id(),
+        started: state::unix_secs(),
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        state: Phase::Starting,
+        exit: None,
+    }));
+    dir.write_info(&info.lock().unwrap_or_else(|e| e.into_inner()))?;
+
+    let (kernel, initrd) = boot::guest_images(&args.kvm, args.kernel.clone(), args.initrd.clone())?;
+    let policy = Arc::new(args.select.load().context("cannot load the policy")?);
+    let log_path = paths::audit_dir().join(format!("{}.jsonl", args.name));
+    let log = Arc::new(AuditLog::open(
+        &log_path,
+        Identity::current(&args.name),
+        boot::AUDIT_SYNC_INTERVAL,
+    )?);
+    let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
+    log.append(
+        Category::Session,
+        Event {
+            action: "start".into(),
+            resource: args.name.clone(),
+            details: serde_json::json!({ "vcpus": args.vcpus, "mem_mib": args.mem, "policy": sources }),
+            ..Event::default()
+        },
+    )?;
+    let size = format!("{} vCPUs, {} MiB", args.vcpus, args.mem);
+    boot::admit(
+        &log,
+        Surface::Limits,
+        "start",
+        &size,
+        &policy.decide_limits(args.vcpus.into(), args.mem),
+    )?;
+
+    let host = VsockHost::new().context("cannot set up the vsock device")?;
+    let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (events, log, dir_name, info) = (
+            host.listen(EVENTS_PORT),
+            log.clone(),
+            args.name.clone(),
+            info.clone(),
+        );
+        let ready_line = {
+            let (flag, ready) = (ready_flag.clone(), ready.clone());
+            move || {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                ready.report("ok");
+            }
+        };
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || guest_events(events, &log, &dir_name, &info, ready_line))?;
+    }
+    let _ = std::fs::remove_file(dir.ctl_path());
+    let ctl = UnixListener::bind(dir.ctl_path())
+        .with_context(|| format!("cannot listen on {}", dir.ctl_path().display()))?;
+    {
+        let (policy, log, host) = (policy.clone(), log.clone(), host.clone());
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in ctl.incoming().flatten() {
+                    let (policy, log, host) = (policy.clone(), log.clone(), host.clone());
+                    let _ = std::thread::Builder::new()
+                        .name("request".into())
+                        .spawn(move || request(conn, &policy, &log, &host));
+                }
+            })?;
+    }
+
+    let config = VmConfig {
+        kvm_path: args.kvm.clone(),
+        kernel,
+        initrd: Some(initrd),
+        cmdline: boot::guest_cmdline(&format!("{} sbx.session", boot::BASE_CMDLINE), &[])?,
+        vcpus: args.vcpus,
+        mem_mib: args.mem,
+        lifetime: policy.lifetime().map(|(d, _)| d),
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: Some(dir.vsock_path()),
+            reserved_ports: vec![AGENT_PORT],
+            host,
+        }),
+    };
+    let console = std::fs::File::create(dir.console_path())
+        .with_context(|| format!("cannot create {}", dir.console_path().display()))?;
+    let console = Console {
+        output: Box::new(ConsoleWatch {
+            file: console,
+            line: Vec::new(),
+            log: log.clone(),
+        }),
+        input: None,
+    };
+    let result = vmm::run(&config, console, BootTimings::new(Instant::now()));
+    let ended = match &result {
+        Ok(o) => o.reason.to_string(),
+        Err(e) => format!("{e}"),
+    };
+    set_phase(&dir, &info, Phase::Stopped, Some(ended.clone()));
+    let _ = std::fs::remove_file(dir.ctl_path());
+    log.append(
+        Category::Session,
+        Event {
+            action: "stop".into(),
+            resource: args.name.clone(),
+            details: serde_json::json!({ "exit_reason": ended }),
+            ..Event::default()
+        },
+    )?;
+    // Helper threads still hold the log; the process exits right after.
+    log.sync()?;
+    if !ready_flag.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!(
+            "the VM stopped before the guest agent was ready ({ended}); the guest console is in {}",
+            dir.console_path().display()
+        );
+    }
+    Ok(0)
+}
+
+fn guest_event(log: &AuditLog, action: &str, resource: String, details: serde_json::Value) {
+    let event = Event {
+        action: action.into(),
+        resource,
+        details,
+        ..Event::default()
+    };
+    if let Err(e) = log.append(Category::Guest, event) {
+        tracing::error!("{e}");
+    }
+}
+
+/// Records what the guest agent reports; the first `agent_ready` makes the
+/// session running.
+fn guest_events(
+    conns: std::sync::mpsc::Receiver<UnixStream>,
+    log: &AuditLog,
+    name: &str,
+    info: &SharedInfo,
+    ready: impl FnOnce(),
+) {
+    let mut ready = Some(ready);
+    let dir = match Dir::new(name) {
+        Ok(d) => d,
+        Err(_) => return,
+    };
+    // The agent opens one events connection; a new one replaces it.
+    for conn in conns {
+        let mut frames = FrameIo::new(conn);
+        while let Ok(Some(frame)) = frames.read_frame() {
+            let Frame::Control(Control::Event(GuestEvent {
+                kind,
+                id,
+                argv,
+                code,
+                ..
+            })) = frame
+            else {
+                continue;
+            };
+            let details = serde_json::json!({ "id": id, "argv": argv, "code": code });
+            match kind {
+                EventKind::AgentReady => {
+                    guest_event(log, "agent_ready", name.to_string(), details);
+                    set_phase(&dir, info, Phase::Running, None);
+                    if let Some(r) = ready.take() {
+                        r();
+                    }
+                }
+                EventKind::ProcessStarted => {
+                    guest_event(log, "process_started", argv.join(" "), details)
+                }
+                EventKind::ProcessExited => {
+                    guest_event(log, "process_exited", argv.join(" "), details)
+                }
+                // The guest cannot be trusted to report its own crashes;
+                // those come from the console (`ConsoleWatch`).
+                EventKind::KernelPanic | EventKind::KernelOops => {}
+            }
+        }
+    }
+}
+
+fn reply(stream: &mut UnixStream, c: Control) {
+    let _ = write_frame(stream, &Frame::Control(c));
+}
+
+/// Serves one control connection: an exec (checked, audited, then handed to
+/// the guest agent), a shutdown, or a hello.
+fn request(mut conn: UnixStream, policy: &Policy, log: &AuditLog, host: &VsockHost) {
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut frames = FrameIo::new(read_half);
+    match frames.read_frame() {
+        Ok(Some(Frame::Control(Control::Exec(req)))) => {
+            let argv0 = req.argv.first().cloned().unwrap_or_default();
+            let d = policy.decide_exec(&argv0);
+            let refusal = match log.decision(Surface::Exec, "exec", &req.argv.join(" "), &d) {
+                Ok(true) => None,
+                Ok(false) => Some(format!(
+                    "policy denies exec {argv0}: {} (rule `{}`, {} layer, {})",
+                    d.reason, d.rule.id, d.rule.layer, d.rule.location
+                )),
+                Err(e) => Some(format!("{e}")),
+            };
+            if let Some(message) = refusal {
+                reply(
+                    &mut conn,
+                    Control::Error {
+                        id: Some(req.id),
+                        message,
+                    },
+                );
+                reply(
+                    &mut conn,
+                    Control::Exited {
+                        id: req.id,
+                        code: Some(i32::from(crate::EXIT_SBX_ERROR)),
+                        signal: None,
+                    },
+                );
+                return;
+            }
+            let (stream, rest) = frames.into_parts();
+            let mut prefix = Vec::new();
+            encode(&Frame::Control(Control::Exec(req)), &mut prefix);
+            prefix.extend(rest);
+            host.attach(AGENT_PORT, stream, prefix);
+        }
+        Ok(Some(Frame::Control(Control::Shutdown))) => {
+            match host.connect(AGENT_PORT, Duration::from_secs(5)) {
+                Ok(mut agent) => {
+                    let _ = write_frame(&mut agent, &Frame::Control(Control::Shutdown));
+                    reply(&mut conn, Control::Shutdown);
+                }
+                Err(e) => reply(
+                    &mut conn,
+                    Control::Error {
+                        id: None,
+                        message: e.to_string(),
+                    },
+                ),
+            }
+        }
+        Ok(Some(Frame::Control(Control::Hello { .. }))) => reply(
+            &mut conn,
+            Control::Hello {
+                version: VERSION,
+                agent: format!("sbx {}", env!("CARGO_PKG_VERSION")),
+            },
+        ),
+        Ok(Some(_)) => reply(
+            &mut conn,
+            Control::Error {
+                id: None,
+                message: "expected exec, shutdown or hello".into(),
+            },
+        ),
+        Ok(None) | Err(_) => {}
+    }
+}
+
+/// The guest console goes to `console.log`; kernel panics and oopses seen
+/// there become guest events.
+struct ConsoleWatch {
+    file: std::fs::File,
+    line: Vec<u8>,
+    log: Arc<AuditLog>,
+}
+
+/// Console line prefixes (after the kernel's timestamp) that mean trouble.
+const PANIC_MARKS: [&str; 1] = ["Kernel panic - not syncing"];
+const OOPS_MARKS: [&str; 4] = ["Oops:", "BUG:", "general protection fault", "WARNING: CPU:"];
+
+pub fn classify(line: &str) -> Option<EventKind> {
+    if PANIC_MARKS.iter().any(|m| line.contains(m)) {
+        Some(EventKind::KernelPanic)
+    } else if OOPS_MARKS.iter().any(|m| line.contains(m)) {
+        Some(EventKind::KernelOops)
+    } else {
+        None
+    }
+}
+
+impl Write for ConsoleWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write_all(buf)?;
+        for &b in buf {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.line).into_owned();
+                self.line.clear();
+                let action = match classify(&line) {
+                    Some(EventKind::KernelPanic) => "kernel_panic",
+                    Some(_) => "kernel_oops",
+                    None => continue,
+                };
+                guest_event(
+                    &self.log,
+                    action,
+                    "console".into(),
+                    serde_json::json!({ "line": line.trim() }),
+                );
+            } else if self.line.len() < 4096 {
+                self.line.push(b);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_classified() {
+        assert_eq!(
+            classify("[    1.2] Kernel panic - not syncing: Attempted to kill init!"),
+            Some(EventKind::KernelPanic)
+        );
+        assert_eq!(
+            classify("[    3.0] BUG: kernel NULL pointer dereference, address: 0"),
+            Some(EventKind::KernelOops)
+        );
+        assert_eq!(classify("Oops: 0002 [#1] SMP"), Some(EventKind::KernelOops));
+        assert_eq!(classify("hello from the guest"), None);
+    }
+}
