@@ -19,6 +19,8 @@ pub const KERNEL_BUILD: &[&str] = &[
 ];
 pub const ROOTFS: &[&str] = &["busybox-static"];
 pub const NESTED: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
+/// What the real-guest tests drive sbx with (`sbx shell` runs under tmux).
+pub const TESTS: &[&str] = &["tmux"];
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")

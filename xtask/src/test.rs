@@ -192,6 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     );
     let initrd = rootfs::build()?;
     let sbx = demo::build_sbx()?;
+    crate::deps::ensure(crate::deps::TESTS)?;
     proc::step("building real-guest tests");
     let bins = build_guest_tests()?;
     proc::step("real-guest tests");

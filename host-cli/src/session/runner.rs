@@ -78,6 +78,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     // Every thread inherits this mask, so SIGINT, SIGTERM and SIGHUP reach
     // the VMM's signalfd (a graceful VM stop) and never kill a helper thread.
     block_stop_signals();
+    // A client that goes away mid-write is that connection's problem, not
+    // the session's: writes to it fail with EPIPE instead of killing us.
+    // SAFETY: sets a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // SAFETY: the descriptor was set up for us by `sbx start` and is ours alone.
     let ready = Arc::new(Ready(Mutex::new(
         args.ready_fd
