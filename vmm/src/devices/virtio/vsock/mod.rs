@@ -8,6 +8,8 @@
 mod connection;
 mod muxer;
 mod packet;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
