@@ -189,19 +189,8 @@ fn bench_qemu(args: &Args) -> anyhow::Result<Samples> {
     Ok(s)
 }
 
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut sorted = v.to_vec();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    Some(sorted[idx])
-}
-
-fn cell(v: &[f64], p: f64) -> String {
-    percentile(v, p).map_or("-".into(), |x| format!("{x:.1}"))
-}
+mod stats;
+use stats::cell;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -263,17 +252,4 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), Some(51.0));
-        assert_eq!(percentile(&v, 95.0), Some(95.0));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
 }

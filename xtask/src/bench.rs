@@ -13,6 +13,8 @@ pub enum Which {
     Boot,
     /// Network policy decisions per second (host only).
     Policy,
+    /// Exec round trip and vsock throughput of a session (boots a real guest).
+    Session,
 }
 
 #[derive(clap::Args)]
@@ -44,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 "sbx-benches",
             ]),
     )?;
-    if args.which != Which::Boot {
+    if matches!(args.which, Which::All | Which::Policy) {
         proc::step("policy decisions");
         proc::run(&mut Command::new(release.join("sbx-bench-policy")))?;
         if args.which == Which::Policy {
@@ -53,21 +55,39 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     let vmlinux = kernel::build()?;
     let initrd = rootfs::build()?;
-    let argv: Vec<String> = vec![
-        release
-            .join("sbx-bench-boot")
-            .to_string_lossy()
-            .into_owned(),
-        "--runs".into(),
-        args.runs.to_string(),
-        "--vcpus".into(),
-        args.vcpus.to_string(),
-        "--sbx".into(),
-        release.join("sbx").to_string_lossy().into_owned(),
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let images = [
+        "--sbx".to_string(),
+        path(&release.join("sbx")),
         "--kernel".into(),
-        vmlinux.to_string_lossy().into_owned(),
+        path(&vmlinux),
         "--initrd".into(),
-        initrd.to_string_lossy().into_owned(),
+        path(&initrd),
     ];
+    let mut script = Vec::new();
+    if matches!(args.which, Which::All | Which::Boot) {
+        let mut argv = vec![
+            path(&release.join("sbx-bench-boot")),
+            "--runs".into(),
+            args.runs.to_string(),
+            "--vcpus".into(),
+            args.vcpus.to_string(),
+        ];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
+    }
+    if matches!(args.which, Which::All | Which::Session) {
+        let mut argv = vec![path(&release.join("sbx-bench-session"))];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
+    }
+    // One shell runs them all, so the nested host boots once.
+    let quote = |a: &String| format!("'{}'", a.replace('\'', ""));
+    let line = script
+        .iter()
+        .map(|argv| argv.iter().map(quote).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    let argv = vec!["sh".into(), "-c".into(), line];
     demo::run_real_guest(&release.join("sbx"), argv, 1800)
 }

@@ -1,0 +1,272 @@
+//! Session benchmark: exec round trip and vsock throughput through a real
+//! session, next to the same figures for a host-side Unix socket.
+//!
+//! - exec round trip: `sbx exec NAME -- true` as a user runs it (a new
+//!   client process each time), and the same request sent straight to the
+//!   session's control socket (what the session and guest agent add);
+//! - guest to host throughput: `sbx exec NAME -- head -c N /dev/zero`,
+//!   counted on the host; host to guest: N bytes into `cat > /dev/null`;
+//! - baselines: spawning `true` on the host, a one-byte ping-pong over a
+//!   Unix socket pair, and N bytes through a Unix socket pair.
+//!
+//! Run it with `cargo xtask bench session`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use sbx_protocol::agent::{write_frame, Control, ExecRequest, Frame, FrameIo};
+
+mod stats;
+use stats::cell;
+
+#[derive(Parser)]
+#[command(about = "Exec round trip and vsock throughput of an sbx session")]
+struct Args {
+    /// Round trips per measurement.
+    #[arg(long, default_value_t = 30)]
+    runs: usize,
+    /// MiB moved per throughput run.
+    #[arg(long, default_value_t = 256)]
+    mib: u64,
+    /// The sbx binary (a release build gives representative numbers).
+    #[arg(long)]
+    sbx: PathBuf,
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+}
+
+struct Session {
+    sbx: PathBuf,
+    dir: PathBuf,
+}
+
+impl Session {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.sbx);
+        c.args(args)
+            .env("SBX_RUNTIME_DIR", self.dir.join("run"))
+            .env("SBX_STATE_DIR", self.dir.join("state"));
+        c
+    }
+
+    fn ctl(&self) -> PathBuf {
+        self.dir.join("run/bench/ctl.sock")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["rm", "--force", "bench"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// One exec of `true` over the control socket, without a client process.
+fn raw_exec(ctl: &Path) -> anyhow::Result<()> {
+    let mut s = UnixStream::connect(ctl)?;
+    let req = ExecRequest {
+        id: 1,
+        argv: vec!["true".into()],
+        env: vec![],
+        cwd: None,
+        user: None,
+        pty: None,
+    };
+    write_frame(&mut s, &Frame::Control(Control::Exec(req)))?;
+    let mut frames = FrameIo::new(s);
+    while let Some(f) = frames.read_frame()? {
+        if let Frame::Control(Control::Exited { code, .. }) = f {
+            if code != Some(0) {
+                bail!("true exited with {code:?}");
+            }
+            return Ok(());
+        }
+    }
+    bail!("the session closed the connection before `true` exited")
+}
+
+fn mb_per_s(bytes: u64, t: Instant) -> f64 {
+    bytes as f64 / 1e6 / t.elapsed().as_secs_f64()
+}
+
+fn unix_throughput(bytes: u64) -> anyhow::Result<f64> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            a.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while got < bytes {
+        let n = b.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    writer.join().expect("writer thread")?;
+    Ok(mb_per_s(got, t))
+}
+
+fn unix_ping_pong(runs: usize) -> anyhow::Result<Vec<f64>> {
+    let (mut a, mut b) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while b.read_exact(&mut byte).is_ok() {
+            if b.write_all(&byte).is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = Vec::with_capacity(runs);
+    let mut byte = [1u8; 1];
+    for _ in 0..runs {
+        let t = Instant::now();
+        a.write_all(&byte)?;
+        a.read_exact(&mut byte)?;
+        out.push(ms_since(t));
+    }
+    drop(a);
+    let _ = echo.join();
+    Ok(out)
+}
+
+fn row(what: &str, v: &[f64]) {
+    println!("{what:<46} {:>10} {:>10}", cell(v, 50.0), cell(v, 95.0));
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    vmm::host::probe(Path::new(vmm::host::DEFAULT_KVM_PATH)).check_bootable()?;
+    let dir = std::env::temp_dir().join(format!("sbx-bench-session-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let s = Session {
+        sbx: args.sbx.clone(),
+        dir,
+    };
+    let start = s
+        .cmd(&[
+            "start",
+            "--name",
+            "bench",
+            "--kernel",
+            &args.kernel.to_string_lossy(),
+            "--initrd",
+            &args.initrd.to_string_lossy(),
+        ])
+        .output()
+        .context("cannot run sbx start")?;
+    if !start.status.success() {
+        bail!(
+            "sbx start failed: {}",
+            String::from_utf8_lossy(&start.stderr)
+        );
+    }
+
+    eprintln!("exec round trips ({} each)...", args.runs);
+    let mut cli = Vec::new();
+    let mut raw = Vec::new();
+    let mut spawn = Vec::new();
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        let st = s
+            .cmd(&["exec", "bench", "--", "true"])
+            .stdin(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("sbx exec bench -- true failed: {st}");
+        }
+        cli.push(ms_since(t));
+        let t = Instant::now();
+        raw_exec(&s.ctl())?;
+        raw.push(ms_since(t));
+        let t = Instant::now();
+        Command::new("true").status()?;
+        spawn.push(ms_since(t));
+    }
+    let ping = unix_ping_pong(args.runs.max(1000))?;
+
+    let bytes = args.mib << 20;
+    eprintln!("throughput ({} MiB each way)...", args.mib);
+    let t = Instant::now();
+    let mut child = s
+        .cmd(&[
+            "exec",
+            "bench",
+            "--",
+            "head",
+            "-c",
+            &bytes.to_string(),
+            "/dev/zero",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0u64;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    child.wait()?;
+    if got != bytes {
+        bail!("guest to host: got {got} bytes of {bytes}");
+    }
+    let g2h = mb_per_s(got, t);
+
+    let t = Instant::now();
+    let mut child = s
+        .cmd(&["exec", "bench", "--", "sh", "-c", "cat > /dev/null"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    {
+        let mut input = child.stdin.take().expect("piped stdin");
+        let chunk = vec![0u8; 1 << 16];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            input.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("host to guest: cat failed");
+    }
+    let h2g = mb_per_s(bytes, t);
+    let unix = unix_throughput(bytes)?;
+
+    println!();
+    println!("{:<46} {:>10} {:>10}", "round trip (ms)", "p50", "p95");
+    row("sbx exec -- true (new client process)", &cli);
+    row("exec `true` over the control socket", &raw);
+    row("host: spawn `true` (baseline)", &spawn);
+    row("host: Unix socket 1-byte ping-pong (baseline)", &ping);
+    println!();
+    println!("{:<46} {:>10}", "throughput", "MB/s");
+    println!("{:<46} {:>10.1}", "guest to host (sbx exec stdout)", g2h);
+    println!("{:<46} {:>10.1}", "host to guest (sbx exec stdin)", h2g);
+    println!("{:<46} {:>10.1}", "host: Unix socket pair (baseline)", unix);
+    Ok(())
+}
