@@ -44,10 +44,10 @@ pub fn run() -> anyhow::Result<u8> {
     kernel::build()?;
     rootfs::build()?;
     let sbx = build_sbx()?;
-    proc::step("running `uname -a` in a sandbox");
+    proc::step("running `uname -a` in a sandbox (sbx run: a session over vsock, removed afterwards)");
     let argv = vec![
         sbx.to_string_lossy().into_owned(),
-        "boot".into(),
+        "run".into(),
         "--".into(),
         "uname".into(),
         "-a".into(),
