@@ -13,10 +13,43 @@ pub fn sbx_bin() -> PathBuf {
 }
 
 pub fn sbx(args: &[&str]) -> Output {
-    Command::new(sbx_bin())
-        .args(args)
-        .output()
-        .expect("cannot run sbx (build it with cargo build -p host-cli)")
+    let mut cmd = Command::new(sbx_bin());
+    cmd.args(args);
+    output_within(&mut cmd, SBX_TIMEOUT)
+}
+
+/// No single sbx command in these tests may take longer: a hung guest fails
+/// its test instead of stalling the whole suite.
+pub const SBX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Runs `cmd` to completion like `Command::output`, killing it and failing
+/// the test if it takes longer than `limit`.
+pub fn output_within(cmd: &mut Command, limit: std::time::Duration) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run sbx (build it with cargo build -p host-cli)");
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let out = child.wait_with_output().expect("wait for sbx");
+        let _ = tx.send(());
+        out
+    });
+    if rx.recv_timeout(limit).is_err() {
+        // SAFETY: kills the child we spawned, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let out = waiter.join().expect("waiter thread");
+        panic!(
+            "{cmd:?} did not finish within {limit:?}; stdout:\n{}\nstderr:\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    waiter.join().expect("waiter thread")
 }
 
 /// Fails the test with a clear message when this host cannot boot guests,

@@ -35,7 +35,7 @@ impl Host {
     }
 
     fn sbx(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+        sbx_tests::output_within(&mut self.cmd(args), sbx_tests::SBX_TIMEOUT)
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -164,7 +164,7 @@ fn a_session_carries_100_mib_each_way_and_20_concurrent_execs() {
     assert_eq!(text(&out.stdout), format!("{}  -\n", sha256(&data)));
 
     // Guest to host: stdout, counted here.
-    let out = host
+    let mut exec = host
         .cmd(&["exec", "s1", "--", "head", "-c", "104857600", "/dev/zero"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -172,9 +172,10 @@ fn a_session_carries_100_mib_each_way_and_20_concurrent_execs() {
         .unwrap();
     let wc = Command::new("wc")
         .arg("-c")
-        .stdin(out.stdout.unwrap())
+        .stdin(exec.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(exec.wait().unwrap().success());
     assert_eq!(text(&wc.stdout).trim(), "104857600");
 
     // Twenty at once.

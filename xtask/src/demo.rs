@@ -44,7 +44,9 @@ pub fn run() -> anyhow::Result<u8> {
     kernel::build()?;
     rootfs::build()?;
     let sbx = build_sbx()?;
-    proc::step("running `uname -a` in a sandbox (sbx run: a session over vsock, removed afterwards)");
+    proc::step(
+        "running `uname -a` in a sandbox (sbx run: a session over vsock, removed afterwards)",
+    );
     let argv = vec![
         sbx.to_string_lossy().into_owned(),
         "run".into(),
