@@ -157,6 +157,37 @@ pub fn guest_images(
     Ok((kernel, initrd))
 }
 
+/// Opens session `name`'s audit log, records its start and asks the policy
+/// whether a VM of this size may run (a denial is an error naming the rule).
+pub fn open_audit_log(
+    name: &str,
+    policy: &sbx_policy::Policy,
+    vcpus: u32,
+    mem_mib: u64,
+) -> anyhow::Result<AuditLog> {
+    let log_path = paths::audit_dir().join(format!("{name}.jsonl"));
+    let log = AuditLog::open(&log_path, Identity::current(name), AUDIT_SYNC_INTERVAL)?;
+    let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
+    log.append(
+        Category::Session,
+        Event {
+            action: "start".into(),
+            resource: name.to_string(),
+            details: serde_json::json!({ "vcpus": vcpus, "mem_mib": mem_mib, "policy": sources }),
+            ..Event::default()
+        },
+    )?;
+    let size = format!("{vcpus} vCPUs, {mem_mib} MiB");
+    admit(
+        &log,
+        Surface::Limits,
+        "start",
+        &size,
+        &policy.decide_limits(vcpus.into(), mem_mib),
+    )?;
+    Ok(log)
+}
+
 pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let (kernel, initrd) = guest_images(&args.kvm, args.kernel.clone(), args.initrd.clone())?;
     let policy = args.select.load().context("cannot load the policy")?;
@@ -165,26 +196,7 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         std::process::id(),
         crate::session::state::unix_secs()
     );
-    let log_path = paths::audit_dir().join(format!("{session}.jsonl"));
-    let log = AuditLog::open(&log_path, Identity::current(&session), AUDIT_SYNC_INTERVAL)?;
-    let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
-    log.append(
-        Category::Session,
-        Event {
-            action: "start".into(),
-            resource: session.clone(),
-            details: serde_json::json!({ "vcpus": args.vcpus, "mem_mib": args.mem, "policy": sources }),
-            ..Event::default()
-        },
-    )?;
-    let size = format!("{} vCPUs, {} MiB", args.vcpus, args.mem);
-    admit(
-        &log,
-        Surface::Limits,
-        "start",
-        &size,
-        &policy.decide_limits(args.vcpus.into(), args.mem),
-    )?;
+    let log = open_audit_log(&session, &policy, args.vcpus, args.mem)?;
     let argv0 = args.command.first().map_or("/bin/sh", String::as_str);
     admit(
         &log,

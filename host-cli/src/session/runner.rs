@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sbx_audit::{AuditLog, Category, Event, Identity};
+use sbx_audit::{AuditLog, Category, Event};
 use sbx_policy::{Policy, Surface};
 use sbx_protocol::agent::{
     encode, write_frame, Control, EventKind, Frame, FrameIo, GuestEvent, AGENT_PORT, EVENTS_PORT,
@@ -26,7 +26,7 @@ use vmm::devices::virtio::vsock::{VsockConfig, VsockHost};
 use vmm::{BootTimings, Console, VmConfig};
 
 use super::state::{self, Dir, Info, Phase};
-use crate::{boot, paths, policy_cmd};
+use crate::{boot, policy_cmd};
 
 /// The guest's vsock address (each VM has a device of its own).
 const GUEST_CID: u32 = 3;
@@ -122,30 +122,9 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
 
     let (kernel, initrd) = boot::guest_images(&args.kvm, args.kernel.clone(), args.initrd.clone())?;
     let policy = Arc::new(args.select.load().context("cannot load the policy")?);
-    let log_path = paths::audit_dir().join(format!("{}.jsonl", args.name));
-    let log = Arc::new(AuditLog::open(
-        &log_path,
-        Identity::current(&args.name),
-        boot::AUDIT_SYNC_INTERVAL,
+    let log = Arc::new(boot::open_audit_log(
+        &args.name, &policy, args.vcpus, args.mem,
     )?);
-    let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
-    log.append(
-        Category::Session,
-        Event {
-            action: "start".into(),
-            resource: args.name.clone(),
-            details: serde_json::json!({ "vcpus": args.vcpus, "mem_mib": args.mem, "policy": sources }),
-            ..Event::default()
-        },
-    )?;
-    let size = format!("{} vCPUs, {} MiB", args.vcpus, args.mem);
-    boot::admit(
-        &log,
-        Surface::Limits,
-        "start",
-        &size,
-        &policy.decide_limits(args.vcpus.into(), args.mem),
-    )?;
 
     let host = VsockHost::new().context("cannot set up the vsock device")?;
     let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -239,14 +239,18 @@ impl Muxer {
         }
     }
 
+    fn unwatch(&self, stream: &UnixStream) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+
     fn remove(&mut self, key: Key) -> Option<Conn> {
         let c = self.conns.remove(&key)?;
         self.by_token.remove(&c.token);
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            c.stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
+        self.unwatch(&c.stream);
         Some(c)
     }
 
@@ -340,11 +344,7 @@ impl Muxer {
 
     fn drop_handshake(&mut self, token: u64) -> Option<Handshake> {
         let h = self.handshakes.remove(&token)?;
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            h.stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
+        self.unwatch(&h.stream);
         Some(h)
     }
 
