@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use globset::{GlobBuilder, GlobMatcher};
 use toml::Spanned;
 
+use crate::format::RuleFields;
 use crate::rule::{Action, Layer, Mode, RuleIdx, RuleInfo, Surface};
 use crate::{PolicyError, Source};
 
@@ -53,6 +54,26 @@ impl<'a> Ctx<'a> {
 
     /// Records a rule and returns its index. `offset` is where its table
     /// starts; rules without an id get `<surface>-<n>`.
+    /// Registers the rule a table declares, with the table's id, position
+    /// and reason.
+    pub(crate) fn table_rule<R: RuleFields>(
+        &mut self,
+        surface: Surface,
+        table: &Spanned<R>,
+        action: Action,
+        summary: String,
+    ) -> Result<RuleIdx, PolicyError> {
+        let t = table.get_ref();
+        self.rule(
+            surface,
+            t.id(),
+            table.span().start,
+            action,
+            t.reason().cloned(),
+            summary,
+        )
+    }
+
     pub(crate) fn rule(
         &mut self,
         surface: Surface,

@@ -147,14 +147,7 @@ impl CredentialRules {
             action.as_str(),
             host_list.join(", ")
         );
-        let rule = ctx.rule(
-            Surface::Credential,
-            r.id.as_ref(),
-            raw.span().start,
-            action,
-            r.reason.clone(),
-            summary,
-        )?;
+        let rule = ctx.table_rule(Surface::Credential, raw, action, summary)?;
         self.rules.push(CredRule {
             rule,
             secret: secret.clone(),

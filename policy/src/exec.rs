@@ -34,14 +34,7 @@ impl ExecRules {
         }
         let list: Vec<&str> = r.commands.iter().map(|c| c.get_ref().as_str()).collect();
         let summary = format!("{} exec of {}", action.as_str(), list.join(", "));
-        let rule = ctx.rule(
-            Surface::Exec,
-            r.id.as_ref(),
-            raw.span().start,
-            action,
-            r.reason.clone(),
-            summary,
-        )?;
+        let rule = ctx.table_rule(Surface::Exec, raw, action, summary)?;
         self.rules.push(ExecRule { rule, commands });
         Ok(())
     }

@@ -9,6 +9,34 @@ use toml::Spanned;
 
 pub(crate) type S<T> = Spanned<T>;
 
+/// The fields every rule table has besides its own: an optional id and reason.
+pub(crate) trait RuleFields {
+    fn id(&self) -> Option<&S<String>>;
+    fn reason(&self) -> Option<&String>;
+}
+
+macro_rules! rule_fields {
+    ($($table:ty),*) => {$(
+        impl RuleFields for $table {
+            fn id(&self) -> Option<&S<String>> {
+                self.id.as_ref()
+            }
+            fn reason(&self) -> Option<&String> {
+                self.reason.as_ref()
+            }
+        }
+    )*};
+}
+
+rule_fields!(
+    RawMount,
+    RawFsRule,
+    RawNetRule,
+    RawCredential,
+    RawMcpRule,
+    RawExecRule
+);
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFile {

@@ -153,14 +153,7 @@ impl FsRules {
             host.display(),
             if read_only { "read-only" } else { "read-write" }
         );
-        let rule = ctx.rule(
-            Surface::Fs,
-            m.id.as_ref(),
-            raw.span().start,
-            Action::Allow,
-            m.reason.clone(),
-            summary,
-        )?;
+        let rule = ctx.table_rule(Surface::Fs, raw, Action::Allow, summary)?;
         if let Some(prev) = self.mounts.iter_mut().find(|p| p.guest == guest) {
             if prev.host != host {
                 let senior = &ctx.rules[prev.rule as usize];
@@ -227,14 +220,7 @@ impl FsRules {
         };
         let list: Vec<&str> = r.paths.iter().map(|p| p.get_ref().as_str()).collect();
         let summary = format!("deny {what} of {}", list.join(", "));
-        let rule = ctx.rule(
-            Surface::Fs,
-            r.id.as_ref(),
-            raw.span().start,
-            action,
-            r.reason.clone(),
-            summary,
-        )?;
+        let rule = ctx.table_rule(Surface::Fs, raw, action, summary)?;
         self.denies.push(FsDeny {
             rule,
             globs,

@@ -130,14 +130,7 @@ impl McpRules {
         if let Some(n) = calls_per_minute {
             summary.push_str(&format!(" at most {n}/min"));
         }
-        let rule = ctx.rule(
-            Surface::Mcp,
-            r.id.as_ref(),
-            raw.span().start,
-            action,
-            r.reason.clone(),
-            summary,
-        )?;
+        let rule = ctx.table_rule(Surface::Mcp, raw, action, summary)?;
         self.rules.push(McpRule {
             rule,
             server,

@@ -227,12 +227,10 @@ impl NetRules {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let rule = ctx.rule(
+        let rule = ctx.table_rule(
             Surface::Net,
-            r.id.as_ref(),
-            raw.span().start,
+            raw,
             action,
-            r.reason.clone(),
             format!("{} {summary}", action.as_str()),
         )?;
         for (dest, ports) in dests {
