@@ -3,8 +3,6 @@
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// Exit status in the shell's convention: the code, or 128 + signal.
 fn status_code(status: libc::c_int) -> u8 {
     if libc::WIFEXITED(status) {
@@ -27,7 +25,7 @@ pub fn run(argv: &[String]) -> u8 {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
-        .env("PATH", PATH)
+        .env("PATH", crate::exec::PATH)
         .env("HOME", "/root")
         .env(
             "TERM",

@@ -147,10 +147,7 @@ pub fn run(
         mmio: std::mem::take(&mut virtio.bus),
     });
 
-    let base_cpuid = vcpu::supported_cpuid(&vm.kvm).map_err(|e| VmmError::Setup {
-        what: "CPUID",
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    })?;
+    let base_cpuid = vcpu::supported_cpuid(&vm.kvm).map_err(kvm_setup_err("CPUID"))?;
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
         let v = Vcpu::new(&vm, index)?;
@@ -200,6 +197,7 @@ pub fn run(
     })
 }
 
+/// For errno-style errors (KVM ioctls, vmm-sys-util calls).
 fn kvm_setup_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |e| VmmError::Setup {
         what,
@@ -285,10 +283,7 @@ fn build_legacy_devices(
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the serial interrupt"))?;
     vm.fd
         .register_irqfd(&irq, COM1_IRQ)
-        .map_err(|e| VmmError::Setup {
-            what: "the serial interrupt",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
+        .map_err(kvm_setup_err("the serial interrupt"))?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(EventFdTrigger(irq), output)));
     let mut bus = Bus::default();
     let overlap = |e: crate::devices::bus::OverlapError| VmmError::Setup {
@@ -322,13 +317,7 @@ fn spawn_vcpus(
     // A no-op handler: the signal only needs to interrupt KVM_RUN with EINTR.
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     if let Err(e) = register_signal_handler(SIGRTMIN(), kick) {
-        return Err((
-            Vec::new(),
-            VmmError::Setup {
-                what: "the vCPU kick signal",
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            },
-        ));
+        return Err((Vec::new(), kvm_setup_err("the vCPU kick signal")(e)));
     }
     let mut started = Vec::with_capacity(vcpus.len());
     for v in vcpus {

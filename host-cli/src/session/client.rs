@@ -64,22 +64,6 @@ fn window_size() -> WinSize {
     WinSize { rows: 24, cols: 80 }
 }
 
-/// Signals this client turns into messages instead of dying of them.
-fn forwarded_signals(tty: bool) -> libc::sigset_t {
-    // SAFETY: plain libc calls on a locally owned sigset_t.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, s);
-        }
-        if tty {
-            libc::sigaddset(&mut set, libc::SIGWINCH);
-        }
-        set
-    }
-}
-
 /// Waits for forwarded signals: window changes become resizes, the rest are
 /// sent to the guest process (which then exits and ends this client).
 fn relay_signals(set: libc::sigset_t, w: Writer) {
@@ -162,10 +146,14 @@ pub fn exec(dir: &Dir, req: Request) -> anyhow::Result<u8> {
     let w: Writer = Arc::new(Mutex::new(stream.try_clone()?));
     send(&w, &Frame::Control(Control::Exec(exec))).context("cannot send the command")?;
 
-    let set = forwarded_signals(req.tty);
-    // SAFETY: blocks the forwarded signals in this thread and every thread
-    // started below; `relay_signals` takes them with sigwait.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // Signals this client turns into messages instead of dying of them,
+    // blocked here and in every thread started below; `relay_signals` takes
+    // them with sigwait.
+    let mut forwarded = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    if req.tty {
+        forwarded.push(libc::SIGWINCH);
+    }
+    let set = super::block_signals(&forwarded);
     {
         let w = w.clone();
         std::thread::spawn(move || relay_signals(set, w));

@@ -178,6 +178,21 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// Blocks `signals` in this thread and every thread it starts afterwards;
+/// returns the set, for sigwait.
+pub(crate) fn block_signals(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: plain libc calls on a locally owned sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 fn first_free_name() -> String {
     (1..)
         .map(|i| format!("s{i}"))
@@ -423,10 +438,16 @@ fn stop_session(dir: &Dir, pid: u32, timeout: Duration) -> &'static str {
     if graceful.is_ok() && wait_dead(dir, timeout) {
         return "stopped";
     }
+    end_process(dir, pid, Duration::from_secs(3))
+}
+
+/// SIGTERM to the session process (its VMM ends the VM at once), then
+/// SIGKILL if it is still there after `grace`. Returns how it ended.
+fn end_process(dir: &Dir, pid: u32, grace: Duration) -> &'static str {
     let pid = pid as libc::pid_t;
     // SAFETY: signals the session process, whose lock we saw held.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    if wait_dead(dir, Duration::from_secs(3)) {
+    if wait_dead(dir, grace) {
         return "stopped (the VM was ended by the VMM)";
     }
     // SAFETY: as above.
@@ -486,15 +507,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         .and_then(|req| client::exec(&dir, req));
     // Ephemeral: nothing in the guest is worth a graceful shutdown.
     if let Ok(info) = dir.read_info() {
-        // SAFETY: signals our own session process; the VMM stops the VM.
-        unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGTERM) };
-    }
-    if !wait_dead(&dir, Duration::from_secs(10)) {
-        if let Ok(info) = dir.read_info() {
-            // SAFETY: as above.
-            unsafe { libc::kill(info.pid as libc::pid_t, libc::SIGKILL) };
-            wait_dead(&dir, Duration::from_secs(5));
-        }
+        end_process(&dir, info.pid, Duration::from_secs(10));
     }
     let _ = std::fs::remove_dir_all(&dir.path);
     result

@@ -77,7 +77,7 @@ fn set_phase(dir: &Dir, info: &SharedInfo, phase: Phase, exit: Option<String>) {
 pub fn run(args: Args) -> anyhow::Result<u8> {
     // Every thread inherits this mask, so SIGINT, SIGTERM and SIGHUP reach
     // the VMM's signalfd (a graceful VM stop) and never kill a helper thread.
-    block_stop_signals();
+    super::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     // A client that goes away mid-write is that connection's problem, not
     // the session's: writes to it fail with EPIPE instead of killing us.
     // SAFETY: sets a signal disposition before any thread starts.
@@ -92,18 +92,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ready.report(&format!("error: {e:#}"));
     }
     result
-}
-
-fn block_stop_signals() {
-    // SAFETY: plain libc calls on a locally owned sigset_t.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
 }
 
 fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
@@ -127,24 +115,17 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
     )?);
 
     let host = VsockHost::new().context("cannot set up the vsock device")?;
-    let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let (events, log, dir_name, info) = (
+        let (events, log, dir, info, ready) = (
             host.listen(EVENTS_PORT),
             log.clone(),
-            args.name.clone(),
+            dir.clone(),
             info.clone(),
+            ready.clone(),
         );
-        let ready_line = {
-            let (flag, ready) = (ready_flag.clone(), ready.clone());
-            move || {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                ready.report("ok");
-            }
-        };
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || guest_events(events, &log, &dir_name, &info, ready_line))?;
+            .spawn(move || guest_events(events, &log, &dir, &info, &ready))?;
     }
     let _ = std::fs::remove_file(dir.ctl_path());
     let ctl = UnixListener::bind(dir.ctl_path())
@@ -193,6 +174,8 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
         Ok(o) => o.reason.to_string(),
         Err(e) => format!("{e}"),
     };
+    // The agent's first `agent_ready` is what made the session running.
+    let was_ready = info.lock().unwrap_or_else(|e| e.into_inner()).state == Phase::Running;
     set_phase(&dir, &info, Phase::Stopped, Some(ended.clone()));
     let _ = std::fs::remove_file(dir.ctl_path());
     log.append(
@@ -206,7 +189,7 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
     )?;
     // Helper threads still hold the log; the process exits right after.
     log.sync()?;
-    if !ready_flag.load(std::sync::atomic::Ordering::SeqCst) {
+    if !was_ready {
         anyhow::bail!(
             "the VM stopped before the guest agent was ready ({ended}); the guest console is in {}",
             dir.console_path().display()
@@ -228,19 +211,14 @@ fn guest_event(log: &AuditLog, action: &str, resource: String, details: serde_js
 }
 
 /// Records what the guest agent reports; the first `agent_ready` makes the
-/// session running.
+/// session running and tells `sbx start`.
 fn guest_events(
     conns: std::sync::mpsc::Receiver<UnixStream>,
     log: &AuditLog,
-    name: &str,
+    dir: &Dir,
     info: &SharedInfo,
-    ready: impl FnOnce(),
+    ready: &Ready,
 ) {
-    let mut ready = Some(ready);
-    let dir = match Dir::new(name) {
-        Ok(d) => d,
-        Err(_) => return,
-    };
     // The agent opens one events connection; a new one replaces it.
     for conn in conns {
         let mut frames = FrameIo::new(conn);
@@ -258,11 +236,10 @@ fn guest_events(
             let details = serde_json::json!({ "id": id, "argv": argv, "code": code });
             match kind {
                 EventKind::AgentReady => {
-                    guest_event(log, "agent_ready", name.to_string(), details);
-                    set_phase(&dir, info, Phase::Running, None);
-                    if let Some(r) = ready.take() {
-                        r();
-                    }
+                    guest_event(log, "agent_ready", dir.name.clone(), details);
+                    set_phase(dir, info, Phase::Running, None);
+                    // Only the first report reaches `sbx start`.
+                    ready.report("ok");
                 }
                 EventKind::ProcessStarted => {
                     guest_event(log, "process_started", argv.join(" "), details)

@@ -50,6 +50,7 @@ impl std::fmt::Display for Phase {
     }
 }
 
+#[derive(Clone)]
 pub struct Dir {
     pub name: String,
     pub path: PathBuf,

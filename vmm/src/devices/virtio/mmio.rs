@@ -40,7 +40,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    config_generation: u32,
     active: bool,
 }
 
@@ -68,7 +67,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            config_generation: 0,
             active: false,
         }
     }
@@ -197,7 +195,8 @@ impl BusDevice for MmioTransport {
             0x44 => self.queue().map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status(),
             0x70 => self.status,
-            0xfc => self.config_generation,
+            // ConfigGeneration: sbx's device configuration never changes.
+            0xfc => 0,
             _ => 0,
         };
         read_u32(data, value);

@@ -10,7 +10,6 @@
 use std::collections::VecDeque;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
 
 /// Bytes of guest data the device buffers per connection.
 pub const BUF_ALLOC: u32 = 256 * 1024;
@@ -19,10 +18,9 @@ const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    /// The host asked for the connection; waiting for the guest's RESPONSE.
-    Connecting {
-        deadline: Instant,
-    },
+    /// The host asked for the connection; waiting for the guest's RESPONSE
+    /// (the muxer keeps the deadline).
+    Connecting,
     Established,
 }
 

@@ -84,6 +84,9 @@ pub struct Muxer {
     conns: HashMap<Key, Conn>,
     by_token: HashMap<u64, Key>,
     handshakes: HashMap<u64, Handshake>,
+    /// Host-initiated connections still waiting for the guest's RESPONSE,
+    /// with the time they give up: only these are checked for expiry.
+    connecting: HashMap<Key, Instant>,
     next_token: u64,
     next_port: u32,
     /// Connections that may have a packet for the guest, served round-robin.
@@ -120,6 +123,7 @@ impl Muxer {
             conns: HashMap::new(),
             by_token: HashMap::new(),
             handshakes: HashMap::new(),
+            connecting: HashMap::new(),
             next_token: FIRST_TOKEN,
             next_port: FIRST_LOCAL_PORT,
             ready: VecDeque::new(),
@@ -177,11 +181,7 @@ impl Muxer {
     }
 
     fn has_deadlines(&self) -> bool {
-        !self.handshakes.is_empty()
-            || self
-                .conns
-                .values()
-                .any(|c| matches!(c.state, State::Connecting { .. }))
+        !self.handshakes.is_empty() || !self.connecting.is_empty()
     }
 
     fn expire(&mut self, now: Instant) {
@@ -195,9 +195,9 @@ impl Muxer {
             self.drop_handshake(t);
         }
         let late: Vec<Key> = self
-            .conns
+            .connecting
             .iter()
-            .filter(|(_, c)| matches!(c.state, State::Connecting { deadline } if deadline <= now))
+            .filter(|(_, deadline)| **deadline <= now)
             .map(|(k, _)| *k)
             .collect();
         for key in late {
@@ -250,6 +250,7 @@ impl Muxer {
     fn remove(&mut self, key: Key) -> Option<Conn> {
         let c = self.conns.remove(&key)?;
         self.by_token.remove(&c.token);
+        self.connecting.remove(&key);
         self.unwatch(&c.stream);
         Some(c)
     }
@@ -281,12 +282,13 @@ impl Muxer {
     fn connect(&mut self, req: ConnectRequest) {
         let local = self.local_port(req.port);
         let key = (local, req.port);
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        match self.insert(key, req.stream, State::Connecting { deadline }) {
+        match self.insert(key, req.stream, State::Connecting) {
             Some(c) => {
                 c.announce = req.announce;
                 c.prefix.extend(req.prefix);
                 c.pending_request = true;
+                self.connecting
+                    .insert(key, Instant::now() + CONNECT_TIMEOUT);
                 self.touch(key);
             }
             None => tracing::warn!(port = req.port, "vsock: too many connections"),
@@ -493,8 +495,9 @@ impl Muxer {
         };
         c.update_peer_credit(pkt.buf_alloc(), pkt.fwd_cnt());
         match (op, c.state) {
-            (OP_RESPONSE, State::Connecting { .. }) => {
+            (OP_RESPONSE, State::Connecting) => {
                 c.state = State::Established;
+                self.connecting.remove(&key);
                 if c.announce && writeln!(&c.stream, "OK {}", key.0).is_err() {
                     self.kill(key);
                     return;
