@@ -61,15 +61,7 @@ impl Limits {
             if !(min..=max).contains(&n) {
                 return Err(ctx.err(v.span().start, format!("{id} must be from {min} to {max}")));
             }
-            let name = Spanned::new(v.span(), format!("limits.{id}"));
-            let rule = ctx.rule(
-                Surface::Limits,
-                Some(&name),
-                v.span().start,
-                Action::Deny,
-                None,
-                format!("at most {n} {unit}"),
-            )?;
+            let rule = limit_rule(ctx, v.span(), id, format!("at most {n} {unit}"))?;
             Ok((n as u64, rule))
         };
         if let Some(v) = &r.vcpus {
@@ -87,19 +79,35 @@ impl Limits {
                     "a lifetime is a number with s, m, h or d, such as \"8h\"",
                 )
             })?;
-            let name = Spanned::new(v.span(), "limits.lifetime".to_string());
-            let rule = ctx.rule(
-                Surface::Limits,
-                Some(&name),
-                v.span().start,
-                Action::Deny,
-                None,
+            let rule = limit_rule(
+                ctx,
+                v.span(),
+                "lifetime",
                 format!("sessions end after {}", v.get_ref()),
             )?;
             lower(&mut self.lifetime, d, rule);
         }
         Ok(())
     }
+}
+
+/// A limit is a deny rule named `limits.<key>`, placed at its value.
+fn limit_rule(
+    ctx: &mut Ctx,
+    span: std::ops::Range<usize>,
+    key: &str,
+    summary: String,
+) -> Result<RuleIdx, PolicyError> {
+    let start = span.start;
+    let name = Spanned::new(span, format!("limits.{key}"));
+    ctx.rule(
+        Surface::Limits,
+        Some(&name),
+        start,
+        Action::Deny,
+        None,
+        summary,
+    )
 }
 
 #[cfg(test)]
