@@ -50,9 +50,32 @@ pub fn has_param(line: &str, word: &str) -> bool {
         .any(|w| w == word)
 }
 
+/// The values of every `key=value` parameter before `--`, in order.
+pub fn values(line: &str, key: &str) -> Vec<String> {
+    split(line)
+        .into_iter()
+        .take_while(|w| w != "--")
+        .filter_map(|w| {
+            w.strip_prefix(key)
+                .and_then(|r| r.strip_prefix('='))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_before_the_command() {
+        let line = "quiet sbx.fs=sbx0,/workspace,rw sbx.fs=sbx1,/ref,ro -- sbx.fs=no";
+        assert_eq!(
+            values(line, "sbx.fs"),
+            ["sbx0,/workspace,rw", "sbx1,/ref,ro"]
+        );
+        assert!(values(line, "sbx.f").is_empty());
+    }
 
     #[test]
     fn command_follows_double_dash() {

@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
+use std::sync::OnceLock;
 
 use sbx_protocol::agent::{ExecRequest, WinSize};
 
@@ -103,15 +104,28 @@ pub fn set_winsize(pty: &File, size: WinSize) {
     unsafe { libc::ioctl(pty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
+/// Where commands run when the request names no directory: the workspace
+/// when the host shared one (`sbx.workdir=`), else `/`.
+static DEFAULT_CWD: OnceLock<String> = OnceLock::new();
+
+pub fn set_default_cwd(dir: Option<String>) {
+    if let Some(d) = dir {
+        let _ = DEFAULT_CWD.set(d);
+    }
+}
+
+fn default_cwd() -> String {
+    DEFAULT_CWD.get().cloned().unwrap_or_else(|| "/".into())
+}
+
 pub fn spawn(req: &ExecRequest) -> Result<Process, SpawnError> {
     let fail = |message: String, code| SpawnError { message, code };
     let Some(program) = req.argv.first() else {
         return Err(fail("empty command".into(), 127));
     };
-    if let Some(cwd) = &req.cwd {
-        if !std::path::Path::new(cwd).is_dir() {
-            return Err(fail(format!("{cwd}: no such directory in the guest"), 126));
-        }
+    let cwd = req.cwd.clone().unwrap_or_else(default_cwd);
+    if !std::path::Path::new(&cwd).is_dir() {
+        return Err(fail(format!("{cwd}: no such directory in the guest"), 126));
     }
     let mut cmd = Command::new(program);
     cmd.args(&req.argv[1..])
@@ -119,7 +133,7 @@ pub fn spawn(req: &ExecRequest) -> Result<Process, SpawnError> {
         .env("PATH", PATH)
         .env("HOME", "/root")
         .env("USER", "root")
-        .current_dir(req.cwd.as_deref().unwrap_or("/"));
+        .current_dir(cwd.as_str());
     if let Some(spec) = &req.user {
         let user = resolve_user(spec).map_err(|m| fail(m, 126))?;
         cmd.uid(user.uid)

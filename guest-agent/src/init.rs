@@ -60,6 +60,36 @@ pub fn mount_pseudo_filesystems() {
     );
 }
 
+/// Mounts the host's shared directories: each `sbx.fs=TAG,GUEST_PATH,ro|rw`
+/// on the kernel command line is a virtio-fs device the VMM serves.
+pub fn mount_shares(line: &str) {
+    for spec in crate::cmdline::values(line, "sbx.fs") {
+        let mut parts = spec.splitn(3, ',');
+        let (Some(tag), Some(target), mode) = (parts.next(), parts.next(), parts.next()) else {
+            eprintln!("sbx-guest-agent: ignoring malformed sbx.fs={spec}");
+            continue;
+        };
+        if let Err(e) = std::fs::create_dir_all(target) {
+            eprintln!("sbx-guest-agent: cannot create {target}: {e}");
+            continue;
+        }
+        // The device refuses writes to a read-only mount whatever the guest
+        // does; the flag only makes the guest say so without asking.
+        let ro = if mode == Some("ro") {
+            libc::MS_RDONLY
+        } else {
+            0
+        };
+        mount(
+            tag,
+            target,
+            "virtiofs",
+            libc::MS_NOSUID | libc::MS_NODEV | ro,
+            "",
+        );
+    }
+}
+
 pub fn set_hostname(name: &str) {
     // SAFETY: passes a valid buffer and its length.
     unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };

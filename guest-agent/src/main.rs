@@ -29,6 +29,10 @@ fn main() {
     // parameters such as `noxsave`).
     let line = std::fs::read_to_string("/proc/cmdline").ok();
     if let Some(l) = &line {
+        if is_init {
+            init::mount_shares(l);
+        }
+        exec::set_default_cwd(cmdline::values(l, "sbx.workdir").pop());
         if cmdline::has_param(l, "sbx.session") {
             session::serve();
         }

@@ -215,6 +215,7 @@ pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         mem_mib: args.mem,
         lifetime: policy.lifetime().map(|(d, _)| d),
         vsock: None,
+        fs: Vec::new(),
     };
     tracing::debug!(cmdline = %config.cmdline, "booting");
 

@@ -102,6 +102,15 @@ fn ancestors(s: &str) -> Vec<&str> {
 
 const RESERVED: [&str; 4] = ["/proc", "/sys", "/dev", "/run"];
 
+/// Why `guest` cannot be a mount point, if it cannot.
+pub(crate) fn bad_mount_point(guest: &str) -> Option<String> {
+    (guest == "/" || RESERVED.iter().any(|r| under(guest, r).is_some())).then(|| {
+        format!(
+            "cannot mount over `{guest}`: /, /proc, /sys, /dev and /run belong to the guest system"
+        )
+    })
+}
+
 fn host_path(ctx: &Ctx, raw: &Spanned<String>) -> Result<PathBuf, PolicyError> {
     let s = raw.get_ref();
     if s.is_empty() || s.contains('\0') {
@@ -131,11 +140,8 @@ impl FsRules {
         let host = host_path(ctx, &m.host)?;
         let guest = normalize_guest_path(m.guest.get_ref())
             .ok_or_else(|| ctx.err(m.guest.span().start, "the guest path must be absolute"))?;
-        if guest == "/" || RESERVED.iter().any(|r| under(&guest, r).is_some()) {
-            return Err(ctx.err(
-                m.guest.span().start,
-                format!("cannot mount over `{guest}`: /, /proc, /sys, /dev and /run belong to the guest system"),
-            ));
+        if let Some(why) = bad_mount_point(&guest) {
+            return Err(ctx.err(m.guest.span().start, why));
         }
         let read_only = match m
             .mode

@@ -33,7 +33,9 @@ pub use host::{canonical_ip, normalize_host, Cidr, HostError, HostPattern, NetHo
 pub use limits::parse_duration;
 pub use mcp::RateLimiter;
 pub use net::parse_host_port;
-pub use policy::{LimitView, LimitsView, MountView, Policy, PolicyBuilder, SourceInfo};
+pub use policy::{
+    LimitView, LimitsView, MountRefusal, MountView, Policy, PolicyBuilder, SourceInfo,
+};
 pub use preset::NAMES as PRESETS;
 pub use rule::{Action, Decision, Layer, Mode, RuleInfo, Surface, Verdict};
 pub use source::{Location, Source};

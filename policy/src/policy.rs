@@ -20,7 +20,7 @@ use crate::limits::Limits;
 use crate::mcp::McpRules;
 use crate::net::NetRules;
 use crate::preset;
-use crate::rule::{Action, Decision, Layer, Mode, RuleInfo, Surface, Tally, Verdict};
+use crate::rule::{Action, Decision, Layer, Mode, RuleIdx, RuleInfo, Surface, Tally, Verdict};
 use crate::{Location, PolicyError, Source};
 
 /// One loaded rule set.
@@ -228,6 +228,20 @@ pub struct LimitsView<'p> {
     pub lifetime_secs: Option<LimitView<'p, u64>>,
 }
 
+/// Why a session mount was refused.
+#[derive(Debug)]
+pub struct MountRefusal {
+    /// The rule that refused it; none when the mount itself is malformed.
+    pub rule: Option<Box<RuleInfo>>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for MountRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// The effective policy of a session.
 pub struct Policy {
     preset: String,
@@ -422,6 +436,94 @@ impl Policy {
             || format!("no rule allows {what}"),
             |r, v| because(r, v, &what),
         )
+    }
+
+    /// Adds a mount given for this session (`sbx start --mount`). Deny rules
+    /// are checked against the guest path and against the host directory
+    /// itself, so `--mount ~/.ssh:/keys` meets the same rule as a `.ssh`
+    /// inside a mount. A refusal names the rule; nothing is added then.
+    pub fn grant_mount(
+        &mut self,
+        host: &Path,
+        guest: &str,
+        read_only: bool,
+    ) -> Result<(), MountRefusal> {
+        let refuse = |reason: String| MountRefusal { rule: None, reason };
+        let guest = normalize_guest_path(guest)
+            .ok_or_else(|| refuse(format!("the guest path `{guest}` must be absolute")))?;
+        if let Some(why) = crate::fs::bad_mount_point(&guest) {
+            return Err(refuse(why));
+        }
+        let host_rel = host.to_string_lossy().trim_start_matches('/').to_string();
+        let mut t = Tally::new(false);
+        for access in [Access::Read, Access::Write] {
+            if access == Access::Read || !read_only {
+                self.fs
+                    .visit_denies(&guest, &host_rel, access, |i| t.see(&self.rules, i));
+            }
+        }
+        if let Some((i, _)) = t.winner().filter(|_| t.enforced_deny()) {
+            let rule = Box::new(self.rules[i as usize].clone());
+            let reason = format!(
+                "mounting {} at {guest} is denied by `{}` ({}, {} layer): {}{}",
+                host.display(),
+                rule.id,
+                rule.location,
+                rule.layer,
+                rule.reason.as_deref().unwrap_or(&rule.summary),
+                if read_only {
+                    ""
+                } else {
+                    "; a read-only mount (:ro) may be allowed"
+                }
+            );
+            return Err(MountRefusal {
+                rule: Some(rule),
+                reason,
+            });
+        }
+        if let Some(prev) = self.fs.mounts.iter_mut().find(|m| m.guest == guest) {
+            if prev.host != host {
+                let rule = &self.rules[prev.rule as usize];
+                return Err(MountRefusal {
+                    reason: format!(
+                        "{guest} is already mounted from {} by `{}` ({}); choose another guest path",
+                        prev.host.display(),
+                        rule.id,
+                        rule.location
+                    ),
+                    rule: Some(Box::new(rule.clone())),
+                });
+            }
+            prev.read_only |= read_only;
+            return Ok(());
+        }
+        let rule = match self.rules.iter().position(|r| r.layer == Layer::Session) {
+            Some(i) => i as RuleIdx,
+            None => {
+                self.rules.push(RuleInfo {
+                    layer: Layer::Session,
+                    location: Location {
+                        file: "command line".into(),
+                        line: 0,
+                    },
+                    ..builtin(
+                        "session-mounts",
+                        Surface::Fs,
+                        Action::Allow,
+                        "directories given with --mount (and the workspace) for this session",
+                    )
+                });
+                (self.rules.len() - 1) as RuleIdx
+            }
+        };
+        self.fs.mounts.push(Mount {
+            host: host.to_path_buf(),
+            guest,
+            read_only,
+            rule,
+        });
+        Ok(())
     }
 
     /// The mounts the policy grants, most senior first.

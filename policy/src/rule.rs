@@ -16,6 +16,8 @@ pub enum Layer {
     Org,
     Team,
     Project,
+    /// Given on the sbx command line for one session (`sbx start --mount`).
+    Session,
     /// The built-in preset the policy starts from.
     Preset,
     /// sbx's own rules, such as the default deny.
@@ -37,6 +39,7 @@ impl Layer {
             Layer::Org => "org",
             Layer::Team => "team",
             Layer::Project => "project",
+            Layer::Session => "session",
             Layer::Preset => "preset",
             Layer::Builtin => "builtin",
         }

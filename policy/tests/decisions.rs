@@ -4,7 +4,9 @@
 //!
 //! Each row: surface | request | outcome | deciding rule | its layer.
 
-use sbx_policy::{parse_host_port, Access, Decision, NetHost, Policy, PolicyBuilder};
+use std::path::Path;
+
+use sbx_policy::{parse_host_port, Access, Decision, Layer, NetHost, Policy, PolicyBuilder};
 
 const FIXTURES: [&str; 4] = ["org.toml", "team.toml", "project.toml", "rollout.toml"];
 
@@ -393,4 +395,39 @@ fn audit_mode_denials_keep_the_allowing_rules_terms() {
     );
     let (d, rate) = p.decide_mcp("s", "t", &serde_json::Map::new());
     assert_eq!((d.outcome(), rate), ("audit-deny", Some(5)));
+}
+
+#[test]
+fn session_mounts_meet_the_deny_rules() {
+    let mut p = preset_policy("locked-down");
+    // The workspace: allowed, and its secret files are still denied inside.
+    p.grant_mount(Path::new("/home/u/proj"), "/workspace", false)
+        .expect("a plain project directory mounts");
+    assert!(p
+        .decide_fs("/workspace/src/main.rs", Access::Write)
+        .allowed());
+    let d = p.decide_fs("/workspace/.env", Access::Read);
+    assert!(!d.allowed());
+    assert_eq!(d.rule.id, "secret-files");
+    assert_eq!(p.mounts()[0].rule.layer, Layer::Session);
+    // A host directory the deny rules cover is refused before boot, named.
+    let err = p
+        .grant_mount(Path::new("/home/u/.ssh"), "/keys", true)
+        .unwrap_err();
+    assert_eq!(
+        err.rule.as_ref().map(|r| r.id.as_str()),
+        Some("secret-files")
+    );
+    assert!(err.reason.contains("/home/u/.ssh"), "{}", err.reason);
+    assert!(p.decide_fs("/keys/id_rsa", Access::Read).rule.id != "session-mounts");
+    // The guest's own directories and relative paths are not mount points.
+    assert!(p
+        .grant_mount(Path::new("/tmp/x"), "/proc/x", false)
+        .is_err());
+    assert!(p.grant_mount(Path::new("/tmp/x"), "rel", false).is_err());
+    // One guest path, one host directory.
+    let err = p
+        .grant_mount(Path::new("/other"), "/workspace", false)
+        .unwrap_err();
+    assert!(err.reason.contains("already mounted"), "{}", err.reason);
 }

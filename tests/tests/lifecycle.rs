@@ -37,6 +37,7 @@ fn repeated_boots_leak_no_threads_or_fds() {
         mem_mib: 128,
         lifetime: None,
         vsock: None,
+        fs: Vec::new(),
     };
     let boot = || {
         let console = Console {

@@ -22,6 +22,7 @@ use crate::devices::legacy::debug_port::{self, DebugPort};
 use crate::devices::legacy::i8042::{ResetLine, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::fs::{Fs, FsConfig, FsError};
 use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub lifetime: Option<std::time::Duration>,
     /// The guest's vsock device, if it gets one.
     pub vsock: Option<VsockConfig>,
+    /// One virtio-fs device per shared directory.
+    pub fs: Vec<FsConfig>,
 }
 
 /// The smallest memory a guest may be given; the kernel check gives a precise figure.
@@ -78,6 +81,8 @@ pub enum VmmError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("cannot start vCPU thread {index}: {source}")]
     Thread { index: u8, source: std::io::Error },
 }
@@ -132,6 +137,9 @@ pub fn run(
     if let Some(vsock) = &config.vsock {
         let dev = Vsock::new(vsock.clone()).map_err(setup_err("the vsock device"))?;
         virtio.add(&vm, &mem, Box::new(dev))?;
+    }
+    for fs in &config.fs {
+        virtio.add(&vm, &mem, Box::new(Fs::new(fs)?))?;
     }
     let cmdline = virtio.cmdline(&config.cmdline);
     let entry = boot::load(

@@ -10,6 +10,9 @@ use crate::cpio::Archive;
 use crate::{deps, paths, proc};
 
 pub const BUSYBOX: &str = "/bin/busybox";
+/// Debian's git (package `git`), with the libraries it loads: agents commit
+/// in /workspace, and the file tests run git there.
+const GIT: &str = "/usr/bin/git";
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds the guest agent as a static binary and returns its path.
@@ -71,6 +74,53 @@ fn has_interpreter(elf: &[u8]) -> bool {
 }
 
 /// busybox applets as paths relative to /, e.g. "bin/sh".
+/// The shared libraries `bin` loads (and the loader), as `ldd` lists them.
+fn shared_libraries(bin: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let out = proc::output(Command::new("ldd").arg(bin))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once(" => ") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// Adds a dynamically linked host binary and its libraries at the paths
+/// they have on a merged-/usr Debian (`/lib` and `/lib64` are links).
+fn add_dynamic(a: &mut Archive, bin: &str) -> anyhow::Result<()> {
+    let mut files = vec![PathBuf::from(bin)];
+    files.extend(shared_libraries(bin)?);
+    // `build` made these already.
+    let mut made: std::collections::HashSet<PathBuf> =
+        ["usr", "usr/bin"].iter().map(PathBuf::from).collect();
+    for f in files {
+        // Keep the name the loader asks for (libz.so.1, not the file it
+        // links to), in the directory's real place.
+        let (Some(parent), Some(name)) = (f.parent(), f.file_name()) else {
+            continue;
+        };
+        let real = std::fs::canonicalize(parent)
+            .with_context(|| format!("cannot find {} (needed by {bin})", f.display()))?
+            .join(name);
+        let rel = real.strip_prefix("/").unwrap_or(&real);
+        let mut dir = PathBuf::new();
+        for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+            dir.push(c);
+            if made.insert(dir.clone()) {
+                a.dir(&dir.to_string_lossy());
+            }
+        }
+        let data = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        a.file(&rel.to_string_lossy(), 0o755, &data);
+    }
+    Ok(())
+}
+
 fn busybox_applets() -> anyhow::Result<Vec<String>> {
     let list = proc::output(Command::new(BUSYBOX).arg("--list-full"))?;
     Ok(list
@@ -108,6 +158,17 @@ pub fn build() -> anyhow::Result<PathBuf> {
     a.file("bin/busybox", 0o755, &std::fs::read(BUSYBOX)?);
     for applet in busybox_applets()? {
         a.symlink(&applet, "/bin/busybox");
+    }
+    a.symlink("lib", "usr/lib");
+    a.symlink("lib64", "usr/lib64");
+    add_dynamic(&mut a, GIT)?;
+    // Empty, so that `git init` does not warn about missing templates.
+    for d in [
+        "usr/share",
+        "usr/share/git-core",
+        "usr/share/git-core/templates",
+    ] {
+        a.dir(d);
     }
     a.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
     a.file("etc/group", 0o644, b"root:x:0:\n");

@@ -4,6 +4,7 @@
 //! its control socket; `ls` and `rm` read and remove its directory.
 
 pub mod client;
+pub mod mounts;
 pub mod runner;
 pub mod state;
 
@@ -59,8 +60,36 @@ pub struct VmArgs {
     /// KVM device node.
     #[arg(long, default_value = vmm::host::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+    /// Share a host directory at a guest path, read-only unless `:rw`
+    /// (repeatable). The policy's deny rules apply inside it.
+    #[arg(long = "mount", value_name = "HOST:GUEST[:ro|rw]")]
+    mounts: Vec<String>,
+    /// Do not share the current directory (read-write at /workspace, where
+    /// commands then start).
+    #[arg(long)]
+    no_workspace: bool,
+    /// How long the guest may cache shared files' metadata and data:
+    /// auto (1 s, the default), never (host edits show at once), always
+    /// (60 s, for directories only the guest changes).
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "never", "always"])]
+    fs_cache: String,
     #[command(flatten)]
     select: policy_cmd::Select,
+}
+
+impl VmArgs {
+    /// The workspace (unless --no-workspace) and every --mount, checked.
+    fn mount_specs(&self) -> anyhow::Result<Vec<mounts::MountSpec>> {
+        let mut specs = Vec::new();
+        if !self.no_workspace {
+            let cwd = std::env::current_dir().context("cannot read the current directory")?;
+            specs.push(mounts::MountSpec::workspace(&cwd)?);
+        }
+        for m in &self.mounts {
+            specs.push(mounts::MountSpec::parse(m)?);
+        }
+        Ok(specs)
+    }
 }
 
 #[derive(clap::Args)]
@@ -220,6 +249,8 @@ fn tail(path: &std::path::Path, lines: usize) -> String {
 /// Starts a session and returns once its guest agent is ready.
 fn start_session(name: &str, vm: &VmArgs, quiet: bool) -> anyhow::Result<Dir> {
     let dir = Dir::new(name)?;
+    // Bad mounts are the caller's typo: say so before anything starts.
+    let specs = vm.mount_specs()?;
     let root = paths::runtime_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -246,7 +277,11 @@ fn start_session(name: &str, vm: &VmArgs, quiet: bool) -> anyhow::Result<Dir> {
         .arg("--kvm")
         .arg(&vm.kvm)
         .args(["--ready-fd", "3"])
+        .args(["--fs-cache", &vm.fs_cache])
         .args(vm.select.to_args());
+    for m in &specs {
+        cmd.arg("--mount").arg(m.to_arg());
+    }
     if let Some(k) = &vm.kernel {
         cmd.arg("--kernel").arg(k);
     }

@@ -22,9 +22,11 @@ use sbx_protocol::agent::{
     encode, write_frame, Control, EventKind, Frame, FrameIo, GuestEvent, AGENT_PORT, EVENTS_PORT,
     VERSION,
 };
+use vmm::devices::virtio::fs::FsCache;
 use vmm::devices::virtio::vsock::{VsockConfig, VsockHost};
 use vmm::{BootTimings, Console, VmConfig};
 
+use super::mounts::{self, FileAudit, MountSpec};
 use super::state::{self, Dir, Info, Phase};
 use crate::{boot, policy_cmd};
 
@@ -48,6 +50,11 @@ pub struct Args {
     /// Descriptor of the pipe on which to report readiness to `sbx start`.
     #[arg(long)]
     pub ready_fd: Option<i32>,
+    /// HOST:GUEST:ro|rw, as `sbx start` resolved them.
+    #[arg(long = "mount")]
+    pub mounts: Vec<String>,
+    #[arg(long, default_value = "auto")]
+    pub fs_cache: String,
     #[command(flatten)]
     pub select: policy_cmd::Select,
 }
@@ -109,10 +116,24 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
     dir.write_info(&info.lock().unwrap_or_else(|e| e.into_inner()))?;
 
     let (kernel, initrd) = boot::guest_images(&args.kvm, args.kernel.clone(), args.initrd.clone())?;
-    let policy = Arc::new(args.select.load().context("cannot load the policy")?);
+    let mut policy = args.select.load().context("cannot load the policy")?;
     let log = Arc::new(boot::open_audit_log(
         &args.name, &policy, args.vcpus, args.mem,
     )?);
+    let specs = args
+        .mounts
+        .iter()
+        .map(|m| MountSpec::parse(m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cache = FsCache::parse(&args.fs_cache)
+        .with_context(|| format!("--fs-cache {}: not auto, never or always", args.fs_cache))?;
+    mounts::grant(&mut policy, &specs, &log)?;
+    let policy = Arc::new(policy);
+    let files = FileAudit::new(policy.clone(), log.clone())?;
+    let (fs, mut fs_words) = mounts::devices(&policy, &log, cache, files.clone())?;
+    if specs.iter().any(|m| m.guest == mounts::WORKSPACE) {
+        fs_words.push(format!("sbx.workdir={}", mounts::WORKSPACE));
+    }
 
     let host = VsockHost::new().context("cannot set up the vsock device")?;
     {
@@ -148,7 +169,10 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
         kvm_path: args.kvm.clone(),
         kernel,
         initrd: Some(initrd),
-        cmdline: boot::guest_cmdline(&format!("{} sbx.session", boot::BASE_CMDLINE), &[])?,
+        cmdline: boot::guest_cmdline(
+            &format!("{} sbx.session {}", boot::BASE_CMDLINE, fs_words.join(" ")),
+            &[],
+        )?,
         vcpus: args.vcpus,
         mem_mib: args.mem,
         lifetime: policy.lifetime().map(|(d, _)| d),
@@ -158,6 +182,7 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
             reserved_ports: vec![AGENT_PORT],
             host,
         }),
+        fs,
     };
     let console = std::fs::File::create(dir.console_path())
         .with_context(|| format!("cannot create {}", dir.console_path().display()))?;
@@ -187,6 +212,7 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
             ..Event::default()
         },
     )?;
+    files.flush();
     // Helper threads still hold the log; the process exits right after.
     log.sync()?;
     if !was_ready {

@@ -3,6 +3,7 @@
 //! it is ready, activated with its queues, which a worker thread of the
 //! device's own then serves.
 
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod vsock;

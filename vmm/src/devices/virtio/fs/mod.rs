@@ -1,0 +1,276 @@
+//! virtio-fs: a host directory served to the guest as FUSE over virtio,
+//! in-process. One device per mount; the guest agent mounts it by tag.
+//!
+//! Requests are decoded by fuse-backend-rs's hardened FUSE server and checked
+//! by [`guard::Guard`] before its passthrough file system touches the host.
+
+mod guard;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, Interrupt, VirtioDevice};
+use crate::vstate::memory::GuestMemory;
+pub use guard::Guard;
+
+pub const DEVICE_TYPE: u32 = 26;
+/// The high-priority queue (FORGET, INTERRUPT) and one request queue.
+const QUEUE_SIZES: [u16; 2] = [128, 1024];
+/// `struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }`
+pub const TAG_LEN: usize = 36;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FsAccess {
+    Read,
+    Write,
+}
+
+/// A change the guest made in a read-write mount.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Change {
+    Created,
+    Written,
+    Deleted,
+    Renamed,
+}
+
+impl Change {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Created => "created",
+            Change::Written => "written",
+            Change::Deleted => "deleted",
+            Change::Renamed => "renamed",
+        }
+    }
+}
+
+/// Why a request was refused: the rule's id and a sentence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: String,
+    pub reason: String,
+}
+
+/// The rule id of refusals that no policy rule makes: the device's own
+/// protections (names, special files, setuid bits, renames).
+pub const GUARD_RULE: &str = "fs-guard";
+
+/// What the device asks of the session: decisions, and where to report
+/// refusals and changes. Paths are guest paths (`/workspace/src/a.rs`).
+pub trait FsPolicy: Send + Sync {
+    /// `None` if `path` may be accessed so; otherwise the refusal.
+    fn check(&self, path: &str, access: FsAccess) -> Option<Refusal>;
+    /// A request was refused (`op` is the FUSE operation).
+    fn denied(&self, op: &str, path: &str, refusal: &Refusal);
+    /// The guest changed `path` (for renames, `old -> new`).
+    fn changed(&self, change: Change, path: &str);
+}
+
+/// How much of the host directory the guest kernel may cache.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FsCache {
+    /// Nothing: every access asks the host. Host edits show at once.
+    Never,
+    /// Attributes and entries for a second; file data kept while unchanged.
+    Auto,
+    /// Long timeouts, kept page cache: for directories only this guest changes.
+    Always,
+}
+
+impl FsCache {
+    pub fn parse(s: &str) -> Option<FsCache> {
+        match s {
+            "never" => Some(FsCache::Never),
+            "auto" => Some(FsCache::Auto),
+            "always" => Some(FsCache::Always),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsCache::Never => "never",
+            FsCache::Auto => "auto",
+            FsCache::Always => "always",
+        }
+    }
+
+    fn passthrough(self) -> (CachePolicy, Duration) {
+        match self {
+            FsCache::Never => (CachePolicy::Never, Duration::ZERO),
+            FsCache::Auto => (CachePolicy::Auto, Duration::from_secs(1)),
+            FsCache::Always => (CachePolicy::Always, Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FsConfig {
+    /// The name the guest mounts it by (at most 36 bytes).
+    pub tag: String,
+    pub host_dir: PathBuf,
+    /// Where the guest mounts it; paths given to the policy start here.
+    pub guest_path: String,
+    pub read_only: bool,
+    /// The id of the rule that granted the mount (named when a write to a
+    /// read-only mount is refused).
+    pub mount_rule: String,
+    pub cache: FsCache,
+    pub policy: Arc<dyn FsPolicy>,
+}
+
+impl std::fmt::Debug for FsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsConfig")
+            .field("tag", &self.tag)
+            .field("host_dir", &self.host_dir)
+            .field("guest_path", &self.guest_path)
+            .field("read_only", &self.read_only)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("the virtio-fs tag `{0}` is empty or longer than 36 bytes")]
+    Tag(String),
+    #[error("cannot share {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Builds the checked file system for `config` (the device's whole host side).
+pub fn file_system(config: &FsConfig) -> Result<Guard, FsError> {
+    let open_err = |source| FsError::Open {
+        path: config.host_dir.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(&config.host_dir).map_err(open_err)?;
+    if !meta.is_dir() {
+        return Err(open_err(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+    }
+    let (cache_policy, timeout) = config.cache.passthrough();
+    let cfg = Config {
+        root_dir: config.host_dir.to_string_lossy().into_owned(),
+        cache_policy,
+        attr_timeout: timeout,
+        entry_timeout: timeout,
+        // Extended attributes could carry file capabilities or ACLs onto
+        // host files; the guest does not get them.
+        xattr: false,
+        do_import: true,
+        ..Config::default()
+    };
+    let inner = PassthroughFs::<()>::new(cfg).map_err(open_err)?;
+    inner.import().map_err(open_err)?;
+    Ok(Guard::new(inner, config))
+}
+
+pub struct Fs {
+    tag: [u8; TAG_LEN],
+    server: Arc<Server<Guard>>,
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl Fs {
+    pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+        let bytes = config.tag.as_bytes();
+        if bytes.is_empty() || bytes.len() > TAG_LEN {
+            return Err(FsError::Tag(config.tag.clone()));
+        }
+        let mut tag = [0u8; TAG_LEN];
+        tag[..bytes.len()].copy_from_slice(bytes);
+        Ok(Self {
+            tag,
+            server: Arc::new(Server::new(file_system(config)?)),
+            worker: None,
+        })
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; TAG_LEN + 4];
+        cfg[..TAG_LEN].copy_from_slice(&self.tag);
+        cfg[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| cfg.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        if queues.len() != QUEUE_SIZES.len() || kicks.len() != queues.len() {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: QUEUE_SIZES.len(),
+            });
+        }
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker = worker::Worker::new(
+            mem,
+            queues,
+            kicks,
+            interrupt,
+            stop.try_clone().map_err(ActivateError::Worker)?,
+            self.server.clone(),
+        )
+        .map_err(ActivateError::Worker)?;
+        let handle = std::thread::Builder::new()
+            .name("sbx-fs".into())
+            .spawn(move || worker.run())
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some((stop, handle));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some((stop, handle)) = self.worker.take() {
+            let _ = stop.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}

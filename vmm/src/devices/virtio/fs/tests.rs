@@ -1,0 +1,282 @@
+//! The guard, driven as a hostile driver would drive it: FUSE requests with
+//! forged names and inodes, against a real host directory.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use fuse_backend_rs::abi::fuse_abi::CreateIn;
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, SetattrValid, ROOT_ID};
+
+use super::*;
+
+/// Denies `.env` files and everything under a `.ssh` directory (but not
+/// the directory itself, to exercise the rename walk), and records all.
+#[derive(Default)]
+struct Recorder {
+    denied: Mutex<Vec<(String, String)>>,
+    changed: Mutex<Vec<(Change, String)>>,
+}
+
+impl FsPolicy for Recorder {
+    fn check(&self, path: &str, _access: FsAccess) -> Option<Refusal> {
+        (path.ends_with("/.env") || path.contains("/.ssh/")).then(|| Refusal {
+            rule: "secrets".into(),
+            reason: "secret".into(),
+        })
+    }
+    fn denied(&self, op: &str, path: &str, _refusal: &Refusal) {
+        self.denied.lock().unwrap().push((op.into(), path.into()));
+    }
+    fn changed(&self, change: Change, path: &str) {
+        self.changed.lock().unwrap().push((change, path.into()));
+    }
+}
+
+struct Fixture {
+    root: PathBuf,
+    fs: Guard,
+    rec: Arc<Recorder>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.root.parent().unwrap());
+    }
+}
+
+fn fixture(read_only: bool) -> Fixture {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = std::env::temp_dir().join(format!(
+        "sbx-fs-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let root = base.join("mount");
+    std::fs::create_dir_all(root.join("dir/.ssh")).unwrap();
+    std::fs::write(base.join("outside"), "host secret").unwrap();
+    std::fs::write(root.join("file"), "hello").unwrap();
+    std::fs::write(root.join(".env"), "TOKEN=1").unwrap();
+    std::fs::write(root.join("dir/.ssh/id"), "key").unwrap();
+    std::os::unix::fs::symlink(base.join("outside"), root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside", root.join("rel-link")).unwrap();
+    let fifo = CString::new(root.join("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: a valid path string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let rec = Arc::new(Recorder::default());
+    let fs = file_system(&FsConfig {
+        tag: "t".into(),
+        host_dir: root.clone(),
+        guest_path: "/workspace".into(),
+        read_only,
+        mount_rule: "m".into(),
+        cache: FsCache::Never,
+        policy: rec.clone(),
+    })
+    .unwrap();
+    Fixture { root, fs, rec }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn code<T>(r: io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn ctx() -> Context {
+    Context {
+        uid: 1000,
+        gid: 1000,
+        pid: 1,
+    }
+}
+
+fn create_in(mode: u32) -> CreateIn {
+    CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: libc::S_IFREG | mode,
+        umask: 0,
+        fuse_flags: 0,
+    }
+}
+
+#[test]
+fn names_never_leave_the_directory() {
+    let f = fixture(false);
+    for name in ["..", ".", "", "a/b", "../outside"] {
+        assert_eq!(
+            code(f.fs.lookup(&ctx(), ROOT_ID, &c(name))),
+            libc::EINVAL,
+            "{name}"
+        );
+    }
+    let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    assert_eq!(code(f.fs.lookup(&ctx(), dir.inode, &c(".."))), libc::EINVAL);
+    // Symlinks are entries of their own: the host never follows them, and
+    // the guest only gets their text back.
+    for link in ["abs-link", "rel-link"] {
+        let e = f.fs.lookup(&ctx(), ROOT_ID, &c(link)).unwrap();
+        assert_eq!(e.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(
+            code(f.fs.open(&ctx(), e.inode, libc::O_RDONLY as u32, 0)),
+            libc::EACCES
+        );
+        assert!(!f.fs.readlink(&ctx(), e.inode).unwrap().is_empty());
+    }
+    // A forged inode number reaches nothing.
+    assert_eq!(code(f.fs.open(&ctx(), 999_999, 0, 0)), libc::EBADF);
+    assert_eq!(
+        code(f.fs.link(&ctx(), 999_999, ROOT_ID, &c("stolen"))),
+        libc::EBADF
+    );
+    assert!(!f.root.join("stolen").exists());
+    assert!(f.rec.denied.lock().unwrap().len() >= 6);
+}
+
+#[test]
+fn special_files_are_neither_made_nor_opened() {
+    let f = fixture(false);
+    for mode in [libc::S_IFCHR, libc::S_IFBLK, libc::S_IFIFO, libc::S_IFSOCK] {
+        let r =
+            f.fs.mknod(&ctx(), ROOT_ID, &c("node"), mode | 0o666, 0x0101, 0);
+        assert_eq!(code(r), libc::EPERM);
+    }
+    assert!(!f.root.join("node").exists());
+    // A FIFO the host put there is listed, but never opened (which would
+    // block the device).
+    let fifo = f.fs.lookup(&ctx(), ROOT_ID, &c("fifo")).unwrap();
+    assert_eq!(
+        code(f.fs.open(&ctx(), fifo.inode, libc::O_RDONLY as u32, 0)),
+        libc::EACCES
+    );
+    // No setuid: stripped on create, refused on chmod.
+    let (e, ..) =
+        f.fs.create(&ctx(), ROOT_ID, &c("suid"), create_in(0o4755))
+            .unwrap();
+    let mode = std::fs::metadata(f.root.join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+    let mut attr = e.attr;
+    attr.st_mode = libc::S_IFREG | 0o4755;
+    assert_eq!(
+        code(f.fs.setattr(&ctx(), e.inode, attr, None, SetattrValid::MODE)),
+        libc::EPERM
+    );
+    // Ownership stays the host user's, whatever uid the guest claims.
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(f.root.join("suid")).unwrap();
+    // SAFETY: getuid has no failure mode.
+    assert_eq!(md.uid(), unsafe { libc::getuid() });
+}
+
+#[test]
+fn deny_rules_hide_and_refuse() {
+    let f = fixture(false);
+    assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c(".env"))), libc::EACCES);
+    assert_eq!(
+        code(f.fs.create(&ctx(), ROOT_ID, &c(".env"), create_in(0o644))),
+        libc::EACCES
+    );
+    // Listings leave it out.
+    let (h, _) = f.fs.opendir(&ctx(), ROOT_ID, 0).unwrap();
+    let mut names = Vec::new();
+    f.fs.readdir(&ctx(), ROOT_ID, h.unwrap_or(0), 4096, 0, &mut |d| {
+        names.push(String::from_utf8_lossy(d.name).into_owned());
+        Ok(1)
+    })
+    .unwrap();
+    assert!(names.contains(&"file".to_string()), "{names:?}");
+    assert!(!names.contains(&".env".to_string()), "{names:?}");
+    // Renaming a directory that holds a denied file would move the file
+    // out from under its rule.
+    let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    let r =
+        f.fs.rename(&ctx(), dir.inode, &c(".ssh"), ROOT_ID, &c("plain"), 0);
+    assert_eq!(code(r), libc::EACCES);
+    assert!(f.root.join("dir/.ssh/id").exists());
+    let denied = f.rec.denied.lock().unwrap();
+    assert!(
+        denied
+            .iter()
+            .any(|(op, p)| op == "rename" && p == "/workspace/dir/.ssh"),
+        "{denied:?}"
+    );
+}
+
+#[test]
+fn read_only_mounts_refuse_every_write() {
+    let f = fixture(true);
+    let e = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+    assert_eq!(
+        code(f.fs.open(&ctx(), e.inode, libc::O_WRONLY as u32, 0)),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.open(&ctx(), e.inode, (libc::O_RDONLY | libc::O_TRUNC) as u32, 0)),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.create(&ctx(), ROOT_ID, &c("new"), create_in(0o644))),
+        libc::EROFS
+    );
+    assert_eq!(code(f.fs.unlink(&ctx(), ROOT_ID, &c("file"))), libc::EROFS);
+    assert_eq!(
+        code(f.fs.mkdir(&ctx(), ROOT_ID, &c("d"), 0o755, 0)),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.rename(&ctx(), ROOT_ID, &c("file"), ROOT_ID, &c("f2"), 0)),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.symlink(&ctx(), &c("x"), ROOT_ID, &c("l"))),
+        libc::EROFS
+    );
+    let mut attr = e.attr;
+    attr.st_size = 0;
+    assert_eq!(
+        code(f.fs.setattr(&ctx(), e.inode, attr, None, SetattrValid::SIZE)),
+        libc::EROFS
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.root.join("file")).unwrap(),
+        "hello"
+    );
+    // Reading is fine.
+    assert_eq!(
+        code(f.fs.open(&ctx(), e.inode, libc::O_RDONLY as u32, 0)),
+        0
+    );
+    assert!(f.rec.denied.lock().unwrap().len() >= 8);
+}
+
+#[test]
+fn changes_are_reported() {
+    let f = fixture(false);
+    let (e, ..) =
+        f.fs.create(&ctx(), ROOT_ID, &c("a"), create_in(0o644))
+            .unwrap();
+    f.fs.rename(&ctx(), ROOT_ID, &c("a"), ROOT_ID, &c("b"), 0)
+        .unwrap();
+    // The guest's inode follows the rename: its path is the new one.
+    assert_eq!(f.fs.path_of(e.inode).unwrap(), "/workspace/b");
+    f.fs.unlink(&ctx(), ROOT_ID, &c("b")).unwrap();
+    let changed = f.rec.changed.lock().unwrap();
+    assert_eq!(
+        *changed,
+        vec![
+            (Change::Created, "/workspace/a".to_string()),
+            (Change::Renamed, "/workspace/a -> /workspace/b".to_string()),
+            (Change::Deleted, "/workspace/b".to_string()),
+        ]
+    );
+}
