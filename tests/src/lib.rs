@@ -2,7 +2,7 @@
 //! need a KVM that can run standard kernels: `cargo xtask test` runs them
 //! directly on such hosts and inside the nested test host elsewhere.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `sbx` binary under test: `$SBX_BIN`, else the workspace's debug build.
@@ -101,4 +101,109 @@ pub fn read_until(
         seen.extend_from_slice(&buf[..n]);
     }
     seen
+}
+
+/// A private runtime and state directory, so that tests cannot see each
+/// other's sessions; every session left running is killed on drop.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Host {
+    pub fn new() -> Host {
+        require_real_kvm();
+        Host {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn runtime(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(sbx_bin());
+        c.args(args)
+            .env("SBX_RUNTIME_DIR", self.runtime())
+            .env("SBX_STATE_DIR", self.dir.path().join("state"));
+        c
+    }
+
+    pub fn sbx(&self, args: &[&str]) -> Output {
+        output_within(&mut self.cmd(args), SBX_TIMEOUT)
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.sbx(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "sbx {args:?} failed:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    pub fn start(&self, name: &str) {
+        self.ok(&["start", "--name", name]);
+    }
+
+    pub fn session(&self, name: &str) -> serde_json::Value {
+        let all: serde_json::Value = serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for entry in std::fs::read_dir(self.runtime())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let info =
+                std::fs::read_to_string(entry.path().join("session.json")).unwrap_or_default();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&info) {
+                if let Some(pid) = v["pid"].as_i64() {
+                    if alive(pid as i32) && cmdline(pid as i32).contains("__session") {
+                        // SAFETY: kills a session process this test started.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // Zombies are gone for our purposes: they hold nothing but a PID.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z ")
+}
+
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

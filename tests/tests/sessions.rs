@@ -2,101 +2,11 @@
 //! events, and a guest (or client) that misbehaves.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sbx_tests::{require_real_kvm, sbx_bin, text};
-
-/// A private runtime and state directory, so that tests cannot see each
-/// other's sessions; every session left running is killed on drop.
-struct Host {
-    dir: tempfile::TempDir,
-}
-
-impl Host {
-    fn new() -> Host {
-        require_real_kvm();
-        Host {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn runtime(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(sbx_bin());
-        c.args(args)
-            .env("SBX_RUNTIME_DIR", self.runtime())
-            .env("SBX_STATE_DIR", self.dir.path().join("state"));
-        c
-    }
-
-    fn sbx(&self, args: &[&str]) -> Output {
-        sbx_tests::output_within(&mut self.cmd(args), sbx_tests::SBX_TIMEOUT)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.sbx(args);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "sbx {args:?} failed:\n{}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-
-    fn start(&self, name: &str) {
-        self.ok(&["start", "--name", name]);
-    }
-
-    fn session(&self, name: &str) -> serde_json::Value {
-        let all: serde_json::Value = serde_json::from_str(&self.ok(&["ls", "--json"])).unwrap();
-        all.as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .cloned()
-            .unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for entry in std::fs::read_dir(self.runtime())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let info =
-                std::fs::read_to_string(entry.path().join("session.json")).unwrap_or_default();
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&info) {
-                if let Some(pid) = v["pid"].as_i64() {
-                    if alive(pid as i32) && cmdline(pid as i32).contains("__session") {
-                        // SAFETY: kills a session process this test started.
-                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // Zombies are gone for our purposes: they hold nothing but a PID.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && !stat.contains(") Z ")
-}
-
-fn cmdline(pid: i32) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default()
-}
+use sbx_tests::{alive, cmdline, sbx_bin, sha256, text, Host};
 
 /// Processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &Path) -> Vec<String> {
@@ -109,15 +19,6 @@ fn processes_mentioning(needle: &Path) -> Vec<String> {
         .map(cmdline)
         .filter(|c| c.contains(needle.as_ref()))
         .collect()
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    text(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 #[test]

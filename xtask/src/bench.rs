@@ -5,6 +5,10 @@ use std::process::Command;
 
 use crate::{demo, kernel, paths, proc, rootfs};
 
+/// Memory of the nested host for benchmarks: room for 1 GiB files in its
+/// in-memory /tmp next to a guest.
+const BENCH_NESTED_MEM_MIB: u64 = 6144;
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Which {
     /// Everything.
@@ -15,6 +19,9 @@ pub enum Which {
     Policy,
     /// Exec round trip and vsock throughput of a session (boots a real guest).
     Session,
+    /// Shared-directory throughput and metadata speed against the host's own
+    /// file system (boots real guests, one per cache mode).
+    Fs,
 }
 
 #[derive(clap::Args)]
@@ -81,6 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         argv.extend(images.iter().cloned());
         script.push(argv);
     }
+    if matches!(args.which, Which::All | Which::Fs) {
+        let mut argv = vec![path(&release.join("sbx-bench-fs"))];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
+    }
     // One shell runs them all, so the nested host boots once.
     let quote = |a: &String| format!("'{}'", a.replace('\'', ""));
     let line = script
@@ -89,5 +101,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .collect::<Vec<_>>()
         .join(" && ");
     let argv = vec!["sh".into(), "-c".into(), line];
-    demo::run_real_guest(&release.join("sbx"), argv, 1800)
+    // The file benchmark writes 1 GiB to the nested host's in-memory /tmp.
+    demo::run_real_guest(&release.join("sbx"), argv, 2400, BENCH_NESTED_MEM_MIB)
 }

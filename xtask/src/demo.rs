@@ -30,13 +30,16 @@ pub fn run_real_guest(
     sbx: &std::path::Path,
     argv: Vec<String>,
     timeout_secs: u64,
+    nested_mem_mib: u64,
 ) -> anyhow::Result<u8> {
     if host_can_boot(sbx) {
         let status = Command::new(&argv[0]).args(&argv[1..]).status()?;
         Ok(status.code().unwrap_or(1) as u8)
     } else {
         proc::step("this host's /dev/kvm cannot boot standard guests (see `sbx doctor`); using the nested test host");
-        nested::run(nested::Args::for_command(argv, timeout_secs))
+        let mut args = nested::Args::for_command(argv, timeout_secs);
+        args.mem = nested_mem_mib;
+        nested::run(args)
     }
 }
 
@@ -54,7 +57,7 @@ pub fn run() -> anyhow::Result<u8> {
         "uname".into(),
         "-a".into(),
     ];
-    let code = run_real_guest(&sbx, argv, 300)?;
+    let code = run_real_guest(&sbx, argv, 300, nested::DEFAULT_MEM_MIB)?;
     if code != 0 {
         anyhow::bail!("the sandboxed command failed with exit status {code}");
     }

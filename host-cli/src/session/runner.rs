@@ -94,11 +94,45 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         args.ready_fd
             .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) }),
     )));
+    raise_fd_limit();
     let result = serve(&args, &ready);
     if let Err(e) = &result {
         ready.report(&format!("error: {e:#}"));
     }
     result
+}
+
+/// The file devices hold one descriptor per inode the guest knows (a
+/// `find` over a big tree knows tens of thousands): lift the limit as far as
+/// this process may (root may raise the hard limit up to fs.nr_open).
+fn raise_fd_limit() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one plain struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: nr_open.max(lim.rlim_max),
+            rlim_max: nr_open.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit; big shared trees may fail with EMFILE"
+                );
+            }
+        }
+    }
 }
 
 fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {

@@ -1,0 +1,261 @@
+//! Shared-directory benchmark: the same workloads on the host's own file
+//! system and in an sbx guest through /workspace, with the ratio.
+//!
+//! - sequential write and read of 1 GiB (`dd`, 1 MiB blocks; the guest's
+//!   page cache is dropped before the read);
+//! - `find` plus `stat` over a 20,000-file tree (cold: guest caches
+//!   dropped first; warm: run again);
+//! - creating and deleting 10,000 small files.
+//!
+//! Both sides run busybox's tools, so only the file system differs. Guest
+//! times are measured on the host around `sbx exec` minus the median cost
+//! of `sbx exec -- true`. The metadata workloads run under each cache mode
+//! (`--fs-cache`). Run it with `cargo xtask bench fs`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+#[allow(dead_code)] // shared with the other benchmarks, which use all of it
+mod stats;
+
+const BB: &str = "/bin/busybox";
+const TREE_DIRS: usize = 200;
+const TREE_FILES: usize = 100;
+
+#[derive(Parser)]
+#[command(about = "Shared-directory throughput and metadata speed, host against guest")]
+struct Args {
+    /// MiB written and read sequentially.
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// Cache modes to measure the metadata workloads under.
+    #[arg(long, value_delimiter = ',', default_value = "auto,never,always")]
+    modes: Vec<String>,
+    #[arg(long)]
+    sbx: PathBuf,
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+}
+
+struct Session<'a> {
+    args: &'a Args,
+    state: PathBuf,
+}
+
+impl Session<'_> {
+    fn cmd(&self, a: &[&str]) -> Command {
+        let mut c = Command::new(&self.args.sbx);
+        c.args(a)
+            .env("SBX_RUNTIME_DIR", self.state.join("run"))
+            .env("SBX_STATE_DIR", self.state.join("state"));
+        c
+    }
+
+    fn start<'a>(
+        args: &'a Args,
+        state: PathBuf,
+        work: &Path,
+        mode: &str,
+    ) -> anyhow::Result<Session<'a>> {
+        let s = Session { args, state };
+        let out = s
+            .cmd(&["start", "--name", "fsb", "--mem", "512", "--fs-cache", mode])
+            .args(["--kernel", &args.kernel.to_string_lossy()])
+            .args(["--initrd", &args.initrd.to_string_lossy()])
+            .current_dir(work)
+            .output()?;
+        if !out.status.success() {
+            bail!("sbx start failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(s)
+    }
+
+    /// Seconds `script` takes in the guest, less the cost of an exec.
+    fn time(&self, script: &str, overhead: f64) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let out = self
+            .cmd(&["exec", "fsb", "--", "sh", "-c", script])
+            .output()?;
+        let secs = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!(
+                "guest: `{script}` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok((secs - overhead).max(0.0))
+    }
+
+    fn drop_caches(&self) -> anyhow::Result<()> {
+        self.time("sync; echo 3 > /proc/sys/vm/drop_caches", 0.0)
+            .map(|_| ())
+    }
+
+    fn exec_overhead(&self) -> anyhow::Result<f64> {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(self.time("true", 0.0)?);
+        }
+        Ok(stats::percentile(&v, 50.0).unwrap_or(0.0))
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["rm", "--force", "fsb"]).output();
+    }
+}
+
+fn host_time(dir: &Path, script: &str) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let out = Command::new(BB)
+        .args(["sh", "-c", script])
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "host: `{script}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn make_tree(root: &Path) -> anyhow::Result<()> {
+    for d in 0..TREE_DIRS {
+        let dir = root.join(format!("tree/d{d}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..TREE_FILES {
+            std::fs::write(dir.join(format!("f{f}")), b"x")?;
+        }
+    }
+    Ok(())
+}
+
+fn write_script(mib: u64) -> String {
+    format!("{BB} dd if=/dev/zero of=big bs=1048576 count={mib} 2>/dev/null")
+}
+
+fn read_script() -> String {
+    format!("{BB} dd if=big of=/dev/null bs=1048576 2>/dev/null")
+}
+
+fn find_script() -> String {
+    format!("{BB} find tree -type f -exec {BB} stat -c '%s %Y' {{}} + >/dev/null")
+}
+
+fn churn_script() -> String {
+    // Deleted by glob, not `rm -r`: over tmpfs (the nested host's /tmp) a
+    // directory's offsets shift as entries go, and a walk that deletes while
+    // it reads misses some.
+    format!("mkdir c && cd c && i=0; while [ $i -lt 10000 ]; do echo x > f$i; i=$((i+1)); done; cd .. && {BB} rm -f c/* && {BB} rmdir c")
+}
+
+struct Row {
+    what: String,
+    host: f64,
+    guest: f64,
+}
+
+fn print(rows: &[Row]) {
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "workload", "host s", "guest s", "ratio"
+    );
+    for r in rows {
+        println!(
+            "{:<44} {:>10.2} {:>10.2} {:>7.2}x",
+            r.what,
+            r.host,
+            r.guest,
+            r.guest / r.host.max(1e-6)
+        );
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let base = std::env::temp_dir().join(format!("sbx-bench-fs-{}", std::process::id()));
+    let host_dir = base.join("host");
+    let work = base.join("work");
+    std::fs::create_dir_all(&host_dir)?;
+    std::fs::create_dir_all(&work)?;
+    make_tree(&host_dir)?;
+    make_tree(&work)?;
+    let mib = args.mib;
+    println!("# sbx shared-directory benchmark: host-native against the guest's /workspace");
+    println!("# the same busybox commands on both sides; guest times exclude the exec round trip");
+
+    // Host-native figures.
+    let h_write = host_time(&host_dir, &write_script(mib))?;
+    let h_read = host_time(&host_dir, &read_script())?;
+    std::fs::remove_file(host_dir.join("big"))?;
+    let h_find = host_time(&host_dir, &find_script())?;
+    let h_find_warm = host_time(&host_dir, &find_script())?;
+    let h_churn = host_time(&host_dir, &churn_script())?;
+
+    let mut rows = Vec::new();
+    for (i, mode) in args.modes.iter().enumerate() {
+        let s = Session::start(&args, base.join(format!("state-{mode}")), &work, mode)
+            .with_context(|| format!("cache mode {mode}"))?;
+        let overhead = s.exec_overhead()?;
+        if i == 0 {
+            let w = s.time(&write_script(mib), overhead)?;
+            s.drop_caches()?;
+            let r = s.time(&read_script(), overhead)?;
+            s.time("rm big", overhead)?;
+            let rate = |secs: f64| mib as f64 * 1.048576 / secs.max(1e-6);
+            println!(
+                "# --fs-cache {mode}: write {:.0} MB/s (host {:.0}), read {:.0} MB/s (host {:.0})",
+                rate(w),
+                rate(h_write),
+                rate(r),
+                rate(h_read)
+            );
+            rows.push(Row {
+                what: format!("seq write {mib} MiB [{mode}]"),
+                host: h_write,
+                guest: w,
+            });
+            rows.push(Row {
+                what: format!("seq read {mib} MiB [{mode}]"),
+                host: h_read,
+                guest: r,
+            });
+        }
+        s.drop_caches()?;
+        let cold = s.time(&find_script(), overhead)?;
+        let warm = s.time(&find_script(), overhead)?;
+        let churn = s.time(&churn_script(), overhead)?;
+        let n = TREE_DIRS * TREE_FILES;
+        rows.push(Row {
+            what: format!("find+stat {n} files, cold [{mode}]"),
+            host: h_find,
+            guest: cold,
+        });
+        rows.push(Row {
+            what: format!("find+stat {n} files, warm [{mode}]"),
+            host: h_find_warm,
+            guest: warm,
+        });
+        rows.push(Row {
+            what: format!("create+delete 10000 files [{mode}]"),
+            host: h_churn,
+            guest: churn,
+        });
+        println!(
+            "# exec round trip subtracted under {mode}: {:.0} ms",
+            overhead * 1000.0
+        );
+    }
+    print(&rows);
+    println!("# target: metadata-heavy work within 3x of host-native");
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Shared directories against real guests: data and metadata round trips,
+//! git in /workspace, an escape suite, and mounts refused before boot.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sbx_tests::{sha256, text, Host};
+
+const MIB_100: u64 = 100 * 1024 * 1024;
+
+/// `sbx ARGS` run from `dir` (whose contents become /workspace).
+fn sbx_in(host: &Host, dir: &Path, args: &[&str]) -> Output {
+    let mut c = host.cmd(args);
+    c.current_dir(dir);
+    sbx_tests::output_within(&mut c, sbx_tests::SBX_TIMEOUT)
+}
+
+fn ok_in(host: &Host, dir: &Path, args: &[&str]) -> String {
+    let out = sbx_in(host, dir, args);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "sbx {args:?} failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn sh(host: &Host, session: &str, script: &str) -> Output {
+    host.sbx(&["exec", session, "--", "sh", "-c", script])
+}
+
+fn events(host: &Host, session: &str) -> Vec<serde_json::Value> {
+    host.ok(&["events", session, "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+fn data_metadata_and_git_round_trip() {
+    let host = Host::new();
+    let ws = host.dir.path().join("project");
+    std::fs::create_dir(&ws).unwrap();
+    run(Command::new("sh").current_dir(&ws).args([
+        "-c",
+        "head -c 104857600 /dev/urandom > in.bin && echo stamp > stamp.txt && chmod 640 stamp.txt && touch -d '2001-02-03 04:05:06' stamp.txt",
+    ]));
+    ok_in(&host, &ws, &["start", "--name", "f"]);
+
+    // Host to guest: the same bytes.
+    let out = sh(&host, "f", "sha256sum in.bin");
+    let guest_sum = text(&out.stdout);
+    assert_eq!(
+        guest_sum.split_whitespace().next(),
+        Some(sha256(&ws.join("in.bin")).as_str()),
+        "{}",
+        text(&out.stderr)
+    );
+    // Guest to host.
+    let out = sh(
+        &host,
+        "f",
+        &format!("head -c {MIB_100} /dev/urandom > out.bin && sha256sum out.bin"),
+    );
+    assert_eq!(
+        text(&out.stdout).split_whitespace().next(),
+        Some(sha256(&ws.join("out.bin")).as_str()),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(ws.join("out.bin")).unwrap().len(),
+        MIB_100
+    );
+
+    // Permissions and mtimes, both ways.
+    let out = sh(&host, "f", "stat -c '%a %Y' stamp.txt");
+    assert_eq!(
+        text(&out.stdout),
+        "640 981173106\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sh(
+        &host,
+        "f",
+        "echo g > made.txt && chmod 604 made.txt && touch -d '2002-03-04 05:06:07' made.txt",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let md = std::fs::metadata(ws.join("made.txt")).unwrap();
+    assert_eq!(md.permissions().mode() & 0o7777, 0o604);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(md.mtime(), 1015218367);
+
+    // git, start to finish, in /workspace; the host sees the commit.
+    let out = sh(
+        &host,
+        "f",
+        "rm in.bin out.bin && git init -q && git add -A && git -c user.name=t -c user.email=t@example.com commit -qm first && git status --porcelain && git log --oneline | wc -l",
+    );
+    assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
+    let log = run(Command::new("git")
+        .current_dir(&ws)
+        .args(["log", "--format=%s"]));
+    assert_eq!(log, "first\n");
+    let status = run(Command::new("git")
+        .current_dir(&ws)
+        .args(["status", "--porcelain"]));
+    assert_eq!(status, "");
+
+    host.ok(&["stop", "f"]);
+    // Changes were recorded, coalesced: a few records, not one per write.
+    let records = events(&host, "f");
+    let changes: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["action"] == "file_changes")
+        .collect();
+    assert!(!changes.is_empty() && changes.len() < 10, "{changes:?}");
+    let created: Vec<String> = changes
+        .iter()
+        .flat_map(|r| {
+            r["details"]["created"]["paths"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|p| p.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        created.contains(&"/workspace/out.bin".to_string()),
+        "{created:?}"
+    );
+    let mounts: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["action"] == "mount").collect();
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0]["rule_id"], "session-mounts");
+}
+
+#[test]
+fn escapes_fail_and_are_logged() {
+    let host = Host::new();
+    let base = host.dir.path();
+    let ws = base.join("ws");
+    let ro = base.join("ro");
+    std::fs::create_dir_all(ws.join("sub/dir")).unwrap();
+    std::fs::create_dir(&ro).unwrap();
+    let secret = base.join("secret.txt");
+    std::fs::write(&secret, "HOST-SECRET").unwrap();
+    std::fs::write(ws.join(".env"), "ENV-SECRET").unwrap();
+    std::fs::write(ro.join("keep.txt"), "keep").unwrap();
+    std::os::unix::fs::symlink(&secret, ws.join("host-abs-link")).unwrap();
+    std::os::unix::fs::symlink("../secret.txt", ws.join("host-rel-link")).unwrap();
+    run(Command::new("mkfifo").arg(ws.join("host-fifo")));
+    run(Command::new("mknod")
+        .arg(ws.join("host-null"))
+        .args(["c", "1", "3"]));
+    let ro_arg = format!("{}:/ro:ro", ro.display());
+    ok_in(&host, &ws, &["start", "--name", "e", "--mount", &ro_arg]);
+
+    let s = secret.display();
+    let attempts: Vec<(&str, String)> = vec![
+        ("dotdot", "cat /workspace/../secret.txt; cat ../secret.txt; cd sub/dir && cat ../../../secret.txt".into()),
+        ("guest-abs-symlink", format!("ln -s {s} /workspace/l1 && cat /workspace/l1")),
+        ("guest-rel-symlink", "ln -s ../secret.txt /workspace/l2 && cat /workspace/l2".into()),
+        ("host-symlinks", "cat host-abs-link; cat host-rel-link".into()),
+        ("hard-link", "ln /etc/passwd /workspace/hl && cat /workspace/hl".into()),
+        ("mknod", "mknod /workspace/mem c 1 1 && head -c 16 /workspace/mem | od".into()),
+        ("mkfifo", "mkfifo /workspace/fifo".into()),
+        ("host-fifo", "timeout 3 cat host-fifo".into()),
+        ("host-device", "head -c 4 host-null | od".into()),
+        ("setuid", "cp /bin/busybox /workspace/suid && chmod u+s /workspace/suid".into()),
+        ("ro-write", "echo x > /ro/new".into()),
+        ("ro-remount-write", "mount -o remount,rw /ro && echo x > /ro/new; rm -f /ro/keep.txt".into()),
+        ("denied-read", "cat /workspace/.env".into()),
+        ("denied-rename", "mv /workspace/.env /workspace/plain && cat /workspace/plain".into()),
+        ("denied-listing", "ls -a /workspace | grep -c env".into()),
+        ("rename-race", "mkdir -p r/a/b; (for i in $(seq 200); do mv r/a r/z; mv r/z r/a; done) & for i in $(seq 200); do cat r/a/b/../../../../secret.txt r/z/b/../../../secret.txt 2>/dev/null; done; wait".into()),
+    ];
+    let mut report = String::new();
+    for (name, script) in &attempts {
+        let out = sh(&host, "e", script);
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            !all.contains("HOST-SECRET") && !all.contains("ENV-SECRET"),
+            "{name} leaked a secret: {all}"
+        );
+        report.push_str(&format!("{name}: exit {:?}: {all}\n", out.status.code()));
+        if *name != "host-device" && *name != "denied-listing" && *name != "rename-race" {
+            assert_ne!(out.status.code(), Some(0), "{name} succeeded:\n{all}");
+        }
+    }
+    eprintln!("{report}");
+    host.ok(&["stop", "e"]);
+
+    // Nothing was made or changed outside what the guest may change.
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "HOST-SECRET");
+    assert_eq!(
+        std::fs::read_to_string(ro.join("keep.txt")).unwrap(),
+        "keep"
+    );
+    assert!(!ro.join("new").exists());
+    for made in ["mem", "fifo", "plain", "hl"] {
+        assert!(!ws.join(made).exists(), "{made} was created");
+    }
+    let suid = std::fs::metadata(ws.join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(suid & 0o6000, 0, "setuid bit set: {suid:o}");
+    let mut top: Vec<String> = std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["ro", "run", "secret.txt", "state", "ws"]);
+
+    // Each attempt that reached the device is a denial in the audit log,
+    // naming its rule.
+    let denials: Vec<(String, String, String)> = events(&host, "e")
+        .iter()
+        .filter(|r| r["decision"] == "deny")
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or("").to_string(),
+                r["resource"].as_str().unwrap_or("").to_string(),
+                r["rule_id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let has = |action: &str, path: &str, rule: &str| {
+        denials
+            .iter()
+            .any(|(a, p, r)| a == action && p == path && r == rule)
+    };
+    assert!(has("mknod", "/workspace/mem", "fs-guard"), "{denials:?}");
+    assert!(has("mknod", "/workspace/fifo", "fs-guard"), "{denials:?}");
+    assert!(has("chmod", "/workspace/suid", "fs-guard"), "{denials:?}");
+    assert!(
+        has("lookup", "/workspace/.env", "secret-files"),
+        "{denials:?}"
+    );
+    assert!(
+        denials
+            .iter()
+            .any(|(_, p, r)| p.starts_with("/ro") && r == "session-mounts"),
+        "{denials:?}"
+    );
+}
+
+#[test]
+fn denied_mounts_are_refused_before_boot() {
+    let host = Host::new();
+    let ws = host.dir.path().join("ws");
+    let ssh = host.dir.path().join(".ssh");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::create_dir_all(&ssh).unwrap();
+    let arg = format!("{}:/keys:ro", ssh.display());
+    let out = sbx_in(&host, &ws, &["start", "--name", "d", "--mount", &arg]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("secret-files") && err.contains(".ssh"),
+        "{err}"
+    );
+    // Refused and audited, and no session is left.
+    assert!(!host.runtime().join("d").exists());
+
+    let out = sbx_in(&host, &ws, &["start", "--mount", "/no/such/dir:/x"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("/no/such/dir"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sbx_in(&host, Path::new("/"), &["start"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("--no-workspace"),
+        "{}",
+        text(&out.stderr)
+    );
+}
