@@ -163,20 +163,22 @@ struct Row {
     guest: f64,
 }
 
-fn print(rows: &[Row]) {
+fn print_header() {
     println!(
         "{:<44} {:>10} {:>10} {:>8}",
         "workload", "host s", "guest s", "ratio"
     );
-    for r in rows {
-        println!(
-            "{:<44} {:>10.2} {:>10.2} {:>7.2}x",
-            r.what,
-            r.host,
-            r.guest,
-            r.guest / r.host.max(1e-6)
-        );
-    }
+}
+
+/// Rows are printed as they are measured: a long run still shows what it got.
+fn print(r: &Row) {
+    println!(
+        "{:<44} {:>10.2} {:>10.2} {:>7.2}x",
+        r.what,
+        r.host,
+        r.guest,
+        r.guest / r.host.max(1e-6)
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -201,6 +203,8 @@ fn main() -> anyhow::Result<()> {
     let h_churn = host_time(&host_dir, &churn_script())?;
 
     let mut rows = Vec::new();
+    let mut shown = 0;
+    print_header();
     for (i, mode) in args.modes.iter().enumerate() {
         let s = Session::start(&args, base.join(format!("state-{mode}")), &work, mode)
             .with_context(|| format!("cache mode {mode}"))?;
@@ -249,12 +253,15 @@ fn main() -> anyhow::Result<()> {
             host: h_churn,
             guest: churn,
         });
+        for r in &rows[shown..] {
+            print(r);
+        }
+        shown = rows.len();
         println!(
             "# exec round trip subtracted under {mode}: {:.0} ms",
             overhead * 1000.0
         );
     }
-    print(&rows);
     println!("# target: metadata-heavy work within 3x of host-native");
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
