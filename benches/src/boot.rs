@@ -11,12 +11,12 @@
 //! host's KVM cannot boot guests).
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use images::Images;
 
 const READY: &str = "sbx-bench-ready";
 
@@ -26,13 +26,8 @@ struct Args {
     /// Boots per VMM.
     #[arg(long, default_value_t = 10)]
     runs: usize,
-    /// The sbx binary (a release build gives representative numbers).
-    #[arg(long)]
-    sbx: PathBuf,
-    #[arg(long)]
-    kernel: PathBuf,
-    #[arg(long)]
-    initrd: PathBuf,
+    #[command(flatten)]
+    images: Images,
     #[arg(long, default_value_t = 256)]
     mem: u64,
     #[arg(long, default_value_t = 1)]
@@ -123,12 +118,9 @@ fn bench_sbx(args: &Args) -> anyhow::Result<Samples> {
     let mut s = Samples::default();
     for i in 0..args.runs {
         let run = timed_run(
-            Command::new(&args.sbx)
+            Command::new(&args.images.sbx)
                 .arg("boot")
-                .arg("--kernel")
-                .arg(&args.kernel)
-                .arg("--initrd")
-                .arg(&args.initrd)
+                .args(args.images.boot_args())
                 .args([
                     "--mem",
                     &args.mem.to_string(),
@@ -176,9 +168,9 @@ fn bench_qemu(args: &Args) -> anyhow::Result<Samples> {
                 ])
                 .args(["-serial", "stdio"])
                 .arg("-kernel")
-                .arg(&args.kernel)
+                .arg(&args.images.kernel)
                 .arg("-initrd")
-                .arg(&args.initrd)
+                .arg(&args.images.initrd)
                 .args(["-append", &format!("{} -- echo {READY}", cmdline())]),
         )
         .with_context(|| format!("qemu microvm boot {i}"))?;
@@ -189,6 +181,7 @@ fn bench_qemu(args: &Args) -> anyhow::Result<Samples> {
     Ok(s)
 }
 
+mod images;
 mod stats;
 use stats::cell;
 
@@ -200,7 +193,7 @@ fn main() -> anyhow::Result<()> {
         args.runs,
         args.vcpus,
         args.mem,
-        args.kernel.display()
+        args.images.kernel.display()
     );
     let sbx = bench_sbx(&args)?;
     let qemu = if args.no_qemu {

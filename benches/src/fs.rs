@@ -18,7 +18,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use images::Images;
 
+mod images;
 #[allow(dead_code)] // shared with the other benchmarks, which use all of it
 mod stats;
 
@@ -35,12 +37,8 @@ struct Args {
     /// Cache modes to measure the metadata workloads under.
     #[arg(long, value_delimiter = ',', default_value = "auto,never,always")]
     modes: Vec<String>,
-    #[arg(long)]
-    sbx: PathBuf,
-    #[arg(long)]
-    kernel: PathBuf,
-    #[arg(long)]
-    initrd: PathBuf,
+    #[command(flatten)]
+    images: Images,
 }
 
 struct Session<'a> {
@@ -50,7 +48,7 @@ struct Session<'a> {
 
 impl Session<'_> {
     fn cmd(&self, a: &[&str]) -> Command {
-        let mut c = Command::new(&self.args.sbx);
+        let mut c = Command::new(&self.args.images.sbx);
         c.args(a)
             .env("SBX_RUNTIME_DIR", self.state.join("run"))
             .env("SBX_STATE_DIR", self.state.join("state"));
@@ -66,8 +64,7 @@ impl Session<'_> {
         let s = Session { args, state };
         let out = s
             .cmd(&["start", "--name", "fsb", "--mem", "512", "--fs-cache", mode])
-            .args(["--kernel", &args.kernel.to_string_lossy()])
-            .args(["--initrd", &args.initrd.to_string_lossy()])
+            .args(args.images.boot_args())
             .current_dir(work)
             .output()?;
         if !out.status.success() {

@@ -19,8 +19,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use images::Images;
 use sbx_protocol::agent::{write_frame, Control, ExecRequest, Frame, FrameIo};
 
+mod images;
 mod stats;
 use stats::cell;
 
@@ -33,13 +35,8 @@ struct Args {
     /// MiB moved per throughput run.
     #[arg(long, default_value_t = 256)]
     mib: u64,
-    /// The sbx binary (a release build gives representative numbers).
-    #[arg(long)]
-    sbx: PathBuf,
-    #[arg(long)]
-    kernel: PathBuf,
-    #[arg(long)]
-    initrd: PathBuf,
+    #[command(flatten)]
+    images: Images,
 }
 
 struct Session {
@@ -159,19 +156,12 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("sbx-bench-session-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let s = Session {
-        sbx: args.sbx.clone(),
+        sbx: args.images.sbx.clone(),
         dir,
     };
     let start = s
-        .cmd(&[
-            "start",
-            "--name",
-            "bench",
-            "--kernel",
-            &args.kernel.to_string_lossy(),
-            "--initrd",
-            &args.initrd.to_string_lossy(),
-        ])
+        .cmd(&["start", "--name", "bench"])
+        .args(args.images.boot_args())
         .output()
         .context("cannot run sbx start")?;
     if !start.status.success() {

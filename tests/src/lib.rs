@@ -139,8 +139,21 @@ impl Host {
         output_within(&mut self.cmd(args), SBX_TIMEOUT)
     }
 
+    /// `sbx ARGS` run from `dir` (whose contents become /workspace).
+    pub fn sbx_in(&self, dir: &Path, args: &[&str]) -> Output {
+        output_within(self.cmd(args).current_dir(dir), SBX_TIMEOUT)
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.sbx(args);
+        Self::succeeded(args, self.sbx(args))
+    }
+
+    pub fn ok_in(&self, dir: &Path, args: &[&str]) -> String {
+        Self::succeeded(args, self.sbx_in(dir, args))
+    }
+
+    /// The output of a command that must have exited 0.
+    fn succeeded(args: &[&str], out: Output) -> String {
         assert_eq!(
             out.status.code(),
             Some(0),

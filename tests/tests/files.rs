@@ -9,25 +9,6 @@ use sbx_tests::{sha256, text, Host};
 
 const MIB_100: u64 = 100 * 1024 * 1024;
 
-/// `sbx ARGS` run from `dir` (whose contents become /workspace).
-fn sbx_in(host: &Host, dir: &Path, args: &[&str]) -> Output {
-    let mut c = host.cmd(args);
-    c.current_dir(dir);
-    sbx_tests::output_within(&mut c, sbx_tests::SBX_TIMEOUT)
-}
-
-fn ok_in(host: &Host, dir: &Path, args: &[&str]) -> String {
-    let out = sbx_in(host, dir, args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "sbx {args:?} failed:\n{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 fn sh(host: &Host, session: &str, script: &str) -> Output {
     host.sbx(&["exec", session, "--", "sh", "-c", script])
 }
@@ -54,7 +35,7 @@ fn data_metadata_and_git_round_trip() {
         "-c",
         "head -c 104857600 /dev/urandom > in.bin && echo stamp > stamp.txt && chmod 640 stamp.txt && touch -d '2001-02-03 04:05:06' stamp.txt",
     ]));
-    ok_in(&host, &ws, &["start", "--name", "f"]);
+    host.ok_in(&ws, &["start", "--name", "f"]);
 
     // Host to guest: the same bytes.
     let out = sh(&host, "f", "sha256sum in.bin");
@@ -164,7 +145,7 @@ fn escapes_fail_and_are_logged() {
         .arg(ws.join("host-null"))
         .args(["c", "1", "3"]));
     let ro_arg = format!("{}:/ro:ro", ro.display());
-    ok_in(&host, &ws, &["start", "--name", "e", "--mount", &ro_arg]);
+    host.ok_in(&ws, &["start", "--name", "e", "--mount", &ro_arg]);
 
     let s = secret.display();
     let attempts: Vec<(&str, String)> = vec![
@@ -265,7 +246,7 @@ fn denied_mounts_are_refused_before_boot() {
     std::fs::create_dir_all(&ws).unwrap();
     std::fs::create_dir_all(&ssh).unwrap();
     let arg = format!("{}:/keys:ro", ssh.display());
-    let out = sbx_in(&host, &ws, &["start", "--name", "d", "--mount", &arg]);
+    let out = host.sbx_in(&ws, &["start", "--name", "d", "--mount", &arg]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(
@@ -275,14 +256,14 @@ fn denied_mounts_are_refused_before_boot() {
     // Refused and audited, and no session is left.
     assert!(!host.runtime().join("d").exists());
 
-    let out = sbx_in(&host, &ws, &["start", "--mount", "/no/such/dir:/x"]);
+    let out = host.sbx_in(&ws, &["start", "--mount", "/no/such/dir:/x"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(
         text(&out.stderr).contains("/no/such/dir"),
         "{}",
         text(&out.stderr)
     );
-    let out = sbx_in(&host, Path::new("/"), &["start"]);
+    let out = host.sbx_in(Path::new("/"), &["start"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(
         text(&out.stderr).contains("--no-workspace"),

@@ -9,6 +9,7 @@ pub mod mmio;
 pub mod vsock;
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -27,6 +28,51 @@ pub enum ActivateError {
     BadQueue(usize),
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
+}
+
+/// Reads `data.len()` bytes of a device's configuration space `cfg` from
+/// `offset`; bytes past its end read as zero.
+pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| cfg.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// A device's worker thread and the eventfd that asks it to stop.
+pub(crate) struct WorkerThread {
+    stop: EventFd,
+    handle: JoinHandle<()>,
+}
+
+impl WorkerThread {
+    /// A fresh stop eventfd: hand a clone to the worker's loop, which
+    /// returns once it becomes readable.
+    pub(crate) fn stop_fd() -> Result<EventFd, ActivateError> {
+        EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)
+    }
+
+    /// Runs `run` on a thread named `name`; `stop` is what [`WorkerThread::stop`] signals.
+    pub(crate) fn start(
+        name: &str,
+        stop: EventFd,
+        run: impl FnOnce() + Send + 'static,
+    ) -> Result<WorkerThread, ActivateError> {
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(run)
+            .map_err(ActivateError::Worker)?;
+        Ok(WorkerThread { stop, handle })
+    }
+
+    /// Asks the thread to stop and waits for it.
+    pub(crate) fn stop(self) {
+        let _ = self.stop.write(1);
+        let _ = self.handle.join();
+    }
 }
 
 /// What the transport needs from a device.

@@ -19,8 +19,9 @@
 //! - every refusal is reported, and so is every change, for the audit log.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::CStr;
+use std::ffi::{CStr, OsStr};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -155,6 +156,11 @@ impl Guard {
     /// The guest path of `name` in `parent`, once `name` is known to be one
     /// plain component.
     fn child(&self, op: &str, parent: u64, name: &CStr) -> io::Result<String> {
+        Ok(self.guest_path(&self.child_rel(op, parent, name)?))
+    }
+
+    /// As [`Guard::child`], as a path inside the mount, bytes as on the host.
+    fn child_rel(&self, op: &str, parent: u64, name: &CStr) -> io::Result<Vec<u8>> {
         let n = name.to_bytes();
         if n.is_empty() || n == b"." || n == b".." || n.contains(&b'/') {
             let at = self
@@ -172,7 +178,12 @@ impl Guard {
             rel.push(b'/');
         }
         rel.extend_from_slice(n);
-        Ok(self.guest_path(&rel))
+        Ok(rel)
+    }
+
+    /// The file type bits of an inode the guest was given.
+    fn mode_of(&self, inode: u64) -> Option<u32> {
+        self.nodes().get(&inode).map(|n| n.mode)
     }
 
     /// Refuses with one of the device's own protections.
@@ -251,14 +262,6 @@ impl Guard {
             }
         }
         Ok(None)
-    }
-
-    fn host_path(&self, guest: &str) -> PathBuf {
-        let rel = guest
-            .strip_prefix(&self.guest_root)
-            .unwrap_or("")
-            .trim_start_matches('/');
-        self.host_root.join(rel)
     }
 
     fn created(&self, parent: u64, name: &CStr, path: &str, e: &Entry) {
@@ -432,7 +435,8 @@ impl FileSystem for Guard {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        let old = self.child("rename", olddir, oldname)?;
+        let old_rel = self.child_rel("rename", olddir, oldname)?;
+        let old = self.guest_path(&old_rel);
         let new = self.child("rename", newdir, newname)?;
         self.check("rename", &old, FsAccess::Write)?;
         self.check("rename", &new, FsAccess::Write)?;
@@ -446,7 +450,9 @@ impl FileSystem for Guard {
                 libc::EINVAL,
             );
         }
-        let host_old = self.host_path(&old);
+        // The host's bytes, not the guest path's lossy text: a name that is
+        // not UTF-8 must still be found and walked.
+        let host_old = self.host_root.join(OsStr::from_bytes(&old_rel));
         if std::fs::symlink_metadata(&host_old).is_ok_and(|m| m.is_dir()) {
             match self.carries_denied(&host_old, &old) {
                 Ok(None) => {}
@@ -483,11 +489,7 @@ impl FileSystem for Guard {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         let path = self.child("link", newparent, newname)?;
         self.check("link", &path, FsAccess::Write)?;
-        let mode = self
-            .nodes()
-            .get(&inode)
-            .map(|n| n.mode)
-            .ok_or_else(|| err(libc::EBADF))?;
+        let mode = self.mode_of(inode).ok_or_else(|| err(libc::EBADF))?;
         if !matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) {
             self.refuse(
                 "link",
@@ -509,7 +511,7 @@ impl FileSystem for Guard {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let path = self.path_of(inode)?;
-        let mode = self.nodes().get(&inode).map_or(0, |n| n.mode);
+        let mode = self.mode_of(inode).unwrap_or(0);
         if mode & libc::S_IFMT != libc::S_IFREG {
             self.refuse(
                 "open",
@@ -654,7 +656,7 @@ impl FileSystem for Guard {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let mode = self.nodes().get(&inode).map_or(0, |n| n.mode);
+        let mode = self.mode_of(inode).unwrap_or(0);
         if mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
         }

@@ -12,7 +12,6 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::api::server::Server;
@@ -20,7 +19,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice};
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread};
 use crate::vstate::memory::GuestMemory;
 pub use guard::Guard;
 
@@ -184,7 +183,7 @@ pub fn file_system(config: &FsConfig) -> Result<Guard, FsError> {
 pub struct Fs {
     tag: [u8; TAG_LEN],
     server: Arc<Server<Guard>>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<WorkerThread>,
 }
 
 impl Fs {
@@ -220,13 +219,7 @@ impl VirtioDevice for Fs {
         let mut cfg = [0u8; TAG_LEN + 4];
         cfg[..TAG_LEN].copy_from_slice(&self.tag);
         cfg[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&cfg, offset, data);
     }
 
     fn activate(
@@ -243,7 +236,7 @@ impl VirtioDevice for Fs {
                 want: QUEUE_SIZES.len(),
             });
         }
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let stop = WorkerThread::stop_fd()?;
         let worker = worker::Worker::new(
             mem,
             queues,
@@ -253,18 +246,13 @@ impl VirtioDevice for Fs {
             self.server.clone(),
         )
         .map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name("sbx-fs".into())
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((stop, handle));
+        self.worker = Some(WorkerThread::start("sbx-fs", stop, move || worker.run())?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = handle.join();
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
     }
 }

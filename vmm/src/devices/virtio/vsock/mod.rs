@@ -17,13 +17,12 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, Interrupt, VirtioDevice};
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread};
 use crate::vstate::memory::GuestMemory;
 
 pub const DEVICE_TYPE: u32 = 19;
@@ -172,7 +171,7 @@ pub struct Vsock {
     config: VsockConfig,
     /// Bound before the guest boots, so that clients can connect at once.
     listener: Option<Arc<std::os::unix::net::UnixListener>>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    worker: Option<WorkerThread>,
 }
 
 impl Vsock {
@@ -209,14 +208,11 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let cfg = u64::from(self.config.guest_cid).to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(
+            &u64::from(self.config.guest_cid).to_le_bytes(),
+            offset,
+            data,
+        );
     }
 
     fn activate(
@@ -234,7 +230,7 @@ impl VirtioDevice for Vsock {
                     got: q.len(),
                     want: 3,
                 })?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let stop = WorkerThread::stop_fd()?;
         let muxer = muxer::Muxer::new(
             muxer::Setup {
                 mem,
@@ -251,18 +247,13 @@ impl VirtioDevice for Vsock {
             self.config.host.shared.clone(),
         )
         .map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name("sbx-vsock".into())
-            .spawn(move || muxer.run())
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((stop, handle));
+        self.worker = Some(WorkerThread::start("sbx-vsock", stop, move || muxer.run())?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((stop, handle)) = self.worker.take() {
-            let _ = stop.write(1);
-            let _ = handle.join();
+        if let Some(w) = self.worker.take() {
+            w.stop();
         }
     }
 }
