@@ -32,6 +32,7 @@ rule_fields!(
     RawMount,
     RawFsRule,
     RawNetRule,
+    RawHttpRule,
     RawCredential,
     RawMcpRule,
     RawExecRule
@@ -50,6 +51,8 @@ pub(crate) struct RawFile {
     pub fs: Vec<S<RawFsRule>>,
     #[serde(default)]
     pub network: Vec<S<RawNetRule>>,
+    #[serde(default)]
+    pub http: Vec<S<RawHttpRule>>,
     #[serde(default)]
     pub credential: Vec<S<RawCredential>>,
     #[serde(default)]
@@ -87,6 +90,20 @@ pub(crate) struct RawNetRule {
     pub to: Vec<S<String>>,
     #[serde(default)]
     pub ports: Vec<S<toml::Value>>,
+    pub intercept: Option<S<bool>>,
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHttpRule {
+    pub id: Option<S<String>>,
+    pub action: S<String>,
+    pub hosts: Vec<S<String>>,
+    #[serde(default)]
+    pub methods: Vec<S<String>>,
+    #[serde(default)]
+    pub paths: Vec<S<String>>,
     pub reason: Option<String>,
 }
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use crate::compile::Ctx;
 use crate::format::RawNetRule;
 use crate::host::{mask_v4, mask_v6, normalize_host, Cidr, HostError, HostPattern, NetHost};
-use crate::rule::{RuleIdx, Surface};
+use crate::rule::{Action, RuleIdx, Surface};
 use crate::PolicyError;
 
 /// Inclusive port ranges; empty means every port.
@@ -42,7 +42,7 @@ struct Entry {
 }
 
 /// One `to` entry of a rule.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Dest {
     Host(HostPattern),
     Net(Cidr),
@@ -160,6 +160,9 @@ pub(crate) struct NetRules {
     /// Networks grouped by prefix length: one lookup per distinct length.
     v4: Vec<(u8, HashMap<u32, Vec<Entry>>)>,
     v6: Vec<(u8, HashMap<u128, Vec<Entry>>)>,
+    /// Destinations of allow rules with `intercept = false`: the proxy only
+    /// tunnels to them, never terminates their TLS.
+    passthrough: Vec<Dest>,
 }
 
 fn by_prefix<K: std::hash::Hash + Eq>(
@@ -193,6 +196,16 @@ impl NetRules {
             ));
         }
         let ports = parse_ports(ctx, &r.ports)?;
+        let intercept = match &r.intercept {
+            Some(i) if !*i.get_ref() && action == Action::Deny => {
+                return Err(ctx.err(
+                    i.span().start,
+                    "`intercept` is for allow rules: a denied connection is never made",
+                ))
+            }
+            Some(i) => *i.get_ref(),
+            None => true,
+        };
         let mut dests = Vec::new();
         for t in &r.to {
             let (dest, port) =
@@ -231,9 +244,16 @@ impl NetRules {
             Surface::Net,
             raw,
             action,
-            format!("{} {summary}", action.as_str()),
+            format!(
+                "{} {summary}{}",
+                action.as_str(),
+                if intercept { "" } else { " (never intercepted)" }
+            ),
         )?;
         for (dest, ports) in dests {
+            if !intercept {
+                self.passthrough.push(dest.clone());
+            }
             let entry = Entry { rule, ports };
             match dest {
                 Dest::Host(HostPattern::Any) => self.any.push(entry),
@@ -251,6 +271,42 @@ impl NetRules {
             }
         }
         Ok(())
+    }
+
+    /// Whether an allow rule with `intercept = false` covers `host`.
+    pub(crate) fn passthrough(&self, host: &NetHost) -> bool {
+        self.passthrough.iter().any(|d| match (d, host) {
+            (Dest::Host(p), NetHost::Name(n)) => p.matches(n),
+            (Dest::Host(p), NetHost::Ip(_)) => *p == HostPattern::Any,
+            (Dest::Net(c), NetHost::Ip(ip)) => c.contains(*ip),
+            (Dest::Net(_), NetHost::Name(_)) => false,
+        })
+    }
+
+    /// Calls `seen` with every address or network rule that covers `ip` on
+    /// `port` (not `*`: that names no address).
+    pub(crate) fn visit_addr(&self, ip: IpAddr, port: u16, mut seen: impl FnMut(RuleIdx)) {
+        let mut hits = |entries: Option<&Vec<Entry>>| {
+            for e in entries.into_iter().flatten() {
+                if e.ports.contains(port) {
+                    seen(e.rule);
+                }
+            }
+        };
+        match crate::host::canonical_ip(ip) {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                for (prefix, map) in &self.v4 {
+                    hits(map.get(&mask_v4(a, *prefix)));
+                }
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                for (prefix, map) in &self.v6 {
+                    hits(map.get(&mask_v6(a, *prefix)));
+                }
+            }
+        }
     }
 
     /// Calls `seen` with every rule that matches a connection to `host` (and
@@ -285,20 +341,8 @@ impl NetRules {
             }
             NetHost::Ip(ip) => Some(*ip),
         };
-        match ip.map(crate::host::canonical_ip) {
-            Some(IpAddr::V4(a)) => {
-                let a = u32::from(a);
-                for (prefix, map) in &self.v4 {
-                    hits(map.get(&mask_v4(a, *prefix)));
-                }
-            }
-            Some(IpAddr::V6(a)) => {
-                let a = u128::from(a);
-                for (prefix, map) in &self.v6 {
-                    hits(map.get(&mask_v6(a, *prefix)));
-                }
-            }
-            None => {}
+        if let Some(ip) = ip {
+            self.visit_addr(ip, port, &mut seen);
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::credential::{CredentialGrant, CredentialRules};
 use crate::exec::ExecRules;
 use crate::format::RawFile;
 use crate::fs::{normalize_guest_path, Access, FsRules, Mount};
+use crate::http::HttpRules;
 use crate::host::NetHost;
 use crate::limits::Limits;
 use crate::mcp::McpRules;
@@ -248,6 +249,7 @@ pub struct Policy {
     rules: Vec<RuleInfo>,
     sources: Vec<SourceInfo>,
     net: NetRules,
+    http: HttpRules,
     fs: FsRules,
     creds: CredentialRules,
     mcp: McpRules,
@@ -255,6 +257,7 @@ pub struct Policy {
     limits: Limits,
     defaults: Vec<RuleInfo>,
     within_limits: RuleInfo,
+    non_public: RuleInfo,
 }
 
 fn because(rule: &RuleInfo, verdict: Verdict, what: &str) -> String {
@@ -285,6 +288,7 @@ impl Policy {
             rules: Vec::new(),
             sources: Vec::new(),
             net: NetRules::default(),
+            http: HttpRules::default(),
             fs: FsRules::default(),
             creds: CredentialRules::default(),
             mcp: McpRules::default(),
@@ -296,6 +300,12 @@ impl Policy {
                 Surface::Limits,
                 Action::Allow,
                 "requests within every limit are allowed",
+            ),
+            non_public: builtin(
+                "non-public-address",
+                Surface::Net,
+                Action::Deny,
+                "loopback, private, link-local and metadata addresses, unless an address rule names them",
             ),
         }
     }
@@ -311,6 +321,9 @@ impl Policy {
         }
         for r in &raw.network {
             self.net.add(&mut ctx, r)?;
+        }
+        for r in &raw.http {
+            self.http.add(&mut ctx, r)?;
         }
         for r in &raw.credential {
             self.creds.add(&mut ctx, r)?;
@@ -385,6 +398,69 @@ impl Policy {
             },
             |r, v| because(r, v, &what()),
         )
+    }
+
+    /// May the guest connect to `host` on `port` at `addr`, the address the
+    /// proxy resolved and will connect to? As [`Policy::decide_net`], and
+    /// then a non-public address (loopback, private, link-local, cloud
+    /// metadata) is refused unless an allow rule names that address or its
+    /// network: allowing a name does not allow whatever it resolves to.
+    pub fn decide_connect(&self, host: &NetHost, addr: IpAddr, port: u16) -> Decision<'_> {
+        let d = self.decide_net(host, Some(addr), port);
+        let Some(class) = crate::host::address_class(addr) else {
+            return d;
+        };
+        if !d.allowed() {
+            return d;
+        }
+        let mut t = Tally::new(false);
+        self.net.visit_addr(addr, port, |i| t.see(&self.rules, i));
+        if t.allow().is_some() {
+            return d;
+        }
+        let what = match host {
+            NetHost::Ip(_) => format!("{host} is {class}"),
+            NetHost::Name(_) => format!("{host} resolves to {addr}, {class}"),
+        };
+        Decision {
+            verdict: Verdict::Deny,
+            rule: &self.non_public,
+            reason: format!(
+                "{what}; only a network rule that names the address or its network allows it"
+            )
+            .into(),
+            matched: Vec::new(),
+        }
+    }
+
+    /// Whether the proxy must only tunnel to `host`, never terminate its
+    /// TLS (an allow rule says `intercept = false`).
+    pub fn passthrough(&self, host: &NetHost) -> bool {
+        self.net.passthrough(host)
+    }
+
+    /// Whether request rules restrict `host`, so the proxy must read its
+    /// requests.
+    pub fn restricts_http(&self, host: &NetHost) -> bool {
+        self.http.names(host)
+    }
+
+    /// May the guest send `method` to `path` (without the query) on
+    /// `host`? None when no request rule names the host.
+    pub fn decide_http(&self, host: &NetHost, method: &str, path: &str) -> Option<Decision<'_>> {
+        if !self.http.names(host) {
+            return None;
+        }
+        let mut t = Tally::new(false);
+        self.http
+            .visit(host, method, path, |i| t.see(&self.rules, i));
+        let what = format!("{method} {host}{path}");
+        Some(t.decide(
+            &self.rules,
+            self.default_rule(Surface::Http),
+            || format!("request rules name {host} and none allows {what}"),
+            |r, v| because(r, v, &what),
+        ))
     }
 
     /// May the guest read or write `path` (a guest path)?

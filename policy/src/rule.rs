@@ -92,6 +92,8 @@ impl Action {
 pub enum Surface {
     Fs,
     Net,
+    /// Requests on hosts whose HTTP the egress proxy reads.
+    Http,
     Credential,
     Mcp,
     Exec,
@@ -99,9 +101,10 @@ pub enum Surface {
 }
 
 impl Surface {
-    pub const ALL: [Surface; 6] = [
+    pub const ALL: [Surface; 7] = [
         Surface::Fs,
         Surface::Net,
+        Surface::Http,
         Surface::Credential,
         Surface::Mcp,
         Surface::Exec,
@@ -112,6 +115,7 @@ impl Surface {
         match self {
             Surface::Fs => "fs",
             Surface::Net => "net",
+            Surface::Http => "http",
             Surface::Credential => "credential",
             Surface::Mcp => "mcp",
             Surface::Exec => "exec",

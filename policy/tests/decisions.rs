@@ -431,3 +431,103 @@ fn session_mounts_meet_the_deny_rules() {
         .unwrap_err();
     assert!(err.reason.contains("already mounted"), "{}", err.reason);
 }
+
+fn text_policy(text: &str) -> Policy {
+    let mut b = PolicyBuilder::new();
+    b.add_text("egress.toml", text).unwrap();
+    b.build().unwrap()
+}
+
+#[test]
+fn resolved_non_public_addresses_need_an_address_rule() {
+    let p = text_policy(
+        r#"
+version = 1
+[[network]]
+id = "web"
+action = "allow"
+to = ["allowed.test", "*"]
+[[network]]
+id = "lab"
+action = "allow"
+to = ["10.9.0.0/16"]
+ports = [443]
+"#,
+    );
+    let name = NetHost::Name("allowed.test".into());
+    let ip = |s: &str| s.parse().unwrap();
+    let d = p.decide_connect(&name, ip("93.184.216.34"), 443);
+    assert!(d.allowed(), "{}", d.reason);
+    for (addr, class) in [
+        ("127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("169.254.169.254", "metadata"),
+        ("fd00:ec2::254", "metadata"),
+        ("::ffff:192.168.1.1", "private"),
+        ("fe80::1", "link-local"),
+        ("100.64.0.1", "carrier-grade"),
+    ] {
+        let d = p.decide_connect(&name, ip(addr), 443);
+        assert!(!d.allowed(), "{addr} allowed");
+        assert_eq!(d.rule.id, "non-public-address", "{addr}");
+        assert!(d.reason.contains(class), "{addr}: {}", d.reason);
+        assert!(d.reason.contains("resolves to"), "{}", d.reason);
+    }
+    // Named by an address rule, on its port only.
+    assert!(p.decide_connect(&name, ip("10.9.3.4"), 443).allowed());
+    assert!(!p.decide_connect(&name, ip("10.9.3.4"), 80).allowed());
+    let lit = NetHost::Ip(ip("127.0.0.1"));
+    let d = p.decide_connect(&lit, ip("127.0.0.1"), 80);
+    assert!(d.reason.contains("127.0.0.1 is a loopback address"), "{}", d.reason);
+}
+
+#[test]
+fn request_rules_and_interception_opt_out() {
+    let p = text_policy(
+        r#"
+version = 1
+[[network]]
+action = "allow"
+to = ["api.github.com", "pinned.example"]
+[[network]]
+id = "pinned"
+action = "allow"
+to = ["pinned.example"]
+intercept = false
+[[http]]
+id = "gh-read"
+action = "allow"
+hosts = ["api.github.com"]
+methods = ["get"]
+paths = ["/repos/acme/**"]
+[[http]]
+id = "no-secrets-repo"
+action = "deny"
+hosts = ["api.github.com"]
+paths = ["/repos/acme/secrets/**"]
+"#,
+    );
+    let gh = NetHost::Name("api.github.com".into());
+    assert!(p.restricts_http(&gh));
+    let d = |m: &str, path: &str| p.decide_http(&gh, m, path).unwrap();
+    assert!(d("GET", "/repos/acme/x/issues").allowed());
+    assert_eq!(d("POST", "/repos/acme/x/issues").rule.id, "default-deny");
+    assert_eq!(d("GET", "/repos/other/x").rule.id, "default-deny");
+    assert_eq!(d("GET", "/repos/acme/secrets/a").rule.id, "no-secrets-repo");
+    let other = NetHost::Name("pinned.example".into());
+    assert!(p.decide_http(&other, "DELETE", "/").is_none());
+    assert!(p.passthrough(&other));
+    assert!(!p.passthrough(&gh));
+
+    let mut b = PolicyBuilder::new();
+    let err = b
+        .add_text(
+            "bad.toml",
+            "version = 1\n[[network]]\naction = \"deny\"\nto = [\"a.com\"]\nintercept = false\n",
+        )
+        .and_then(|b| std::mem::take(b).build().map(|_| ()))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("bad.toml:5"), "{err}");
+}
