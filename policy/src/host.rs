@@ -249,6 +249,57 @@ pub(crate) fn mask_v6(a: u128, prefix: u8) -> u128 {
     }
 }
 
+/// What kind of non-public address `ip` is, or None for a public one. The
+/// egress proxy refuses these unless an address rule names them: a name that
+/// resolves to one is how DNS rebinding reaches the host and its LAN.
+pub fn address_class(ip: IpAddr) -> Option<&'static str> {
+    match canonical_ip(ip) {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            if a == Ipv4Addr::new(169, 254, 169, 254) || a == Ipv4Addr::new(100, 100, 100, 200) {
+                Some("a cloud metadata address")
+            } else if a.is_loopback() {
+                Some("a loopback address")
+            } else if a.is_private() {
+                Some("a private address")
+            } else if a.is_link_local() {
+                Some("a link-local address")
+            } else if a.is_unspecified() || o[0] == 0 {
+                Some("an unspecified address")
+            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+                Some("a carrier-grade NAT address")
+            } else if a.is_multicast() || a.is_broadcast() || o[0] >= 240 {
+                Some("a multicast or reserved address")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            if a == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+                Some("a cloud metadata address")
+            } else if a.is_loopback() {
+                Some("a loopback address")
+            } else if a.is_unspecified() {
+                Some("an unspecified address")
+            } else if (s[0] & 0xfe00) == 0xfc00 {
+                Some("a unique local (private) address")
+            } else if (s[0] & 0xffc0) == 0xfe80 {
+                Some("a link-local address")
+            } else if a.is_multicast() {
+                Some("a multicast address")
+            } else if s[0] == 0x64 && s[1] == 0xff9b {
+                // NAT64 carries an IPv4 address; judge that one.
+                let v4 =
+                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+                address_class(IpAddr::V4(v4))
+            } else {
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,60 +368,5 @@ mod tests {
             Cidr::parse("::ffff:10.0.0.0/104").unwrap(),
             Cidr::parse("10.0.0.0/8").unwrap()
         );
-    }
-}
-
-/// What kind of non-public address `ip` is, or None for a public one. The
-/// egress proxy refuses these unless an address rule names them: a name that
-/// resolves to one is how DNS rebinding reaches the host and its LAN.
-pub fn address_class(ip: IpAddr) -> Option<&'static str> {
-    match canonical_ip(ip) {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            if a == Ipv4Addr::new(169, 254, 169, 254) || a == Ipv4Addr::new(100, 100, 100, 200) {
-                Some("a cloud metadata address")
-            } else if a.is_loopback() {
-                Some("a loopback address")
-            } else if a.is_private() {
-                Some("a private address")
-            } else if a.is_link_local() {
-                Some("a link-local address")
-            } else if a.is_unspecified() || o[0] == 0 {
-                Some("an unspecified address")
-            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
-                Some("a carrier-grade NAT address")
-            } else if a.is_multicast() || a.is_broadcast() || o[0] >= 240 {
-                Some("a multicast or reserved address")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(a) => {
-            let s = a.segments();
-            if a == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
-                Some("a cloud metadata address")
-            } else if a.is_loopback() {
-                Some("a loopback address")
-            } else if a.is_unspecified() {
-                Some("an unspecified address")
-            } else if (s[0] & 0xfe00) == 0xfc00 {
-                Some("a unique local (private) address")
-            } else if (s[0] & 0xffc0) == 0xfe80 {
-                Some("a link-local address")
-            } else if a.is_multicast() {
-                Some("a multicast address")
-            } else if s[0] == 0x64 && s[1] == 0xff9b {
-                // NAT64 carries an IPv4 address; judge that one.
-                let v4 = Ipv4Addr::new(
-                    (s[6] >> 8) as u8,
-                    s[6] as u8,
-                    (s[7] >> 8) as u8,
-                    s[7] as u8,
-                );
-                address_class(IpAddr::V4(v4))
-            } else {
-                None
-            }
-        }
     }
 }

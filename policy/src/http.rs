@@ -77,7 +77,10 @@ impl HttpRules {
             "{} {} on {} to {}",
             action.as_str(),
             list(methods.iter().map(String::as_str).collect(), "every method"),
-            list(r.paths.iter().map(|p| p.get_ref().as_str()).collect(), "every path"),
+            list(
+                r.paths.iter().map(|p| p.get_ref().as_str()).collect(),
+                "every path"
+            ),
             r.hosts
                 .iter()
                 .map(|h| h.get_ref().as_str())
@@ -115,7 +118,8 @@ impl HttpRules {
     ) {
         for r in &self.rules {
             if Self::covers(r, host)
-                && (r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+                && (r.methods.is_empty()
+                    || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
                 && (r.paths.is_empty() || r.paths.iter().any(|g| g.is_match(path)))
             {
                 seen(r.rule);

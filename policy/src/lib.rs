@@ -30,7 +30,9 @@ pub use credential::{CredentialGrant, Injection};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::PolicyError;
 pub use fs::{normalize_guest_path, Access};
-pub use host::{address_class, canonical_ip, normalize_host, Cidr, HostError, HostPattern, NetHost};
+pub use host::{
+    address_class, canonical_ip, normalize_host, Cidr, HostError, HostPattern, NetHost,
+};
 pub use limits::parse_duration;
 pub use mcp::RateLimiter;
 pub use net::parse_host_port;

@@ -247,7 +247,11 @@ impl NetRules {
             format!(
                 "{} {summary}{}",
                 action.as_str(),
-                if intercept { "" } else { " (never intercepted)" }
+                if intercept {
+                    ""
+                } else {
+                    " (never intercepted)"
+                }
             ),
         )?;
         for (dest, ports) in dests {

@@ -478,7 +478,11 @@ ports = [443]
     assert!(!p.decide_connect(&name, ip("10.9.3.4"), 80).allowed());
     let lit = NetHost::Ip(ip("127.0.0.1"));
     let d = p.decide_connect(&lit, ip("127.0.0.1"), 80);
-    assert!(d.reason.contains("127.0.0.1 is a loopback address"), "{}", d.reason);
+    assert!(
+        d.reason.contains("127.0.0.1 is a loopback address"),
+        "{}",
+        d.reason
+    );
 }
 
 #[test]
