@@ -114,6 +114,14 @@ pub fn set_default_cwd(dir: Option<String>) {
     }
 }
 
+/// Environment every process gets before the request's own (the egress
+/// proxy settings when the session has egress).
+static DEFAULT_ENV: OnceLock<Vec<(&'static str, String)>> = OnceLock::new();
+
+pub fn set_default_env(env: Vec<(&'static str, String)>) {
+    let _ = DEFAULT_ENV.set(env);
+}
+
 fn default_cwd() -> String {
     DEFAULT_CWD.get().cloned().unwrap_or_else(|| "/".into())
 }
@@ -140,6 +148,9 @@ pub fn spawn(req: &ExecRequest) -> Result<Process, SpawnError> {
             .gid(user.gid)
             .env("HOME", &user.home)
             .env("USER", &user.name);
+    }
+    for (k, v) in DEFAULT_ENV.get().into_iter().flatten() {
+        cmd.env(k, v);
     }
     for (k, v) in &req.env {
         cmd.env(k, v);

@@ -7,6 +7,7 @@
 //! process, syncs, and reports the command's exit status, which ends the VM.
 
 mod cmdline;
+mod egress;
 mod events;
 mod exec;
 mod init;
@@ -33,6 +34,10 @@ fn main() {
             init::mount_shares(l);
         }
         exec::set_default_cwd(cmdline::values(l, "sbx.workdir").pop());
+        let ca = cmdline::values(l, sbx_protocol::egress::CMDLINE_KEY).pop();
+        if egress::start(ca) {
+            exec::set_default_env(sbx_protocol::egress::environment());
+        }
         if cmdline::has_param(l, "sbx.session") {
             session::serve();
         }

@@ -10,6 +10,7 @@ mod boot;
 mod doctor;
 mod paths;
 mod policy_cmd;
+mod secret_cmd;
 mod session;
 mod terminal;
 
@@ -62,6 +63,8 @@ enum Command {
     Boot(boot::Args),
     /// Check, explain and show policy; sign organisation bundles.
     Policy(policy_cmd::Args),
+    /// Store the secrets the egress proxy injects (the guest never sees them).
+    Secret(secret_cmd::Args),
     /// Verify audit logs.
     Audit(audit_cmd::Args),
     /// Print sessions' events and policy decisions from their audit logs.
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::Session(args) => session::runner::run(args),
         Command::Boot(args) => boot::run(args, start),
         Command::Policy(args) => policy_cmd::run(args),
+        Command::Secret(args) => secret_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(args),
         Command::Events(args) => audit_cmd::events(args),
     };

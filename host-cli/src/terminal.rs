@@ -1,4 +1,5 @@
-//! Raw mode for an interactive console, restored on drop (also on error paths).
+//! Terminal modes (raw for an interactive console, no echo for a secret),
+//! restored on drop (also on error paths).
 
 pub struct RawMode {
     fd: i32,
@@ -9,16 +10,26 @@ impl RawMode {
     /// Puts `fd` in raw mode if it is a terminal; None otherwise. Output
     /// post-processing stays on (the serial console sends bare "\n").
     pub fn enter(fd: i32) -> Option<RawMode> {
-        Self::enter_with(fd, true)
+        Self::enter_with(fd, |t| {
+            // SAFETY: edits a local termios.
+            unsafe { libc::cfmakeraw(t) };
+            t.c_oflag |= libc::OPOST;
+        })
     }
 
     /// Raw mode with output untouched too, for a guest PTY that does its
     /// own "\r\n".
     pub fn enter_fully(fd: i32) -> Option<RawMode> {
-        Self::enter_with(fd, false)
+        // SAFETY: edits a local termios.
+        Self::enter_with(fd, |t| unsafe { libc::cfmakeraw(t) })
     }
 
-    fn enter_with(fd: i32, opost: bool) -> Option<RawMode> {
+    /// Line mode without echo, for typing a secret.
+    pub fn echo_off(fd: i32) -> Option<RawMode> {
+        Self::enter_with(fd, |t| t.c_lflag &= !libc::ECHO)
+    }
+
+    fn enter_with(fd: i32, change: impl FnOnce(&mut libc::termios)) -> Option<RawMode> {
         // SAFETY: isatty/tcgetattr/tcsetattr on a caller-provided fd with local buffers.
         unsafe {
             if libc::isatty(fd) != 1 {
@@ -29,10 +40,7 @@ impl RawMode {
                 return None;
             }
             let mut raw = saved;
-            libc::cfmakeraw(&mut raw);
-            if opost {
-                raw.c_oflag |= libc::OPOST;
-            }
+            change(&mut raw);
             if libc::tcsetattr(fd, libc::TCSANOW, &raw) != 0 {
                 return None;
             }

@@ -2,3 +2,4 @@
 
 pub mod agent;
 pub mod debug_port;
+pub mod egress;

@@ -131,7 +131,8 @@ impl Host {
         let mut c = Command::new(sbx_bin());
         c.args(args)
             .env("SBX_RUNTIME_DIR", self.runtime())
-            .env("SBX_STATE_DIR", self.dir.path().join("state"));
+            .env("SBX_STATE_DIR", self.dir.path().join("state"))
+            .env("SBX_CONFIG_DIR", self.dir.path().join("config"));
         c
     }
 

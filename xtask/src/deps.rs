@@ -17,7 +17,7 @@ pub const KERNEL_BUILD: &[&str] = &[
     "libssl-dev",
     "xz-utils",
 ];
-pub const ROOTFS: &[&str] = &["busybox-static", "git"];
+pub const ROOTFS: &[&str] = &["busybox-static", "git", "curl", "ca-certificates"];
 pub const NESTED: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 /// What the real-guest tests drive sbx with (`sbx shell` runs under tmux).
 pub const TESTS: &[&str] = &["tmux"];

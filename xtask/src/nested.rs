@@ -172,6 +172,8 @@ for d in $NESTED_RW; do
   mkdir -p "/host$d" && mount -t 9p -o $opts "rw$i" "/host$d" || fail "cannot mount $d"
   i=$((i+1))
 done
+# Test servers listen on the loopback.
+ip link set lo up || fail "cannot bring up lo"
 chroot /host /bin/sh "$NESTED_SCRATCH/run.sh" > /scratch/stdout 2> /scratch/stderr < /dev/null
 echo $? > /scratch/exit.tmp && mv /scratch/exit.tmp /scratch/exit
 sync

@@ -10,9 +10,17 @@ use crate::cpio::Archive;
 use crate::{deps, paths, proc};
 
 pub const BUSYBOX: &str = "/bin/busybox";
-/// Debian's git (package `git`), with the libraries it loads: agents commit
-/// in /workspace, and the file tests run git there.
-const GIT: &str = "/usr/bin/git";
+/// Debian's git (package `git`, with its HTTPS helper) and curl, with the
+/// libraries they load: agents commit in /workspace and fetch through the
+/// egress proxy, and the tests run both.
+const DYNAMIC: [&str; 3] = [
+    "/usr/bin/git",
+    "/usr/lib/git-core/git-remote-https",
+    "/usr/bin/curl",
+];
+/// Debian's bundle of public roots (package `ca-certificates`); the guest
+/// agent appends the session's CA to it at boot.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds the guest agent as a static binary and returns its path.
@@ -90,14 +98,24 @@ fn shared_libraries(bin: &str) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Adds a dynamically linked host binary and its libraries at the paths
-/// they have on a merged-/usr Debian (`/lib` and `/lib64` are links).
-fn add_dynamic(a: &mut Archive, bin: &str) -> anyhow::Result<()> {
-    let mut files = vec![PathBuf::from(bin)];
-    files.extend(shared_libraries(bin)?);
+/// Adds dynamically linked host binaries and their libraries (each once) at
+/// the paths they have on a merged-/usr Debian (`/lib` and `/lib64` are
+/// links).
+fn add_dynamic(a: &mut Archive, bins: &[&str]) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    for bin in bins {
+        files.push(PathBuf::from(bin));
+        for lib in shared_libraries(bin)? {
+            if !files.contains(&lib) {
+                files.push(lib);
+            }
+        }
+    }
     // `build` made these already.
-    let mut made: std::collections::HashSet<PathBuf> =
-        ["usr", "usr/bin"].iter().map(PathBuf::from).collect();
+    let mut made: std::collections::HashSet<PathBuf> = ["usr", "usr/bin", "etc"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
     for f in files {
         // Keep the name the loader asks for (libz.so.1, not the file it
         // links to), in the directory's real place.
@@ -105,7 +123,7 @@ fn add_dynamic(a: &mut Archive, bin: &str) -> anyhow::Result<()> {
             continue;
         };
         let real = std::fs::canonicalize(parent)
-            .with_context(|| format!("cannot find {} (needed by {bin})", f.display()))?
+            .with_context(|| format!("cannot find {} (needed by {bins:?})", f.display()))?
             .join(name);
         let rel = real.strip_prefix("/").unwrap_or(&real);
         let mut dir = PathBuf::new();
@@ -161,7 +179,14 @@ pub fn build() -> anyhow::Result<PathBuf> {
     }
     a.symlink("lib", "usr/lib");
     a.symlink("lib64", "usr/lib64");
-    add_dynamic(&mut a, GIT)?;
+    add_dynamic(&mut a, &DYNAMIC)?;
+    for d in ["etc/ssl", "etc/ssl/certs"] {
+        a.dir(d);
+    }
+    let bundle = std::fs::read(CA_BUNDLE).with_context(|| {
+        format!("cannot read {CA_BUNDLE}; install it with: sudo apt-get install -y ca-certificates")
+    })?;
+    a.file(&CA_BUNDLE[1..], 0o644, &bundle);
     // Empty, so that `git init` does not warn about missing templates.
     for d in [
         "usr/share",

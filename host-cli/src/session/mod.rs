@@ -4,6 +4,7 @@
 //! its control socket; `ls` and `rm` read and remove its directory.
 
 pub mod client;
+pub mod egress;
 pub mod mounts;
 pub mod runner;
 pub mod state;
@@ -73,6 +74,16 @@ pub struct VmArgs {
     /// (60 s, for directories only the guest changes).
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "never", "always"])]
     fs_cache: String,
+    /// Also trust this CA (PEM) for the egress proxy's TLS to upstream
+    /// hosts, besides the system roots (a corporate proxy's CA, a local
+    /// test server's). Repeatable.
+    #[arg(long, value_name = "PEM")]
+    upstream_ca: Vec<PathBuf>,
+    /// Have the egress proxy resolve NAME to ADDR, like curl's --resolve
+    /// (repeatable). The policy still checks the address: a private or
+    /// loopback one needs a network rule that names it.
+    #[arg(long, value_name = "NAME:ADDR")]
+    resolve: Vec<String>,
     #[command(flatten)]
     select: policy_cmd::Select,
 }
@@ -281,6 +292,15 @@ fn start_session(name: &str, vm: &VmArgs, quiet: bool) -> anyhow::Result<Dir> {
         .args(vm.select.to_args());
     for m in &specs {
         cmd.arg("--mount").arg(m.to_arg());
+    }
+    for r in &vm.resolve {
+        egress::parse_resolve(r)?;
+        cmd.arg("--resolve").arg(r);
+    }
+    for ca in &vm.upstream_ca {
+        let ca = std::fs::canonicalize(ca)
+            .with_context(|| format!("--upstream-ca {}: cannot read it", ca.display()))?;
+        cmd.arg("--upstream-ca").arg(ca);
     }
     if let Some(k) = &vm.kernel {
         cmd.arg("--kernel").arg(k);

@@ -26,6 +26,7 @@ use vmm::devices::virtio::fs::FsCache;
 use vmm::devices::virtio::vsock::{VsockConfig, VsockHost};
 use vmm::{BootTimings, Console, VmConfig};
 
+use super::egress::Egress;
 use super::mounts::{self, FileAudit, MountSpec};
 use super::state::{self, Dir, Info, Phase};
 use crate::{boot, policy_cmd};
@@ -55,6 +56,10 @@ pub struct Args {
     pub mounts: Vec<String>,
     #[arg(long, default_value = "auto")]
     pub fs_cache: String,
+    #[arg(long)]
+    pub upstream_ca: Vec<PathBuf>,
+    #[arg(long)]
+    pub resolve: Vec<String>,
     #[command(flatten)]
     pub select: policy_cmd::Select,
 }
@@ -170,6 +175,16 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
     }
 
     let host = VsockHost::new().context("cannot set up the vsock device")?;
+    let egress = Egress::start(
+        &args.name,
+        policy.clone(),
+        log.clone(),
+        &host,
+        args.upstream_ca.clone(),
+        &args.resolve,
+    )?;
+    fs_words.push(egress.cmdline_word());
+    let guest_env = Arc::new(egress.guest_env());
     {
         let (events, log, dir, info, ready) = (
             host.listen(EVENTS_PORT),
@@ -191,10 +206,11 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
             .name("control".into())
             .spawn(move || {
                 for conn in ctl.incoming().flatten() {
-                    let (policy, log, host) = (policy.clone(), log.clone(), host.clone());
+                    let (policy, log, host, env) =
+                        (policy.clone(), log.clone(), host.clone(), guest_env.clone());
                     let _ = std::thread::Builder::new()
                         .name("request".into())
-                        .spawn(move || request(conn, &policy, &log, &host));
+                        .spawn(move || request(conn, &policy, &log, &host, &env));
                 }
             })?;
     }
@@ -319,15 +335,24 @@ fn reply(stream: &mut UnixStream, c: Control) {
     let _ = write_frame(stream, &Frame::Control(c));
 }
 
-/// Serves one control connection: an exec (checked, audited, then handed to
-/// the guest agent), a shutdown, or a hello.
-fn request(mut conn: UnixStream, policy: &Policy, log: &AuditLog, host: &VsockHost) {
+/// Serves one control connection: an exec (checked, audited, given the
+/// secrets' placeholders, then handed to the guest agent), a shutdown, or a
+/// hello.
+fn request(
+    mut conn: UnixStream,
+    policy: &Policy,
+    log: &AuditLog,
+    host: &VsockHost,
+    guest_env: &[(String, String)],
+) {
     let Ok(read_half) = conn.try_clone() else {
         return;
     };
     let mut frames = FrameIo::new(read_half);
     match frames.read_frame() {
-        Ok(Some(Frame::Control(Control::Exec(req)))) => {
+        Ok(Some(Frame::Control(Control::Exec(mut req)))) => {
+            // The caller's own -e settings come after, and win.
+            req.env.splice(0..0, guest_env.iter().cloned());
             let argv0 = req.argv.first().cloned().unwrap_or_default();
             let d = policy.decide_exec(&argv0);
             let refusal = match log.decision(Surface::Exec, "exec", &req.argv.join(" "), &d) {

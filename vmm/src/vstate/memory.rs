@@ -19,10 +19,23 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError {
         mib,
         detail: e.to_string(),
-    })
+    })?;
+    for region in mem.iter() {
+        keep_to_itself(region.as_ptr(), region.len() as usize);
+    }
+    Ok(mem)
+}
+
+/// Guest RAM is never copied into a child process (the session process
+/// runs none, but a future one must not get the guest's memory), and the
+/// flag keeps the kernel from merging it with the VMM's own heap mappings,
+/// so guest RAM is one mapping of its own size in /proc/PID/maps.
+fn keep_to_itself(addr: *mut u8, len: usize) {
+    // SAFETY: advises on a live mapping we own; no memory is changed.
+    unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTFORK) };
 }
 
 /// Bytes of guest memory resident on the host (pages the guest touched), by mincore(2).
