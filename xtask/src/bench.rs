@@ -19,6 +19,9 @@ pub enum Which {
     Policy,
     /// Exec round trip and vsock throughput of a session (boots a real guest).
     Session,
+    /// Egress proxy: connection setup and tunnel throughput on the host's
+    /// loopback, then a real guest fetching through it.
+    Net,
     /// Shared-directory throughput and metadata speed against the host's own
     /// file system (boots real guests, one per cache mode).
     Fs,
@@ -53,6 +56,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 "sbx-benches",
             ]),
     )?;
+    if matches!(args.which, Which::All | Which::Net) {
+        proc::step("egress proxy alone, on this host's loopback");
+        proc::run(&mut Command::new(release.join("sbx-bench-net")))?;
+    }
     if matches!(args.which, Which::All | Which::Policy) {
         proc::step("policy decisions");
         proc::run(&mut Command::new(release.join("sbx-bench-policy")))?;
@@ -85,6 +92,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     }
     if matches!(args.which, Which::All | Which::Session) {
         let mut argv = vec![path(&release.join("sbx-bench-session"))];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
+    }
+    if matches!(args.which, Which::All | Which::Net) {
+        // Only the guest rows matter in the nested host (TCG slows the rest).
+        let mut argv = vec![
+            path(&release.join("sbx-bench-net")),
+            "--guest".into(),
+            "--connections".into(),
+            "100".into(),
+            "--mib".into(),
+            "64".into(),
+        ];
         argv.extend(images.iter().cloned());
         script.push(argv);
     }
