@@ -8,14 +8,12 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::{
-    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
-};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use sbx_egress::{Limits, Options, Proxy, Recorder};
 use sbx_policy::{Decision, PolicyBuilder, Surface};
+use sbx_tests::tls::{self, provider, Seen, TestCa, BODY};
 
 #[derive(Default)]
 struct Log(Mutex<Vec<String>>);
@@ -44,92 +42,10 @@ impl Log {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A CA for the test servers, written where the proxy can trust it.
-struct TestCa {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    pem_file: tempfile::NamedTempFile,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = p.self_signed(&key).unwrap();
-        let mut pem_file = tempfile::NamedTempFile::new().unwrap();
-        pem_file.write_all(cert.pem().as_bytes()).unwrap();
-        TestCa {
-            cert,
-            key,
-            pem_file,
-        }
-    }
-
-    fn server_config(&self, name: &str) -> Arc<ServerConfig> {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_string()])
-            .unwrap()
-            .signed_by(&key, &self.cert, &self.key)
-            .unwrap();
-        let c = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap();
-        Arc::new(c)
-    }
-}
-
-type Seen = Arc<Mutex<Vec<String>>>;
-
-/// An HTTPS server for `name` that records each request head and answers
-/// 200 with "hello from NAME".
+/// An HTTPS server for `name` on the loopback; returns its port.
 fn https_server(ca: &TestCa, name: &str) -> (u16, Seen) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let cfg = ca.server_config(name);
-    let seen: Seen = Arc::default();
-    let (seen2, name) = (seen.clone(), name.to_string());
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            let (cfg, seen, name) = (cfg.clone(), seen2.clone(), name.clone());
-            std::thread::spawn(move || {
-                let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), c);
-                let mut r = BufReader::new(&mut s);
-                let mut head = String::new();
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    head.push_str(&line);
-                }
-                if head.is_empty() {
-                    return;
-                }
-                seen.lock().unwrap().push(head);
-                let body = format!("hello from {name}");
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.flush();
-                s.conn.send_close_notify();
-                let _ = s.flush();
-            });
-        }
-    });
-    (port, seen)
+    let (addr, seen) = tls::https_server("127.0.0.1:0", ca.server_config(&[name]));
+    (addr.port(), seen)
 }
 
 /// A TCP server that echoes what it gets.
@@ -371,7 +287,9 @@ hosts = ["allowed.test"]
 methods = ["GET"]
 paths = ["/repos/acme/**"]
 "#;
-    let ca_path = ca.pem_file.path().to_path_buf();
+    let mut ca_file = tempfile::NamedTempFile::new().unwrap();
+    ca_file.write_all(ca.pem().as_bytes()).unwrap();
+    let ca_path = ca_file.path().to_path_buf();
     let s = start(&policy_with(port, &extra), &NAMES, |o| {
         o.upstream_ca = vec![ca_path];
         o.tls_ports = vec![port, other_port];
@@ -396,10 +314,7 @@ paths = ["/repos/acme/**"]
         )
     };
     let ok = get("/repos/acme/x", "GET").unwrap();
-    assert!(
-        ok.starts_with("HTTP/1.1 200") && ok.contains("hello from allowed.test"),
-        "{ok}"
-    );
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains(BODY), "{ok}");
     let head = seen.lock().unwrap().pop().unwrap();
     assert!(
         head.contains("Authorization: Bearer real-token-123"),

@@ -139,6 +139,22 @@ impl<'a> Ctx<'a> {
             .map_err(|e| self.err(g.span().start, format!("bad glob: {}", e.kind())))
     }
 
+    /// A rule's non-empty `hosts` list, each parsed as a host pattern.
+    pub(crate) fn host_patterns(
+        &self,
+        hosts: &[Spanned<String>],
+        table_offset: usize,
+    ) -> Result<Vec<crate::host::HostPattern>, PolicyError> {
+        self.non_empty(hosts, table_offset, "hosts")?;
+        hosts
+            .iter()
+            .map(|h| {
+                crate::host::HostPattern::parse(h.get_ref())
+                    .map_err(|e| self.err(h.span().start, e.to_string()))
+            })
+            .collect()
+    }
+
     pub(crate) fn non_empty<T>(
         &self,
         list: &[T],

@@ -82,14 +82,7 @@ impl CredentialRules {
                 "a secret name is letters, digits and `_`, not starting with a digit (`*` is for deny rules)",
             ));
         }
-        ctx.non_empty(&r.hosts, raw.span().start, "hosts")?;
-        let mut hosts = Vec::new();
-        for h in &r.hosts {
-            hosts.push(
-                HostPattern::parse(h.get_ref())
-                    .map_err(|e| ctx.err(h.span().start, e.to_string()))?,
-            );
-        }
+        let hosts = ctx.host_patterns(&r.hosts, raw.span().start)?;
         let env = field(
             ctx,
             r.env.as_ref(),
@@ -167,11 +160,7 @@ impl CredentialRules {
             if r.secret != "*" && r.secret != secret {
                 continue;
             }
-            let hit = r.hosts.iter().any(|p| match host {
-                NetHost::Name(n) => p.matches(n),
-                NetHost::Ip(_) => *p == HostPattern::Any,
-            });
-            if hit {
+            if r.hosts.iter().any(|p| p.covers(host)) {
                 seen(r.rule);
             }
         }

@@ -134,6 +134,15 @@ impl HostPattern {
     }
 
     /// Matches a normalised name.
+    /// Whether a connection target matches: names by pattern; an IP
+    /// address only by `*` (addresses are for address rules).
+    pub fn covers(&self, host: &NetHost) -> bool {
+        match host {
+            NetHost::Name(n) => self.matches(n),
+            NetHost::Ip(_) => *self == HostPattern::Any,
+        }
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         match self {
             HostPattern::Any => true,

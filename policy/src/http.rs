@@ -38,14 +38,7 @@ impl HttpRules {
     ) -> Result<(), PolicyError> {
         let r = raw.get_ref();
         let action = ctx.action(&r.action)?;
-        ctx.non_empty(&r.hosts, raw.span().start, "hosts")?;
-        let mut hosts = Vec::new();
-        for h in &r.hosts {
-            hosts.push(
-                HostPattern::parse(h.get_ref())
-                    .map_err(|e| ctx.err(h.span().start, e.to_string()))?,
-            );
-        }
+        let hosts = ctx.host_patterns(&r.hosts, raw.span().start)?;
         let mut methods = Vec::new();
         for m in &r.methods {
             if !is_method(m.get_ref()) {
@@ -98,10 +91,7 @@ impl HttpRules {
     }
 
     fn covers(r: &HttpRule, host: &NetHost) -> bool {
-        r.hosts.iter().any(|p| match host {
-            NetHost::Name(n) => p.matches(n),
-            NetHost::Ip(_) => *p == HostPattern::Any,
-        })
+        r.hosts.iter().any(|p| p.covers(host))
     }
 
     /// Whether any rule names `host`.

@@ -280,8 +280,7 @@ impl NetRules {
     /// Whether an allow rule with `intercept = false` covers `host`.
     pub(crate) fn passthrough(&self, host: &NetHost) -> bool {
         self.passthrough.iter().any(|d| match (d, host) {
-            (Dest::Host(p), NetHost::Name(n)) => p.matches(n),
-            (Dest::Host(p), NetHost::Ip(_)) => *p == HostPattern::Any,
+            (Dest::Host(p), _) => p.covers(host),
             (Dest::Net(c), NetHost::Ip(ip)) => c.contains(*ip),
             (Dest::Net(_), NetHost::Name(_)) => false,
         })

@@ -3,15 +3,13 @@
 //! (nested) host's loopback. Names are pinned with --resolve; the policy
 //! names the test servers' address, as it must for any loopback address.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Output;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::{ServerConfig, ServerConnection, StreamOwned};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::ServerName;
+use sbx_tests::tls::{https_server as https_server_on, provider, Seen, TestCa, BODY};
 use sbx_tests::{text, Host};
 
 const SERVER: &str = "127.0.0.2";
@@ -49,68 +47,13 @@ header = "Authorization"
 format = "Bearer {secret}"
 "#;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// An HTTPS server for allowed.test and other.test on 127.0.0.2:443 that
-/// records request heads and answers "hello from the test server".
-fn https_server(dir: &Path) -> Arc<Mutex<Vec<String>>> {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = p.self_signed(&ca_key).unwrap();
+/// An HTTPS server for allowed.test and other.test on 127.0.0.2:443; its
+/// CA goes to `dir/test-ca.pem`.
+fn https_server(dir: &Path) -> Seen {
+    let ca = TestCa::new();
     std::fs::write(dir.join("test-ca.pem"), ca.pem()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["allowed.test".into(), "other.test".into()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let cfg = Arc::new(
-        ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap(),
-    );
-    let listener = TcpListener::bind((SERVER, 443)).expect("bind 127.0.0.2:443 (needs root)");
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let s2 = seen.clone();
-    std::thread::spawn(move || {
-        for c in listener.incoming().flatten() {
-            let (cfg, seen) = (cfg.clone(), s2.clone());
-            std::thread::spawn(move || {
-                let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), c);
-                let mut r = BufReader::new(&mut s);
-                let mut head = String::new();
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    head.push_str(&line);
-                }
-                if head.is_empty() {
-                    return;
-                }
-                seen.lock().unwrap().push(head);
-                let body = "hello from the test server\n";
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.flush();
-                s.conn.send_close_notify();
-                let _ = s.flush();
-            });
-        }
-    });
-    seen
+    let cfg = ca.server_config(&["allowed.test", "other.test"]);
+    https_server_on(&format!("{SERVER}:443"), cfg).1
 }
 
 /// A ClientHello for `name`, as a TLS client would send it.
@@ -243,12 +186,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
         "n",
         "curl -sS --max-time 20 https://allowed.test/hello",
     );
-    assert_eq!(
-        text(&out.stdout),
-        "hello from the test server\n",
-        "{}",
-        text(&out.stderr)
-    );
+    assert_eq!(text(&out.stdout), BODY, "{}", text(&out.stderr));
     let head = seen.lock().unwrap().pop().unwrap();
     assert!(head.starts_with("GET /hello HTTP/1.1"), "{head}");
     assert!(
