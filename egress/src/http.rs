@@ -60,6 +60,30 @@ impl Proxy {
     /// Applies request rules and secrets to the head; the refusal to send
     /// back if the request may not go.
     fn check_request(&self, t: &Target, req: &mut Head) -> Result<(), Refusal> {
+        // Inside a checked tunnel, a Host header naming another site would
+        // have a shared front end (a CDN) route the request there.
+        if t.tls {
+            if let Some(h) = req.get("host") {
+                let text = String::from_utf8_lossy(h).into_owned();
+                let named = text
+                    .rsplit_once(':')
+                    .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty())
+                    .map_or(text.as_str(), |(h, _)| h);
+                if sbx_policy::normalize_host(named).ok().as_ref() != Some(&t.host) {
+                    let d = deny(
+                        &self.builtins.sni,
+                        format!("a request to {} carried Host: {text}", t.host),
+                    );
+                    self.record(
+                        Surface::Net,
+                        "request",
+                        &format!("{} (Host {text})", t.host),
+                        &d,
+                    );
+                    return Err(Refusal::policy("the request", &d));
+                }
+            }
+        }
         let path = req.second.split('?').next().unwrap_or_default().to_string();
         if let Some(d) = self.policy.decide_http(&t.host, &req.first, &path) {
             let what = format!("{} {}{path}", req.first, t.host);

@@ -26,8 +26,6 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("cannot read CA certificates from {path}: {why}")]
     CaFile { path: String, why: String },
-    #[error("no trusted root certificates: install ca-certificates, or give a CA file")]
-    NoRoots,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -155,7 +153,11 @@ pub fn upstream_config(extra: &[&Path]) -> Result<Arc<ClientConfig>, TlsError> {
         }
     }
     if roots.is_empty() {
-        return Err(TlsError::NoRoots);
+        // Sessions without network still start; each intercepted request
+        // then fails with a 502 naming the unknown issuer.
+        tracing::warn!(
+            "no trusted root certificates (install ca-certificates); upstream TLS will fail"
+        );
     }
     let mut c = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?

@@ -210,7 +210,7 @@ impl Proxy {
                 sni: builtin(
                     "sni-must-match",
                     Surface::Net,
-                    "TLS through CONNECT must name the host that was checked",
+                    "TLS through CONNECT, and the Host of requests in it, must name the host that was checked",
                 ),
                 plain_secret: builtin(
                     "secrets-need-tls",

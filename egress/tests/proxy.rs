@@ -313,6 +313,17 @@ paths = ["/repos/acme/**"]
             &format!("{method} {path} HTTP/1.1\r\nHost: allowed.test\r\nAuthorization: Bearer {token}\r\n\r\n"),
         )
     };
+    let get_with_host = |host: &str| {
+        https_get(
+            s.addr,
+            &target,
+            "allowed.test",
+            &roots,
+            &format!("GET /repos/acme/x HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        )
+        .unwrap()
+    };
+    assert!(get_with_host(&format!("allowed.test:{port}")).starts_with("HTTP/1.1 200"));
     let ok = get("/repos/acme/x", "GET").unwrap();
     assert!(ok.starts_with("HTTP/1.1 200") && ok.contains(BODY), "{ok}");
     let head = seen.lock().unwrap().pop().unwrap();
@@ -379,6 +390,13 @@ paths = ["/repos/acme/**"]
     // The head went ahead of the body; the placeholder did not.
     let heads = other_seen.lock().unwrap().clone();
     assert!(heads.iter().all(|h| !h.contains("sbx-secret")), "{heads:?}");
+
+    // Inside the checked tunnel, a Host naming another site is refused.
+    let fronted = get_with_host("evil.test");
+    assert!(
+        fronted.starts_with("HTTP/1.1 403") && fronted.contains("sni-must-match"),
+        "{fronted}"
+    );
 
     // SNI that differs from the CONNECT target: refused before any byte goes upstream.
     let before = seen.lock().unwrap().len();
