@@ -22,6 +22,17 @@ pub enum HeadError {
     Io(io::Error),
 }
 
+impl HeadError {
+    /// The status the proxy answers a client's head with.
+    pub fn status(&self) -> u16 {
+        match self {
+            HeadError::TooLarge(_) => 431,
+            HeadError::Timeout(_) => 408,
+            _ => 400,
+        }
+    }
+}
+
 /// One head as read: its bytes, and any bytes read past its end.
 pub struct RawHead {
     pub bytes: Vec<u8>,

@@ -9,7 +9,7 @@ use sbx_policy::{Injection, NetHost, Surface};
 
 use crate::body;
 use crate::head::{self, Head, HeadError};
-use crate::proxy::{deny, Proxy, Refusal};
+use crate::proxy::{deny, names, Proxy, Refusal};
 use crate::secrets::{self, BodyScanner, Secret};
 use crate::stream::Prefixed;
 
@@ -69,7 +69,7 @@ impl Proxy {
                     .rsplit_once(':')
                     .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty())
                     .map_or(text.as_str(), |(h, _)| h);
-                if sbx_policy::normalize_host(named).ok().as_ref() != Some(&t.host) {
+                if !names(&t.host, named) {
                     let d = deny(
                         &self.builtins.sni,
                         format!("a request to {} carried Host: {text}", t.host),
@@ -150,14 +150,8 @@ pub(crate) fn exchange<C: Read + Write, U: Read + Write>(
     let framing = match body::request(&req) {
         Ok(f) => f,
         Err(why) => {
-            let d = deny(&proxy.builtins.protocol, format!("a request with {why}"));
-            proxy.record(
-                Surface::Net,
-                "request",
-                &format!("{}:{}", t.host, t.port),
-                &d,
-            );
-            return Refusal::policy("the request", &d).send(client);
+            let what = format!("{}:{}", t.host, t.port);
+            return proxy.refuse_protocol(client, &what, 403, format!("a request with {why}"));
         }
     };
     let expects = req

@@ -128,6 +128,14 @@ pub(crate) fn deny<'a>(rule: &'a RuleInfo, reason: String) -> Decision<'a> {
     }
 }
 
+/// Resource name of requests refused before their target is known.
+const MALFORMED: &str = "malformed request";
+
+/// Whether `text` (an SNI or a Host header's host) names `host`.
+pub(crate) fn names(host: &NetHost, text: &str) -> bool {
+    sbx_policy::normalize_host(text).ok().as_ref() == Some(host)
+}
+
 /// Why a connection ended before it was joined upstream: what the client
 /// is told.
 pub(crate) struct Refusal {
@@ -240,11 +248,6 @@ impl Proxy {
             .collect()
     }
 
-    /// Connections being served now.
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-
     /// Serves `client` on a thread of its own, or answers 503 when the
     /// session already has as many connections as it may.
     pub fn spawn(self: &Arc<Self>, client: Stream) {
@@ -284,10 +287,20 @@ impl Proxy {
         self.recorder.decision(surface, action, what, d)
     }
 
-    fn refuse_protocol(&self, client: &mut Stream, code: u16, why: String) {
-        let d = deny(&self.builtins.protocol, why.clone());
-        self.record(Surface::Net, "request", "malformed request", &d);
-        Refusal::new(code, format!("sbx egress proxy: {why}\n")).send(client);
+    /// Refuses a request the proxy cannot read safely: recorded under the
+    /// built-in `proxy-protocol` rule, answered with `code`, naming the rule.
+    pub(crate) fn refuse_protocol(
+        &self,
+        w: &mut impl Write,
+        resource: &str,
+        code: u16,
+        why: String,
+    ) {
+        let d = deny(&self.builtins.protocol, why);
+        self.record(Surface::Net, "request", resource, &d);
+        let mut r = Refusal::policy("the request", &d);
+        r.code = code;
+        r.send(w);
     }
 
     /// Accepts connections on `listener` until it fails (for driving the
@@ -309,25 +322,37 @@ impl Proxy {
         ) {
             Ok(r) => r,
             Err(HeadError::Closed | HeadError::Io(_)) => return,
-            Err(e @ HeadError::TooLarge(_)) => {
-                return self.refuse_protocol(&mut client, 431, format!("request head: {e}"))
-            }
-            Err(e @ HeadError::Timeout(_)) => {
-                return self.refuse_protocol(&mut client, 408, format!("request head: {e}"))
-            }
-            Err(e @ HeadError::Malformed(_)) => {
-                return self.refuse_protocol(&mut client, 400, format!("request head: {e}"))
+            Err(e) => {
+                let code = e.status();
+                return self.refuse_protocol(
+                    &mut client,
+                    MALFORMED,
+                    code,
+                    format!("request head: {e}"),
+                );
             }
         };
         let req = match Head::parse_request(&raw.bytes) {
             Ok(r) => r,
-            Err(e) => return self.refuse_protocol(&mut client, 400, format!("request head: {e}")),
+            Err(e) => {
+                return self.refuse_protocol(
+                    &mut client,
+                    MALFORMED,
+                    400,
+                    format!("request head: {e}"),
+                )
+            }
         };
         let _ = client.set_read_timeout(None);
         if req.first.eq_ignore_ascii_case("CONNECT") {
             match parse_host_port(&req.second) {
                 Ok((host, port)) => self.connect(client, host, port, raw.rest),
-                Err(e) => self.refuse_protocol(&mut client, 400, format!("CONNECT target: {e}")),
+                Err(e) => self.refuse_protocol(
+                    &mut client,
+                    MALFORMED,
+                    400,
+                    format!("CONNECT target: {e}"),
+                ),
             }
         } else {
             self.plain(client, req, raw.rest)
@@ -432,9 +457,7 @@ impl Proxy {
             };
             let _ = client.set_read_timeout(None);
             let matches = match (&host, &hello.sni) {
-                (NetHost::Name(n), Some(s)) => {
-                    sbx_policy::normalize_host(s).is_ok_and(|s| s == NetHost::Name(n.clone()))
-                }
+                (NetHost::Name(_), Some(s)) => names(&host, s),
                 (NetHost::Ip(_), None) => true,
                 _ => false,
             };
@@ -504,9 +527,8 @@ impl Proxy {
             Err(HeadError::Io(e)) => return tracing::debug!("TLS from the guest to {name}: {e}"),
             Err(HeadError::Closed) => return,
             Err(e) => {
-                let d = deny(&self.builtins.protocol, format!("request head: {e}"));
-                self.record(Surface::Net, "request", &format!("{host}:{port}"), &d);
-                return Refusal::new(400, format!("sbx egress proxy: {e}\n")).send(&mut down);
+                let (what, code) = (format!("{host}:{port}"), e.status());
+                return self.refuse_protocol(&mut down, &what, code, format!("request head: {e}"));
             }
         };
         let _ = down.sock.inner.set_read_timeout(None);
@@ -517,7 +539,10 @@ impl Proxy {
         };
         match Head::parse_request(&raw.bytes) {
             Ok(req) => http::exchange(self, &target, req, raw.rest, &mut down, &mut up),
-            Err(e) => Refusal::new(400, format!("sbx egress proxy: {e}\n")).send(&mut down),
+            Err(e) => {
+                let what = format!("{}:{}", target.host, target.port);
+                self.refuse_protocol(&mut down, &what, 400, format!("request head: {e}"))
+            }
         }
         down.conn.send_close_notify();
         let _ = down.flush();
@@ -529,6 +554,7 @@ impl Proxy {
             Ok(u) if u.scheme() == "https" => {
                 return self.refuse_protocol(
                     &mut client,
+                    MALFORMED,
                     400,
                     "https:// URLs go through CONNECT; send CONNECT host:443 (set HTTPS_PROXY)".into(),
                 )
@@ -536,6 +562,7 @@ impl Proxy {
             _ => {
                 return self.refuse_protocol(
                     &mut client,
+                    MALFORMED,
                     400,
                     format!(
                         "this is a forward proxy: the request target must be an absolute http:// URL, not {:?}",
@@ -547,6 +574,7 @@ impl Proxy {
         if !url.username().is_empty() || url.password().is_some() {
             return self.refuse_protocol(
                 &mut client,
+                MALFORMED,
                 400,
                 "credentials in the URL are refused; use a secret".into(),
             );
@@ -554,7 +582,7 @@ impl Proxy {
         let host_text = url.host_str().unwrap_or_default();
         let host = match sbx_policy::normalize_host(host_text) {
             Ok(h) => h,
-            Err(e) => return self.refuse_protocol(&mut client, 400, e.to_string()),
+            Err(e) => return self.refuse_protocol(&mut client, MALFORMED, 400, e.to_string()),
         };
         let port = url.port_or_known_default().unwrap_or(80);
         let mut origin = url.path().to_string();
@@ -575,7 +603,6 @@ impl Proxy {
             port,
             tls: false,
         };
-        let mut down = Prefixed::new(Vec::new(), client);
-        http::exchange(self, &target, req, rest, &mut down, &mut upstream);
+        http::exchange(self, &target, req, rest, &mut client, &mut upstream);
     }
 }
