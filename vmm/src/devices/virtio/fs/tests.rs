@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::abi::fuse_abi::CreateIn;
-use fuse_backend_rs::api::filesystem::{Context, FileSystem, SetattrValid, ROOT_ID};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions, SetattrValid, ROOT_ID};
 
 use super::*;
 
@@ -278,5 +278,43 @@ fn changes_are_reported() {
             (Change::Renamed, "/workspace/a -> /workspace/b".to_string()),
             (Change::Deleted, "/workspace/b".to_string()),
         ]
+    );
+}
+
+#[test]
+fn requests_are_few_and_large() {
+    let f = fixture(false);
+    let opts = f.fs.init(FsOptions::all()).unwrap();
+    for wanted in [
+        FsOptions::BIG_WRITES,
+        FsOptions::MAX_PAGES,
+        FsOptions::ATOMIC_O_TRUNC,
+    ] {
+        assert!(opts.contains(wanted), "{wanted:?} is not asked for");
+    }
+    for refused in [
+        FsOptions::ZERO_MESSAGE_OPEN,
+        FsOptions::ZERO_MESSAGE_OPENDIR,
+        FsOptions::PERFILE_DAX,
+        FsOptions::WRITEBACK_CACHE,
+    ] {
+        assert!(!opts.contains(refused), "{refused:?} is asked for");
+    }
+    // Only what the guest kernel offers is asked for.
+    let old = f.fs.init(FsOptions::ASYNC_READ).unwrap();
+    assert!(!old.intersects(FsOptions::MAX_PAGES | FsOptions::ATOMIC_O_TRUNC));
+
+    // FLUSH is declined for good, and a truncating open is a write.
+    let e = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+    let flags = (libc::O_WRONLY | libc::O_TRUNC) as u32;
+    let (h, ..) = f.fs.open(&ctx(), e.inode, flags, 0).unwrap();
+    assert_eq!(
+        code(f.fs.flush(&ctx(), e.inode, h.unwrap(), 0)),
+        libc::ENOSYS
+    );
+    assert_eq!(std::fs::metadata(f.root.join("file")).unwrap().len(), 0);
+    assert_eq!(
+        *f.rec.changed.lock().unwrap(),
+        vec![(Change::Written, "/workspace/file".to_string())]
     );
 }
