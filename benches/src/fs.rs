@@ -5,9 +5,12 @@
 //!   page cache is dropped before the read);
 //! - `find` plus `stat` over a 20,000-file tree (cold: guest caches
 //!   dropped first; warm: run again);
-//! - creating and deleting 10,000 small files.
+//! - creating and deleting 10,000 small files;
+//! - `git status` over the same tree, committed (cold and warm).
 //!
-//! Both sides run busybox's tools, so only the file system differs. Guest
+//! Both sides run busybox's tools, so only the file system differs. The
+//! metadata workloads also run once in the guest's own memory, which shows
+//! what the guest itself costs on the machine, apart from the sharing. Guest
 //! times are measured on the host around `sbx exec` minus the median cost
 //! of `sbx exec -- true`. The metadata workloads run under each cache mode
 //! (`--fs-cache`). Run it with `cargo xtask bench fs`.
@@ -124,6 +127,14 @@ fn host_time(dir: &Path, script: &str) -> anyhow::Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// The tree [`make_tree`] makes, made by a guest shell in its own memory.
+fn guest_tree_script(dir: &str) -> String {
+    format!(
+        "mkdir -p {dir} && cd {dir} && d=0; while [ $d -lt {TREE_DIRS} ]; do mkdir -p tree/d$d; f=0; \
+         while [ $f -lt {TREE_FILES} ]; do echo x > tree/d$d/f$f; f=$((f+1)); done; d=$((d+1)); done"
+    )
+}
+
 fn make_tree(root: &Path) -> anyhow::Result<()> {
     for d in 0..TREE_DIRS {
         let dir = root.join(format!("tree/d{d}"));
@@ -152,6 +163,20 @@ fn churn_script() -> String {
     // directory's offsets shift as entries go, and a walk that deletes while
     // it reads misses some.
     format!("mkdir c && cd c && i=0; while [ $i -lt 10000 ]; do echo x > f$i; i=$((i+1)); done; cd .. && {BB} rm -f c/* && {BB} rmdir c")
+}
+
+/// Debian's git on both sides (the guest's rootfs carries the same one).
+const GIT: &str = "/usr/bin/git";
+
+fn git_script() -> String {
+    format!("{GIT} status --porcelain >/dev/null")
+}
+
+fn git_commit(dir: &Path) -> anyhow::Result<()> {
+    let script = format!(
+        "{GIT} init -q && {GIT} add -A && {GIT} -c user.name=bench -c user.email=bench@sbx commit -qm tree"
+    );
+    host_time(dir, &script).map(|_| ())
 }
 
 struct Row {
@@ -198,6 +223,11 @@ fn main() -> anyhow::Result<()> {
     let h_find = host_time(&host_dir, &find_script())?;
     let h_find_warm = host_time(&host_dir, &find_script())?;
     let h_churn = host_time(&host_dir, &churn_script())?;
+    // A repository over the tree on both sides, committed on the host.
+    git_commit(&host_dir)?;
+    git_commit(&work)?;
+    host_time(&host_dir, &git_script())?;
+    let h_git = host_time(&host_dir, &git_script())?;
 
     let mut rows = Vec::new();
     let mut shown = 0;
@@ -230,10 +260,30 @@ fn main() -> anyhow::Result<()> {
                 guest: r,
             });
         }
+        if i == 0 {
+            // The same work where the guest keeps its files itself: what the
+            // guest costs on this machine, apart from sharing the directory.
+            let dir = "/tmp/sbx-bench-local";
+            s.time(&guest_tree_script(dir), overhead)?;
+            let find = s.time(&format!("cd {dir} && {}", find_script()), overhead)?;
+            let churn = s.time(&format!("cd {dir} && {}", churn_script()), overhead)?;
+            s.time(&format!("rm -rf {dir}"), overhead)?;
+            println!(
+                "# in the guest's own memory, no sharing: find+stat {:.2} s, create+delete {:.2} s",
+                find, churn
+            );
+        }
         s.drop_caches()?;
         let cold = s.time(&find_script(), overhead)?;
         let warm = s.time(&find_script(), overhead)?;
         let churn = s.time(&churn_script(), overhead)?;
+        // The first status in the guest refreshes the index (the host's
+        // inode numbers and devices are not the guest's); then it is the
+        // metadata walk an agent repeats all day.
+        s.time(&git_script(), overhead)?;
+        s.drop_caches()?;
+        let git_cold = s.time(&git_script(), overhead)?;
+        let git_warm = s.time(&git_script(), overhead)?;
         let n = TREE_DIRS * TREE_FILES;
         rows.push(Row {
             what: format!("find+stat {n} files, cold [{mode}]"),
@@ -249,6 +299,16 @@ fn main() -> anyhow::Result<()> {
             what: format!("create+delete 10000 files [{mode}]"),
             host: h_churn,
             guest: churn,
+        });
+        rows.push(Row {
+            what: format!("git status, {n} files, cold [{mode}]"),
+            host: h_git,
+            guest: git_cold,
+        });
+        rows.push(Row {
+            what: format!("git status, {n} files, warm [{mode}]"),
+            host: h_git,
+            guest: git_warm,
         });
         for r in &rows[shown..] {
             print(r);

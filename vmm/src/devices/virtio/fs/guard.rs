@@ -57,6 +57,8 @@ pub struct Guard {
     guest_root: String,
     read_only: bool,
     mount_rule: String,
+    /// How long the guest may trust a name's presence or absence.
+    entry_timeout: Duration,
     nodes: Mutex<HashMap<u64, Node>>,
     /// Handles that have been written through since they were opened, so a
     /// file's change is reported once per open, not once per write.
@@ -112,6 +114,7 @@ impl Guard {
             guest_root: config.guest_path.clone(),
             read_only: config.read_only,
             mount_rule: config.mount_rule.clone(),
+            entry_timeout: config.cache.passthrough().1,
             nodes: Mutex::new(nodes),
             written: Mutex::new(HashSet::new()),
         }
@@ -295,9 +298,27 @@ impl FileSystem for Guard {
     fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
         let path = self.child("lookup", parent, name)?;
         self.check("lookup", &path, FsAccess::Read)?;
-        let e = self.inner.lookup(ctx, parent, name)?;
-        self.remember(parent, name.to_bytes(), e.inode, e.attr.st_mode);
-        Ok(e)
+        match self.inner.lookup(ctx, parent, name) {
+            Ok(e) => {
+                self.remember(parent, name.to_bytes(), e.inode, e.attr.st_mode);
+                Ok(e)
+            }
+            // Absent names are cached as long as present ones (inode 0 is
+            // FUSE's negative entry): builds, imports and git look for the
+            // same missing files again and again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.entry_timeout.is_zero() => {
+                Ok(Entry {
+                    inode: 0,
+                    generation: 0,
+                    // SAFETY: stat64 is plain integers; all zeroes is a valid value.
+                    attr: unsafe { std::mem::zeroed() },
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: self.entry_timeout,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {

@@ -106,7 +106,7 @@ impl FsCache {
         }
     }
 
-    fn passthrough(self) -> (CachePolicy, Duration) {
+    pub(super) fn passthrough(self) -> (CachePolicy, Duration) {
         match self {
             FsCache::Never => (CachePolicy::Never, Duration::ZERO),
             FsCache::Auto => (CachePolicy::Auto, Duration::from_secs(1)),

@@ -48,6 +48,10 @@ impl Drop for Fixture {
 }
 
 fn fixture(read_only: bool) -> Fixture {
+    fixture_cached(read_only, FsCache::Never)
+}
+
+fn fixture_cached(read_only: bool, cache: FsCache) -> Fixture {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let base = std::env::temp_dir().join(format!(
         "sbx-fs-test-{}-{}",
@@ -72,7 +76,7 @@ fn fixture(read_only: bool) -> Fixture {
         guest_path: "/workspace".into(),
         read_only,
         mount_rule: "m".into(),
-        cache: FsCache::Never,
+        cache,
         policy: rec.clone(),
     })
     .unwrap();
@@ -317,4 +321,16 @@ fn requests_are_few_and_large() {
         *f.rec.changed.lock().unwrap(),
         vec![(Change::Written, "/workspace/file".to_string())]
     );
+}
+
+#[test]
+fn missing_names_are_cached_only_when_names_are() {
+    let f = fixture(false);
+    assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c("nope"))), libc::ENOENT);
+    let f = fixture_cached(false, FsCache::Auto);
+    let e = f.fs.lookup(&ctx(), ROOT_ID, &c("nope")).unwrap();
+    assert_eq!((e.inode, e.entry_timeout), (0, Duration::from_secs(1)));
+    // Refusals are never turned into cached absences.
+    assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c(".env"))), libc::EACCES);
+    assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c(".."))), libc::EINVAL);
 }
