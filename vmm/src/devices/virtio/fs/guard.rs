@@ -285,9 +285,14 @@ impl FileSystem for Guard {
         );
         // Each request is a guest exit, so fewer and bigger: writes of up to
         // 1 MiB (without these, one page each), and O_TRUNC carried by the
-        // open rather than sent again as a setattr.
-        opts |=
-            capable & (FsOptions::BIG_WRITES | FsOptions::MAX_PAGES | FsOptions::ATOMIC_O_TRUNC);
+        // open rather than sent again as a setattr. And a host edit that
+        // keeps a file's size still drops the guest's cached data once the
+        // guest sees the new mtime.
+        opts |= capable
+            & (FsOptions::BIG_WRITES
+                | FsOptions::MAX_PAGES
+                | FsOptions::ATOMIC_O_TRUNC
+                | FsOptions::AUTO_INVAL_DATA);
         Ok(opts)
     }
 

@@ -293,6 +293,7 @@ fn requests_are_few_and_large() {
         FsOptions::BIG_WRITES,
         FsOptions::MAX_PAGES,
         FsOptions::ATOMIC_O_TRUNC,
+        FsOptions::AUTO_INVAL_DATA,
     ] {
         assert!(opts.contains(wanted), "{wanted:?} is not asked for");
     }
