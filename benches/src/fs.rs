@@ -185,6 +185,16 @@ struct Row {
     guest: f64,
 }
 
+impl Row {
+    fn new(what: String, mode: &str, host: f64, guest: f64) -> Row {
+        Row {
+            what: format!("{what} [{mode}]"),
+            host,
+            guest,
+        }
+    }
+}
+
 fn print_header() {
     println!(
         "{:<44} {:>10} {:>10} {:>8}",
@@ -249,18 +259,8 @@ fn main() -> anyhow::Result<()> {
                 rate(r),
                 rate(h_read)
             );
-            rows.push(Row {
-                what: format!("seq write {mib} MiB [{mode}]"),
-                host: h_write,
-                guest: w,
-            });
-            rows.push(Row {
-                what: format!("seq read {mib} MiB [{mode}]"),
-                host: h_read,
-                guest: r,
-            });
-        }
-        if i == 0 {
+            rows.push(Row::new(format!("seq write {mib} MiB"), mode, h_write, w));
+            rows.push(Row::new(format!("seq read {mib} MiB"), mode, h_read, r));
             // The same work where the guest keeps its files itself: what the
             // guest costs on this machine, apart from sharing the directory.
             let dir = "/tmp/sbx-bench-local";
@@ -285,31 +285,15 @@ fn main() -> anyhow::Result<()> {
         let git_cold = s.time(&git_script(), overhead)?;
         let git_warm = s.time(&git_script(), overhead)?;
         let n = TREE_DIRS * TREE_FILES;
-        rows.push(Row {
-            what: format!("find+stat {n} files, cold [{mode}]"),
-            host: h_find,
-            guest: cold,
-        });
-        rows.push(Row {
-            what: format!("find+stat {n} files, warm [{mode}]"),
-            host: h_find_warm,
-            guest: warm,
-        });
-        rows.push(Row {
-            what: format!("create+delete 10000 files [{mode}]"),
-            host: h_churn,
-            guest: churn,
-        });
-        rows.push(Row {
-            what: format!("git status, {n} files, cold [{mode}]"),
-            host: h_git,
-            guest: git_cold,
-        });
-        rows.push(Row {
-            what: format!("git status, {n} files, warm [{mode}]"),
-            host: h_git,
-            guest: git_warm,
-        });
+        for (what, host, guest) in [
+            (format!("find+stat {n} files, cold"), h_find, cold),
+            (format!("find+stat {n} files, warm"), h_find_warm, warm),
+            ("create+delete 10000 files".into(), h_churn, churn),
+            (format!("git status, {n} files, cold"), h_git, git_cold),
+            (format!("git status, {n} files, warm"), h_git, git_warm),
+        ] {
+            rows.push(Row::new(what, mode, host, guest));
+        }
         for r in &rows[shown..] {
             print(r);
         }
