@@ -1,8 +1,18 @@
 //! What PID 1 must do that no other process does.
 
 use std::ffi::CString;
+use std::sync::OnceLock;
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+/// The shares mounted at boot (guest paths).
+static SHARES: OnceLock<Vec<String>> = OnceLock::new();
+
+/// Where the host's shared directories are mounted.
+pub fn shares() -> &'static [String] {
+    SHARES.get().map_or(&[], Vec::as_slice)
+}
+
+/// True if `fstype` is mounted on `target` (now or already).
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> bool {
     let _ = std::fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let (src, tgt, fs, d) = (c(source), c(target), c(fstype), c(data));
@@ -21,12 +31,15 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
         // EBUSY: already mounted (e.g. by the kernel); anything else is worth a line.
         if err.raw_os_error() != Some(libc::EBUSY) {
             eprintln!("sbx-guest-agent: cannot mount {fstype} on {target}: {err}");
+            return false;
         }
     }
+    true
 }
 
 pub fn mount_pseudo_filesystems() {
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // Failures are reported by `mount`; the agent carries on without.
     mount("proc", "/proc", "proc", nodev, "");
     mount("sysfs", "/sys", "sysfs", nodev, "");
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
@@ -63,6 +76,7 @@ pub fn mount_pseudo_filesystems() {
 /// Mounts the host's shared directories: each `sbx.fs=TAG,GUEST_PATH,ro|rw`
 /// on the kernel command line is a virtio-fs device the VMM serves.
 pub fn mount_shares(line: &str) {
+    let mut mounted = Vec::new();
     for spec in crate::cmdline::values(line, "sbx.fs") {
         let mut parts = spec.splitn(3, ',');
         let (Some(tag), Some(target), mode) = (parts.next(), parts.next(), parts.next()) else {
@@ -80,15 +94,13 @@ pub fn mount_shares(line: &str) {
         } else {
             0
         };
-        mount(
-            tag,
-            target,
-            "virtiofs",
-            libc::MS_NOSUID | libc::MS_NODEV | ro,
-            "",
-        );
-        widen_readahead(target);
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | ro;
+        if mount(tag, target, "virtiofs", flags, "") {
+            widen_readahead(target);
+            mounted.push(target.trim_end_matches('/').to_string());
+        }
     }
+    let _ = SHARES.set(mounted);
 }
 
 /// Sequential reads of a share ask for 1 MiB at a time, the most a request

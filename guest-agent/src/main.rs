@@ -12,6 +12,7 @@ mod events;
 mod exec;
 mod init;
 mod reaper;
+mod refresh;
 mod report;
 mod run;
 mod session;

@@ -1,6 +1,7 @@
 //! Session mode: the agent serves the host over vsock instead of running
 //! one command. Each connection to `AGENT_PORT` carries one request: run a
-//! process (streams, PTY, signals, exit status), say hello, or shut down.
+//! process (streams, PTY, signals, exit status), say hello, shut down, or
+//! revalidate shared paths the host changed.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -77,12 +78,15 @@ fn handle(conn: UnixStream) {
             );
         }
         Ok(Some(Frame::Control(Control::Shutdown))) => shutdown(),
+        Ok(Some(Frame::Control(Control::Refresh { paths, trees }))) => {
+            crate::refresh::run(&paths, &trees)
+        }
         Ok(Some(_)) => {
             control(
                 &writer,
                 Control::Error {
                     id: None,
-                    message: "expected exec, hello or shutdown".into(),
+                    message: "expected exec, hello, shutdown or refresh".into(),
                 },
             );
         }

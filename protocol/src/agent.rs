@@ -129,6 +129,15 @@ pub enum Control {
     },
     /// Stop every process, sync and power off (a graceful `sbx stop`).
     Shutdown,
+    /// The host changed these paths of shared directories: revalidate
+    /// what the guest kernel cached of them. `trees` are share roots in
+    /// which anything may have changed. Answered by closing.
+    Refresh {
+        #[serde(default)]
+        paths: Vec<String>,
+        #[serde(default)]
+        trees: Vec<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -358,6 +367,10 @@ mod tests {
                 message: "sh: not found".into(),
             }),
             Frame::Control(Control::Shutdown),
+            Frame::Control(Control::Refresh {
+                paths: vec!["/workspace/src/a.rs".into()],
+                trees: vec!["/data".into()],
+            }),
             Frame::Data {
                 id: 7,
                 stream: Stream::Stdin,

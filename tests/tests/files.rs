@@ -271,3 +271,75 @@ fn denied_mounts_are_refused_before_boot() {
         text(&out.stderr)
     );
 }
+
+/// Under the default cache mode the guest keeps names, attributes and data
+/// for a minute, yet host edits show within moments: the VMM watches the
+/// host and the guest agent revalidates what changed. With `always` (no
+/// watch) the same edits stay unseen for the whole minute.
+#[test]
+fn host_edits_reach_a_caching_guest() {
+    let host = Host::new();
+    let ws = host.dir.path().join("edits");
+    std::fs::create_dir_all(ws.join("sub")).unwrap();
+    for (name, body) in [
+        ("replaced.txt", "old\n"),
+        ("in-place.txt", "AAAA\n"),
+        ("gone.txt", "here\n"),
+        ("sub/grows.txt", "one\n"),
+    ] {
+        std::fs::write(ws.join(name), body).unwrap();
+    }
+    host.ok_in(&ws, &["start", "--name", "e"]);
+    // The guest caches every name, attribute and byte, and the absence of
+    // new.txt; it keeps sub as its working directory (an entry in use).
+    let warm =
+        "cat replaced.txt in-place.txt gone.txt sub/grows.txt >/dev/null; ls . sub >/dev/null; \
+                test ! -e new.txt && test ! -e sub/new.txt && echo warm";
+    let out = sh(&host, "e", warm);
+    assert_eq!(text(&out.stdout), "warm\n", "{}", text(&out.stderr));
+
+    // Editors save by replacing the file; others write in place.
+    std::fs::write(ws.join("replaced.tmp"), "new\n").unwrap();
+    std::fs::rename(ws.join("replaced.tmp"), ws.join("replaced.txt")).unwrap();
+    std::fs::write(ws.join("in-place.txt"), "BBBB\n").unwrap();
+    std::fs::remove_file(ws.join("gone.txt")).unwrap();
+    std::fs::write(ws.join("new.txt"), "hi\n").unwrap();
+    std::fs::write(ws.join("sub/new.txt"), "hi\n").unwrap();
+    std::fs::write(ws.join("sub/grows.txt"), "one\ntwo\n").unwrap();
+
+    // Polled for 10 s, far inside the minute the guest would otherwise
+    // trust its cache; by name only, since a listing would refresh the
+    // entries it lists by itself.
+    let check = "cd sub; i=0; while [ $i -lt 100 ]; do \
+        if [ \"$(cat ../replaced.txt)\" = new ] && [ \"$(cat ../in-place.txt)\" = BBBB ] \
+           && [ ! -e ../gone.txt ] && [ \"$(cat ../new.txt)\" = hi ] \
+           && [ \"$(cat new.txt)\" = hi ] && [ \"$(cat grows.txt | wc -l)\" = 2 ]; then \
+           echo \"seen after $i polls\"; ls . ..; exit 0; fi; \
+        sleep 0.1; i=$((i+1)); done; \
+        cat ../replaced.txt ../in-place.txt grows.txt; test -e ../gone.txt && echo gone.txt is still there; exit 1";
+    let out = sh(&host, "e", check);
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "host edits not seen in 10 s:\n{said}{}",
+        text(&out.stderr)
+    );
+    let listed: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        listed.iter().filter(|l| **l == "new.txt").count(),
+        2,
+        "{said}"
+    );
+    assert!(!listed.contains(&"gone.txt"), "{said}");
+    eprintln!("{}", said.lines().next().unwrap_or_default());
+
+    // The guest's own edits still reach the host, and are not echoed back
+    // as host edits that would undo its cache.
+    let out = sh(&host, "e", "echo mine > mine.txt && cat mine.txt");
+    assert_eq!(text(&out.stdout), "mine\n", "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(ws.join("mine.txt")).unwrap(),
+        "mine\n"
+    );
+    host.ok(&["stop", "e"]);
+}

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod egress;
+mod host_edits;
 pub mod mounts;
 pub mod runner;
 pub mod state;

@@ -4,13 +4,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use sbx_audit::{AuditLog, Category, Event};
 use sbx_policy::{Access, Policy, Surface, Verdict};
-use vmm::devices::virtio::fs::{Change, FsAccess, FsCache, FsConfig, FsPolicy, Refusal};
+use vmm::devices::virtio::fs::{
+    Change, FsAccess, FsCache, FsConfig, FsPolicy, HostChanges, Refusal,
+};
 
 /// Where the current directory appears in the guest.
 pub const WORKSPACE: &str = "/workspace";
@@ -191,16 +194,22 @@ pub fn devices(
     Ok((configs, words))
 }
 
-/// The policy and audit log as the virtio-fs devices see them.
+/// The policy and audit log as the virtio-fs devices see them, and where
+/// host edits go (to the guest agent, see `host_edits`).
 pub struct FileAudit {
     policy: Arc<Policy>,
     log: Arc<AuditLog>,
     changes: Arc<Changes>,
+    host_edits: Sender<HostChanges>,
 }
 
 impl FileAudit {
     /// Starts the thread that writes coalesced changes every few seconds.
-    pub fn new(policy: Arc<Policy>, log: Arc<AuditLog>) -> std::io::Result<Arc<FileAudit>> {
+    pub fn new(
+        policy: Arc<Policy>,
+        log: Arc<AuditLog>,
+        host_edits: Sender<HostChanges>,
+    ) -> std::io::Result<Arc<FileAudit>> {
         let changes = Arc::new(Changes::default());
         let (c, l) = (changes.clone(), log.clone());
         std::thread::Builder::new()
@@ -210,6 +219,7 @@ impl FileAudit {
             policy,
             log,
             changes,
+            host_edits,
         }))
     }
 
@@ -260,6 +270,10 @@ impl FsPolicy for FileAudit {
 
     fn changed(&self, change: Change, path: &str) {
         self.changes.add(change, path);
+    }
+
+    fn host_changed(&self, changes: &HostChanges) {
+        let _ = self.host_edits.send(changes.clone());
     }
 }
 

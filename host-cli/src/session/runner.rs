@@ -27,6 +27,7 @@ use vmm::devices::virtio::vsock::{VsockConfig, VsockHost};
 use vmm::{BootTimings, Console, VmConfig};
 
 use super::egress::Egress;
+use super::host_edits;
 use super::mounts::{self, FileAudit, MountSpec};
 use super::state::{self, Dir, Info, Phase};
 use crate::{boot, policy_cmd};
@@ -168,13 +169,17 @@ fn serve(args: &Args, ready: &Arc<Ready>) -> anyhow::Result<u8> {
         .with_context(|| format!("--fs-cache {}: not auto, never or always", args.fs_cache))?;
     mounts::grant(&mut policy, &specs, &log)?;
     let policy = Arc::new(policy);
-    let files = FileAudit::new(policy.clone(), log.clone())?;
+    let host = VsockHost::new().context("cannot set up the vsock device")?;
+    let files = FileAudit::new(
+        policy.clone(),
+        log.clone(),
+        host_edits::start(host.clone())?,
+    )?;
     let (fs, mut fs_words) = mounts::devices(&policy, &log, cache, files.clone())?;
     if specs.iter().any(|m| m.guest == mounts::WORKSPACE) {
         fs_words.push(format!("sbx.workdir={}", mounts::WORKSPACE));
     }
 
-    let host = VsockHost::new().context("cannot set up the vsock device")?;
     let egress = Egress::start(
         &args.name,
         policy.clone(),

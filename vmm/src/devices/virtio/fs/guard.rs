@@ -16,7 +16,9 @@
 //!   directories are ever opened on the host;
 //! - a directory rename that would carry a denied path out from under its
 //!   rule is refused;
-//! - every refusal is reported, and so is every change, for the audit log.
+//! - every refusal is reported, and so is every change, for the audit log;
+//! - under `auto`, host edits are watched for and reported so the guest can
+//!   drop what it cached ([`super::host_watch`]).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, OsStr};
@@ -26,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::host_watch::{self, HostChanges, HostWatch};
+
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, OpenOptions, SetattrValid, ZeroCopyReader,
@@ -33,13 +37,17 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
-use super::{Change, FsAccess, FsConfig, FsPolicy, Refusal, GUARD_RULE};
+use super::{Change, FsAccess, FsCache, FsConfig, FsPolicy, Refusal, GUARD_RULE};
 
 /// How many entries a directory rename may carry before it is refused with
 /// EXDEV (tools then copy and delete, one checked file at a time).
 const RENAME_WALK_LIMIT: usize = 20_000;
 
 const SETID: u32 = libc::S_ISUID | libc::S_ISGID;
+
+/// What `auto` promises when host edits cannot be watched: a name or an
+/// attribute is trusted for a second, then asked for again.
+const UNWATCHED_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the guest was given for one inode: where it was last seen, and how
 /// many lookups it holds (FUSE's reference count).
@@ -48,6 +56,8 @@ struct Node {
     name: Vec<u8>,
     mode: u32,
     lookups: u64,
+    /// The inotify watch on a directory, under `auto`.
+    watch: Option<i32>,
 }
 
 pub struct Guard {
@@ -59,10 +69,32 @@ pub struct Guard {
     mount_rule: String,
     /// How long the guest may trust a name's presence or absence.
     entry_timeout: Duration,
+    /// Under `auto`: the watch that makes long timeouts safe. Without it
+    /// (or once it cannot cover a directory) timeouts are a second.
+    watch: Option<HostWatch>,
+    cache: FsCache,
     nodes: Mutex<HashMap<u64, Node>>,
     /// Handles that have been written through since they were opened, so a
     /// file's change is reported once per open, not once per write.
     written: Mutex<HashSet<u64>>,
+}
+
+/// The path of `inode` inside the mount (`a/b`, empty for the root).
+fn rel_in(nodes: &HashMap<u64, Node>, inode: u64) -> io::Result<Vec<u8>> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    let mut at = inode;
+    while at != ROOT_ID {
+        // A cycle cannot be built (renames only move named entries), but
+        // a bound keeps a bug from hanging the device.
+        if parts.len() > 4096 {
+            return Err(err(libc::ELOOP));
+        }
+        let n = nodes.get(&at).ok_or_else(|| err(libc::EBADF))?;
+        parts.push(&n.name);
+        at = n.parent;
+    }
+    parts.reverse();
+    Ok(parts.join(&b'/'))
 }
 
 fn err(code: i32) -> io::Error {
@@ -97,6 +129,21 @@ fn file_type(mode: u32) -> &'static str {
 
 impl Guard {
     pub fn new(inner: PassthroughFs<()>, config: &FsConfig) -> Self {
+        let watch = match config.cache {
+            FsCache::Auto => match HostWatch::new(&config.host_dir) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        dir = %config.host_dir.display(),
+                        "virtio-fs: cannot watch for host edits; the guest trusts its cache for a second only"
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        let root_watch = watch.as_ref().and_then(|w| w.add(ROOT_ID, b""));
         let mut nodes = HashMap::new();
         nodes.insert(
             ROOT_ID,
@@ -105,6 +152,7 @@ impl Guard {
                 name: Vec::new(),
                 mode: libc::S_IFDIR,
                 lookups: 1,
+                watch: root_watch,
             },
         );
         Self {
@@ -115,6 +163,8 @@ impl Guard {
             read_only: config.read_only,
             mount_rule: config.mount_rule.clone(),
             entry_timeout: config.cache.passthrough().1,
+            watch,
+            cache: config.cache,
             nodes: Mutex::new(nodes),
             written: Mutex::new(HashSet::new()),
         }
@@ -126,21 +176,7 @@ impl Guard {
 
     /// The path of `inode` inside the mount (`a/b`, empty for the root).
     fn rel(&self, inode: u64) -> io::Result<Vec<u8>> {
-        let nodes = self.nodes();
-        let mut parts: Vec<&[u8]> = Vec::new();
-        let mut at = inode;
-        while at != ROOT_ID {
-            // A cycle cannot be built (renames only move named entries), but
-            // a bound keeps a bug from hanging the device.
-            if parts.len() > 4096 {
-                return Err(err(libc::ELOOP));
-            }
-            let n = nodes.get(&at).ok_or_else(|| err(libc::EBADF))?;
-            parts.push(&n.name);
-            at = n.parent;
-        }
-        parts.reverse();
-        Ok(parts.join(&b'/'))
+        rel_in(&self.nodes(), inode)
     }
 
     fn guest_path(&self, rel: &[u8]) -> String {
@@ -224,11 +260,22 @@ impl Guard {
             name: Vec::new(),
             mode,
             lookups: 0,
+            watch: None,
         });
         n.parent = parent;
         n.name = name.to_vec();
         n.mode = mode;
         n.lookups += 1;
+        let new_dir = n.lookups == 1 && mode & libc::S_IFMT == libc::S_IFDIR;
+        // Watched before the guest hears of it, so no edit falls between.
+        if let (true, Some(w)) = (new_dir, &self.watch) {
+            let wd = rel_in(&nodes, inode)
+                .ok()
+                .and_then(|rel| w.add(inode, &rel));
+            if let Some(n) = nodes.get_mut(&inode) {
+                n.watch = wd;
+            }
+        }
     }
 
     fn drop_lookups(&self, inode: u64, count: u64) {
@@ -236,9 +283,73 @@ impl Guard {
         if let Some(n) = nodes.get_mut(&inode) {
             n.lookups = n.lookups.saturating_sub(count);
             if n.lookups == 0 && inode != ROOT_ID {
+                if let (Some(w), Some(wd)) = (&self.watch, n.watch) {
+                    w.remove(wd);
+                }
                 nodes.remove(&inode);
             }
         }
+    }
+
+    /// The guest is about to change `name` in `parent`: the host's echo of
+    /// it is not a host edit.
+    fn own(&self, parent: u64, name: &[u8]) {
+        if let Some(w) = &self.watch {
+            w.own(parent, name);
+        }
+    }
+
+    /// As [`Guard::own`], for the name the guest knows `inode` by.
+    fn own_inode(&self, inode: u64) {
+        if let Some(w) = &self.watch {
+            if let Some(n) = self.nodes().get(&inode) {
+                w.own(n.parent, &n.name);
+            }
+        }
+    }
+
+    /// The longest the guest may trust what it is told now: under `auto`,
+    /// a second unless every directory it knows is watched.
+    fn trust(&self) -> Option<Duration> {
+        let watched = self.watch.as_ref().is_some_and(|w| !w.incomplete());
+        (self.cache == FsCache::Auto && !watched).then_some(UNWATCHED_TIMEOUT)
+    }
+
+    fn fit(&self, mut e: Entry) -> Entry {
+        if let Some(t) = self.trust() {
+            e.entry_timeout = e.entry_timeout.min(t);
+            e.attr_timeout = e.attr_timeout.min(t);
+        }
+        e
+    }
+
+    fn fit_attr(&self, (attr, timeout): (stat64, Duration)) -> (stat64, Duration) {
+        (attr, self.trust().map_or(timeout, |t| timeout.min(t)))
+    }
+
+    /// Waits for the next batch of host edits, leaving out what the policy
+    /// hides from the guest. `None` once `stop` is readable, or when
+    /// nothing is watched.
+    pub(super) fn host_changes(&self, stop: i32) -> Option<HostChanges> {
+        let w = self.watch.as_ref()?;
+        let mut c =
+            host_watch::next_batch(w, stop, &self.guest_root, |dir| self.path_of(dir).ok())?;
+        c.paths
+            .retain(|p| self.policy.check(p, FsAccess::Read).is_none());
+        Some(c)
+    }
+
+    /// Reports host edits to the session until `stop` is readable.
+    pub(super) fn watch_host(&self, stop: i32) {
+        while let Some(c) = self.host_changes(stop) {
+            if !c.is_empty() {
+                self.policy.host_changed(&c);
+            }
+        }
+    }
+
+    pub(super) fn watches_host(&self) -> bool {
+        self.watch.is_some()
     }
 
     /// Would renaming the directory at `guest` (host `host`) move something a
@@ -267,9 +378,10 @@ impl Guard {
         Ok(None)
     }
 
-    fn created(&self, parent: u64, name: &CStr, path: &str, e: &Entry) {
+    fn created(&self, parent: u64, name: &CStr, path: &str, e: Entry) -> Entry {
         self.remember(parent, name.to_bytes(), e.inode, e.attr.st_mode);
         self.policy.changed(Change::Created, path);
+        self.fit(e)
     }
 }
 
@@ -306,13 +418,13 @@ impl FileSystem for Guard {
         match self.inner.lookup(ctx, parent, name) {
             Ok(e) => {
                 self.remember(parent, name.to_bytes(), e.inode, e.attr.st_mode);
-                Ok(e)
+                Ok(self.fit(e))
             }
             // Absent names are cached as long as present ones (inode 0 is
             // FUSE's negative entry): builds, imports and git look for the
             // same missing files again and again.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.entry_timeout.is_zero() => {
-                Ok(Entry {
+                Ok(self.fit(Entry {
                     inode: 0,
                     generation: 0,
                     // SAFETY: stat64 is plain integers; all zeroes is a valid value.
@@ -320,7 +432,7 @@ impl FileSystem for Guard {
                     attr_flags: 0,
                     attr_timeout: Duration::ZERO,
                     entry_timeout: self.entry_timeout,
-                })
+                }))
             }
             Err(e) => Err(e),
         }
@@ -343,7 +455,7 @@ impl FileSystem for Guard {
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        self.inner.getattr(ctx, inode, handle)
+        Ok(self.fit_attr(self.inner.getattr(ctx, inode, handle)?))
     }
 
     fn setattr(
@@ -366,13 +478,14 @@ impl FileSystem for Guard {
         }
         // Ownership stays the host user's; a guest chown is a no-op.
         valid.remove(SetattrValid::UID | SetattrValid::GID);
+        self.own_inode(inode);
         let out = self
             .inner
             .setattr(&squash(ctx), inode, attr, handle, valid)?;
         if valid.intersects(SetattrValid::SIZE | SetattrValid::MODE | SetattrValid::MTIME) {
             self.policy.changed(Change::Written, &path);
         }
-        Ok(out)
+        Ok(self.fit_attr(out))
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -390,9 +503,9 @@ impl FileSystem for Guard {
     ) -> io::Result<Entry> {
         let path = self.child("symlink", parent, name)?;
         self.check("symlink", &path, FsAccess::Write)?;
+        self.own(parent, name.to_bytes());
         let e = self.inner.symlink(&squash(ctx), linkname, parent, name)?;
-        self.created(parent, name, &path, &e);
-        Ok(e)
+        Ok(self.created(parent, name, &path, e))
     }
 
     fn mknod(
@@ -417,11 +530,11 @@ impl FileSystem for Guard {
                 libc::EPERM,
             )?;
         }
+        self.own(parent, name.to_bytes());
         let e = self
             .inner
             .mknod(&squash(ctx), parent, name, mode & !SETID, rdev, umask)?;
-        self.created(parent, name, &path, &e);
-        Ok(e)
+        Ok(self.created(parent, name, &path, e))
     }
 
     fn mkdir(
@@ -434,16 +547,17 @@ impl FileSystem for Guard {
     ) -> io::Result<Entry> {
         let path = self.child("mkdir", parent, name)?;
         self.check("mkdir", &path, FsAccess::Write)?;
+        self.own(parent, name.to_bytes());
         let e = self
             .inner
             .mkdir(&squash(ctx), parent, name, mode & !SETID, umask)?;
-        self.created(parent, name, &path, &e);
-        Ok(e)
+        Ok(self.created(parent, name, &path, e))
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let path = self.child("unlink", parent, name)?;
         self.check("unlink", &path, FsAccess::Write)?;
+        self.own(parent, name.to_bytes());
         self.inner.unlink(ctx, parent, name)?;
         self.policy.changed(Change::Deleted, &path);
         Ok(())
@@ -452,6 +566,7 @@ impl FileSystem for Guard {
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let path = self.child("rmdir", parent, name)?;
         self.check("rmdir", &path, FsAccess::Write)?;
+        self.own(parent, name.to_bytes());
         self.inner.rmdir(ctx, parent, name)?;
         self.policy.changed(Change::Deleted, &path);
         Ok(())
@@ -499,6 +614,8 @@ impl FileSystem for Guard {
                 Err(()) => return Err(err(libc::EXDEV)),
             }
         }
+        self.own(olddir, oldname.to_bytes());
+        self.own(newdir, newname.to_bytes());
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
         {
@@ -529,9 +646,9 @@ impl FileSystem for Guard {
                 libc::EPERM,
             )?;
         }
+        self.own(newparent, newname.to_bytes());
         let e = self.inner.link(&squash(ctx), inode, newparent, newname)?;
-        self.created(newparent, newname, &path, &e);
-        Ok(e)
+        Ok(self.created(newparent, newname, &path, e))
     }
 
     fn open(
@@ -556,6 +673,7 @@ impl FileSystem for Guard {
         }
         if writes(flags) {
             self.check("open", &path, FsAccess::Write)?;
+            self.own_inode(inode);
         }
         let out = self.inner.open(&squash(ctx), inode, flags, fuse_flags)?;
         if flags as i32 & libc::O_TRUNC != 0 {
@@ -574,9 +692,14 @@ impl FileSystem for Guard {
         let path = self.child("create", parent, name)?;
         self.check("create", &path, FsAccess::Write)?;
         args.mode &= !SETID;
-        let out = self.inner.create(&squash(ctx), parent, name, args)?;
-        self.created(parent, name, &path, &out.0);
-        Ok(out)
+        self.own(parent, name.to_bytes());
+        let (e, handle, opts, passthrough) = self.inner.create(&squash(ctx), parent, name, args)?;
+        Ok((
+            self.created(parent, name, &path, e),
+            handle,
+            opts,
+            passthrough,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -613,6 +736,7 @@ impl FileSystem for Guard {
             // Opens for writing were refused already; a forged handle is not.
             return Err(err(libc::EROFS));
         }
+        self.own_inode(inode);
         let n = self.inner.write(
             &squash(ctx),
             inode,
@@ -661,6 +785,7 @@ impl FileSystem for Guard {
         if self.read_only {
             return Err(err(libc::EROFS));
         }
+        self.own_inode(inode);
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -746,7 +871,7 @@ impl FileSystem for Guard {
                     return Ok(1);
                 }
                 let (name, ino, mode) = (d.name.to_vec(), e.inode, e.attr.st_mode);
-                let n = add_entry(d, e)?;
+                let n = add_entry(d, self.fit(e))?;
                 if n > 0 {
                     shown.push((name, ino, mode));
                 }

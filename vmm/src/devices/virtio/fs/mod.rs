@@ -3,13 +3,17 @@
 //!
 //! Requests are decoded by fuse-backend-rs's hardened FUSE server and checked
 //! by [`guard::Guard`] before its passthrough file system touches the host.
+//! Under `--fs-cache auto`, [`host_watch`] reports host edits so the guest
+//! can keep a long-lived cache and still see them.
 
 mod guard;
+mod host_watch;
 mod worker;
 
 #[cfg(test)]
 mod tests;
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread};
 use crate::vstate::memory::GuestMemory;
 pub use guard::Guard;
+pub use host_watch::HostChanges;
 
 pub const DEVICE_TYPE: u32 = 26;
 /// The high-priority queue (FORGET, INTERRUPT) and one request queue.
@@ -75,6 +80,9 @@ pub trait FsPolicy: Send + Sync {
     fn denied(&self, op: &str, path: &str, refusal: &Refusal);
     /// The guest changed `path` (for renames, `old -> new`).
     fn changed(&self, change: Change, path: &str);
+    /// The host changed what the guest may have cached (under `auto`):
+    /// have the guest revalidate it.
+    fn host_changed(&self, _changes: &HostChanges) {}
 }
 
 /// How much of the host directory the guest kernel may cache.
@@ -82,9 +90,11 @@ pub trait FsPolicy: Send + Sync {
 pub enum FsCache {
     /// Nothing: every access asks the host. Host edits show at once.
     Never,
-    /// Attributes and entries for a second; file data kept while unchanged.
+    /// Names, attributes and data kept for a minute, and the host watched:
+    /// each host edit is reported so the guest revalidates what it touched.
+    /// Where a directory cannot be watched, a second.
     Auto,
-    /// Long timeouts, kept page cache: for directories only this guest changes.
+    /// As `auto`, without the watch: for directories only this guest changes.
     Always,
 }
 
@@ -109,8 +119,7 @@ impl FsCache {
     pub(super) fn passthrough(self) -> (CachePolicy, Duration) {
         match self {
             FsCache::Never => (CachePolicy::Never, Duration::ZERO),
-            FsCache::Auto => (CachePolicy::Auto, Duration::from_secs(1)),
-            FsCache::Always => (CachePolicy::Always, Duration::from_secs(60)),
+            FsCache::Auto | FsCache::Always => (CachePolicy::Always, Duration::from_secs(60)),
         }
     }
 }
@@ -151,6 +160,8 @@ pub enum FsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the host-edit watcher of a shared directory: {0}")]
+    Watch(#[source] ActivateError),
 }
 
 /// Builds the checked file system for `config` (the device's whole host side).
@@ -182,8 +193,10 @@ pub fn file_system(config: &FsConfig) -> Result<Guard, FsError> {
 
 pub struct Fs {
     tag: [u8; TAG_LEN],
-    server: Arc<Server<Guard>>,
+    server: Arc<Server<Arc<Guard>>>,
     worker: Option<WorkerThread>,
+    /// Reports host edits, for the device's whole life (not the driver's).
+    watcher: Option<WorkerThread>,
 }
 
 impl Fs {
@@ -194,10 +207,23 @@ impl Fs {
         }
         let mut tag = [0u8; TAG_LEN];
         tag[..bytes.len()].copy_from_slice(bytes);
+        let guard = Arc::new(file_system(config)?);
+        let watcher = if guard.watches_host() {
+            let stop = WorkerThread::stop_fd().map_err(FsError::Watch)?;
+            let fd = stop
+                .try_clone()
+                .map_err(|e| FsError::Watch(ActivateError::Worker(e)))?;
+            let g = guard.clone();
+            let run = move || g.watch_host(fd.as_raw_fd());
+            Some(WorkerThread::start("sbx-fs-watch", stop, run).map_err(FsError::Watch)?)
+        } else {
+            None
+        };
         Ok(Self {
             tag,
-            server: Arc::new(Server::new(file_system(config)?)),
+            server: Arc::new(Server::new(guard)),
             worker: None,
+            watcher,
         })
     }
 }
@@ -260,5 +286,8 @@ impl VirtioDevice for Fs {
 impl Drop for Fs {
     fn drop(&mut self) {
         self.reset();
+        if let Some(w) = self.watcher.take() {
+            w.stop();
+        }
     }
 }

@@ -330,8 +330,48 @@ fn missing_names_are_cached_only_when_names_are() {
     assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c("nope"))), libc::ENOENT);
     let f = fixture_cached(false, FsCache::Auto);
     let e = f.fs.lookup(&ctx(), ROOT_ID, &c("nope")).unwrap();
-    assert_eq!((e.inode, e.entry_timeout), (0, Duration::from_secs(1)));
+    assert_eq!((e.inode, e.entry_timeout), (0, Duration::from_secs(60)));
     // Refusals are never turned into cached absences.
     assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c(".env"))), libc::EACCES);
     assert_eq!(code(f.fs.lookup(&ctx(), ROOT_ID, &c(".."))), libc::EINVAL);
+}
+
+/// Host edits in directories the guest knows are reported by guest path;
+/// the guest's own changes, names the policy hides and directories the
+/// guest never saw are not.
+#[test]
+fn host_edits_are_reported_and_the_guests_own_are_not() {
+    let f = fixture_cached(false, FsCache::Auto);
+    assert!(f.fs.watches_host());
+    let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    assert_eq!(dir.entry_timeout, Duration::from_secs(60));
+    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let stop = std::os::fd::AsRawFd::as_raw_fd(&stop);
+
+    // The guest's own changes, through the device.
+    f.fs.create(&ctx(), dir.inode, &c("mine"), create_in(0o644))
+        .unwrap();
+    f.fs.unlink(&ctx(), ROOT_ID, &c("file")).unwrap();
+    // The host's edits.
+    std::fs::write(f.root.join("dir/theirs"), "x").unwrap();
+    std::fs::write(f.root.join(".env"), "TOKEN=2").unwrap();
+    std::fs::create_dir(f.root.join("unseen")).unwrap();
+    std::fs::write(f.root.join("unseen/deep"), "x").unwrap();
+    std::fs::rename(f.root.join("dir/theirs"), f.root.join("dir/moved")).unwrap();
+
+    let got = f.fs.host_changes(stop).unwrap();
+    assert_eq!(
+        got.paths,
+        [
+            "/workspace/dir/moved",
+            "/workspace/dir/theirs",
+            "/workspace/unseen"
+        ],
+        "{got:?}"
+    );
+    assert!(got.trees.is_empty());
+
+    // Without `auto` nothing is watched.
+    assert!(!fixture_cached(false, FsCache::Always).fs.watches_host());
+    assert!(!fixture(false).fs.watches_host());
 }

@@ -20,7 +20,7 @@ pub struct Worker {
     kicks: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
     stop: EventFd,
-    server: Arc<Server<Guard>>,
+    server: Arc<Server<Arc<Guard>>>,
     epoll: Epoll,
 }
 
@@ -31,7 +31,7 @@ impl Worker {
         kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
         stop: EventFd,
-        server: Arc<Server<Guard>>,
+        server: Arc<Server<Arc<Guard>>>,
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         for (i, k) in kicks.iter().enumerate() {

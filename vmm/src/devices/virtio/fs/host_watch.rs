@@ -1,0 +1,348 @@
+//! Host edits a caching guest would otherwise miss. The guest kernel keeps
+//! names, attributes and data for as long as the device said it may (long,
+//! so that scans and `git status` do not ask again for every file), and
+//! Linux's virtio-fs has no way for the device to take that back. So the
+//! VMM watches, with inotify, every host directory the guest has been
+//! given, and reports what changed there to the session, whose guest agent
+//! revalidates exactly those names.
+//!
+//! Changes the guest itself makes through the device are not reported: the
+//! guest kernel already knows them. Events lost to an inotify overflow, or
+//! directories that could not be watched, are reported as "everything".
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What the guest may hold stale after host edits: the guest paths of
+/// changed entries, and mount roots whose every entry may have changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostChanges {
+    pub paths: Vec<String>,
+    pub trees: Vec<String>,
+}
+
+impl HostChanges {
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty() && self.trees.is_empty()
+    }
+}
+
+/// Child events of a watched directory: every way a name, its attributes
+/// or its data can change. Events on the directory itself show up in its
+/// parent's watch under its name.
+const MASK: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_MODIFY
+    | libc::IN_ATTRIB
+    | libc::IN_ONLYDIR
+    | libc::IN_EXCL_UNLINK;
+
+/// How long after the guest changed a name an event for it is taken to be
+/// the echo of that change. A host edit of the same name inside this
+/// window is missed (the entry then expires with its timeout).
+const OWN_WINDOW: Duration = Duration::from_millis(1500);
+/// Marks kept before old ones are swept.
+const OWN_SWEEP: usize = 8192;
+/// Events keep arriving in bursts (a save is a create, writes and a
+/// rename): a batch is sent once the host has been quiet this long...
+const QUIET: Duration = Duration::from_millis(20);
+/// ...or this long after its first event, whichever comes first.
+const BATCH: Duration = Duration::from_millis(100);
+/// Paths per batch; past it the whole mount is reported instead.
+const MAX_PATHS: usize = 4096;
+
+/// One event, as the guard needs it: the guest inode of the watched
+/// directory and the name that changed in it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Seen {
+    Name(u64, Vec<u8>),
+    /// Events were dropped: anything may have changed.
+    Lost,
+}
+
+pub(super) struct HostWatch {
+    inotify: OwnedFd,
+    /// The mount's root, which every watched path is resolved beneath.
+    root: OwnedFd,
+    /// Watch descriptor to the guest inode of the directory.
+    dirs: Mutex<HashMap<i32, u64>>,
+    /// (directory inode, name) to when the guest last changed it.
+    own: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
+    /// A directory could not be watched (the inotify watch limit): the
+    /// guard must not promise long timeouts any more.
+    incomplete: AtomicBool,
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+impl HostWatch {
+    pub(super) fn new(root: &Path) -> io::Result<HostWatch> {
+        // SAFETY: plain syscalls; each descriptor is owned at once.
+        let inotify = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if inotify < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
+        let path = cstr(root)?;
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let fd = unsafe { libc::open(path.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(HostWatch {
+            inotify,
+            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            dirs: Mutex::new(HashMap::new()),
+            own: Mutex::new(HashMap::new()),
+            incomplete: AtomicBool::new(false),
+        })
+    }
+
+    pub(super) fn fd(&self) -> i32 {
+        self.inotify.as_raw_fd()
+    }
+
+    pub(super) fn incomplete(&self) -> bool {
+        self.incomplete.load(Ordering::Relaxed)
+    }
+
+    /// Watches the directory at `rel` (inside the mount, empty for the
+    /// root) for guest inode `inode`. Resolved beneath the root without
+    /// following any symlink, so a guest racing renames cannot make the
+    /// VMM watch, and report on, a directory outside the mount.
+    pub(super) fn add(&self, inode: u64, rel: &[u8]) -> Option<i32> {
+        let wd = self.add_watch(rel);
+        match wd {
+            Ok(wd) => {
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(wd, inode);
+                Some(wd)
+            }
+            Err(e) => {
+                // Gone already (a race with a delete) costs nothing; a full
+                // watch table means host edits could go unseen.
+                if e.raw_os_error() == Some(libc::ENOSPC) && !self.incomplete() {
+                    tracing::warn!(
+                        "virtio-fs: the inotify watch limit is reached (fs.inotify.max_user_watches); \
+                         host edits now reach the guest within a second instead of at once"
+                    );
+                    self.incomplete.store(true, Ordering::Relaxed);
+                } else if e.raw_os_error() != Some(libc::ENOENT) {
+                    tracing::debug!(error = %e, "virtio-fs: cannot watch a directory");
+                }
+                None
+            }
+        }
+    }
+
+    fn add_watch(&self, rel: &[u8]) -> io::Result<i32> {
+        let dir = if rel.is_empty() {
+            None
+        } else {
+            let path = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: open_how is plain integers; zero is a valid value.
+            let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+            how.flags =
+                (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+            how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+            // SAFETY: openat2 reads `how` and `path`, both valid for the call.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    self.root.as_raw_fd(),
+                    path.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a descriptor the call just returned.
+            Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        };
+        let fd = dir
+            .as_ref()
+            .map_or(self.root.as_raw_fd(), |d| d.as_raw_fd());
+        // inotify takes a path; the descriptor's magic link names exactly
+        // the directory just opened.
+        let path = cstr(Path::new(&format!("/proc/self/fd/{fd}")))?;
+        // SAFETY: a valid path string and our own inotify descriptor.
+        let wd = unsafe { libc::inotify_add_watch(self.inotify.as_raw_fd(), path.as_ptr(), MASK) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(wd)
+    }
+
+    pub(super) fn remove(&self, wd: i32) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&wd);
+        // SAFETY: removes a watch from our own descriptor; a stale wd fails harmlessly.
+        unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
+    }
+
+    /// The guest is about to change `name` in directory `dir`.
+    pub(super) fn own(&self, dir: u64, name: &[u8]) {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if own.len() >= OWN_SWEEP {
+            own.retain(|_, t| now.duration_since(*t) < OWN_WINDOW);
+        }
+        own.insert((dir, name.to_vec()), now);
+    }
+
+    fn is_own(&self, dir: u64, name: &[u8]) -> bool {
+        let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        // Borrowed lookups need the key's own type; names are short.
+        own.get(&(dir, name.to_vec()))
+            .is_some_and(|t| t.elapsed() < OWN_WINDOW)
+    }
+
+    /// Reads what is queued, without blocking.
+    pub(super) fn read(&self) -> Vec<Seen> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: reads into a buffer we own, at most its length.
+            let n =
+                unsafe { libc::read(self.inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return out;
+            }
+            self.parse(&buf[..n as usize], &mut out);
+        }
+    }
+
+    fn parse(&self, mut buf: &[u8], out: &mut Vec<Seen>) {
+        const HEAD: usize = std::mem::size_of::<libc::inotify_event>();
+        while buf.len() >= HEAD {
+            let word = |i: usize| u32::from_ne_bytes(buf[i..i + 4].try_into().unwrap_or([0; 4]));
+            let (wd, mask, len) = (word(0) as i32, word(4), word(12) as usize);
+            let Some(name) = buf.get(HEAD..HEAD + len) else {
+                return;
+            };
+            buf = &buf[HEAD + len..];
+            if mask & libc::IN_Q_OVERFLOW != 0 {
+                out.push(Seen::Lost);
+                continue;
+            }
+            if mask & libc::IN_IGNORED != 0 {
+                // The directory is gone; its name's event came through the parent.
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&wd);
+                continue;
+            }
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if name.is_empty() {
+                continue;
+            }
+            let dir = self
+                .dirs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&wd)
+                .copied();
+            match dir {
+                Some(dir) if !self.is_own(dir, name) => out.push(Seen::Name(dir, name.to_vec())),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Waits for host edits and gathers one batch: the first event, then
+/// until the host is quiet (or the batch is old enough). `None` once `stop`
+/// is readable; `path` turns a watched directory's inode into its guest
+/// path, or `None` if the guest no longer knows it.
+pub(super) fn next_batch(
+    watch: &HostWatch,
+    stop: i32,
+    root: &str,
+    path: impl Fn(u64) -> Option<String>,
+) -> Option<HostChanges> {
+    let mut paths = BTreeSet::new();
+    let mut lost = false;
+    let mut first: Option<Instant> = None;
+    loop {
+        let wait = match first {
+            None => -1,
+            Some(t) => {
+                let left = BATCH.saturating_sub(t.elapsed()).min(QUIET);
+                if left.is_zero() {
+                    break;
+                }
+                left.as_millis().max(1) as i32
+            }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: watch.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polls two descriptors in an array we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        if fds[1].revents != 0 {
+            return None;
+        }
+        if n == 0 {
+            if first.is_some() {
+                break;
+            }
+            continue;
+        }
+        for seen in watch.read() {
+            match seen {
+                Seen::Lost => lost = true,
+                Seen::Name(dir, name) => {
+                    if let Some(d) = path(dir) {
+                        paths.insert(format!("{d}/{}", String::from_utf8_lossy(&name)));
+                    }
+                }
+            }
+        }
+        if first.is_none() && (lost || !paths.is_empty()) {
+            first = Some(Instant::now());
+        }
+    }
+    if lost || paths.len() > MAX_PATHS {
+        return Some(HostChanges {
+            paths: Vec::new(),
+            trees: vec![root.to_string()],
+        });
+    }
+    Some(HostChanges {
+        paths: paths.into_iter().collect(),
+        trees: Vec::new(),
+    })
+}
