@@ -71,11 +71,12 @@ pub struct VmArgs {
     #[arg(long)]
     no_workspace: bool,
     /// How long the guest may trust what it learnt about shared files:
-    /// auto (names and attributes for 1 s, data while the file is
-    /// unchanged; the default), never (host edits show at once, but every
-    /// access asks the host: slowest), always (60 s and data kept: repeated
-    /// scans such as `git status` run near host speed, but host edits can
-    /// take a minute to show; for directories only the guest changes).
+    /// auto (names, attributes and data for 60 s, and the host watched: a
+    /// host edit reaches the guest in about 50 ms, repeated scans such as
+    /// `git status` run near host speed; the default), always (the same
+    /// without the watch: host edits can take a minute to show; for
+    /// directories only the guest changes), never (nothing cached: host
+    /// edits show at once, but every access asks the host: slowest).
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "never", "always"])]
     fs_cache: String,
     /// Also trust this CA (PEM) for the egress proxy's TLS to upstream

@@ -352,6 +352,13 @@ impl Guard {
         self.watch.is_some()
     }
 
+    #[cfg(test)]
+    pub(super) fn limit_watches(&mut self, n: usize) {
+        if let Some(w) = &mut self.watch {
+            w.limit(n);
+        }
+    }
+
     /// Would renaming the directory at `guest` (host `host`) move something a
     /// deny rule covers? Walks the host tree without following symlinks.
     fn carries_denied(&self, host: &Path, guest: &str) -> Result<Option<(String, Refusal)>, ()> {

@@ -56,6 +56,13 @@ const OWN_SWEEP: usize = 8192;
 const QUIET: Duration = Duration::from_millis(20);
 /// ...or this long after its first event, whichever comes first.
 const BATCH: Duration = Duration::from_millis(100);
+/// How long events are left to gather after a wake-up.
+const GATHER: Duration = Duration::from_millis(10);
+/// Watches one device may hold at most, and at most half the host user's
+/// allowance (`fs.inotify.max_user_watches`, which the user's editor and
+/// other tools share): a guest that walks a huge tree must not use it up.
+const MAX_WATCHES: usize = 256 * 1024;
+
 /// Paths per batch; past it the whole mount is reported instead.
 const MAX_PATHS: usize = 4096;
 
@@ -79,6 +86,7 @@ pub(super) struct HostWatch {
     /// A directory could not be watched (the inotify watch limit): the
     /// guard must not promise long timeouts any more.
     incomplete: AtomicBool,
+    max_watches: usize,
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
@@ -106,7 +114,16 @@ impl HostWatch {
             dirs: Mutex::new(HashMap::new()),
             own: Mutex::new(HashMap::new()),
             incomplete: AtomicBool::new(false),
+            max_watches: std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .map_or(MAX_WATCHES, |n| (n / 2).min(MAX_WATCHES)),
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn limit(&mut self, n: usize) {
+        self.max_watches = n;
     }
 
     pub(super) fn fd(&self) -> i32 {
@@ -122,7 +139,12 @@ impl HostWatch {
     /// following any symlink, so a guest racing renames cannot make the
     /// VMM watch, and report on, a directory outside the mount.
     pub(super) fn add(&self, inode: u64, rel: &[u8]) -> Option<i32> {
-        let wd = self.add_watch(rel);
+        let full = self.dirs.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.max_watches;
+        let wd = if full {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        } else {
+            self.add_watch(rel)
+        };
         match wd {
             Ok(wd) => {
                 self.dirs
@@ -136,8 +158,10 @@ impl HostWatch {
                 // watch table means host edits could go unseen.
                 if e.raw_os_error() == Some(libc::ENOSPC) && !self.incomplete() {
                     tracing::warn!(
-                        "virtio-fs: the inotify watch limit is reached (fs.inotify.max_user_watches); \
-                         host edits now reach the guest within a second instead of at once"
+                        watches = self.max_watches,
+                        "virtio-fs: no more inotify watches for this share (at most half of \
+                         fs.inotify.max_user_watches); host edits now reach the guest within a \
+                         second instead of at once"
                     );
                     self.incomplete.store(true, Ordering::Relaxed);
                 } else if e.raw_os_error() != Some(libc::ENOENT) {
@@ -321,6 +345,9 @@ pub(super) fn next_batch(
             }
             continue;
         }
+        // Events come in bursts, mostly the echo of the guest's own work:
+        // let them gather rather than wake for each one.
+        std::thread::sleep(GATHER);
         for seen in watch.read() {
             match seen {
                 Seen::Lost => lost = true,

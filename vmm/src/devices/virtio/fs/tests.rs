@@ -375,3 +375,19 @@ fn host_edits_are_reported_and_the_guests_own_are_not() {
     assert!(!fixture_cached(false, FsCache::Always).fs.watches_host());
     assert!(!fixture(false).fs.watches_host());
 }
+
+/// Once a directory cannot be watched, `auto` promises a second, not a
+/// minute: the guest would otherwise miss host edits in it.
+#[test]
+fn an_unwatched_directory_shortens_the_promise() {
+    let mut f = fixture_cached(false, FsCache::Auto);
+    let e = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+    assert_eq!(e.entry_timeout, Duration::from_secs(60));
+    // The root's watch is the one there is room for.
+    f.fs.limit_watches(1);
+    let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    assert_eq!(dir.entry_timeout, Duration::from_secs(1));
+    assert_eq!(dir.attr_timeout, Duration::from_secs(1));
+    let (_, attr_timeout) = f.fs.getattr(&ctx(), e.inode, None).unwrap();
+    assert_eq!(attr_timeout, Duration::from_secs(1));
+}
