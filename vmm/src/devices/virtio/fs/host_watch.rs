@@ -61,7 +61,7 @@ const GATHER: Duration = Duration::from_millis(10);
 /// Watches one device may hold at most, and at most half the host user's
 /// allowance (`fs.inotify.max_user_watches`, which the user's editor and
 /// other tools share): a guest that walks a huge tree must not use it up.
-const MAX_WATCHES: usize = 256 * 1024;
+pub const MAX_WATCHES: usize = 256 * 1024;
 
 /// Paths per batch; past it the whole mount is reported instead.
 const MAX_PATHS: usize = 4096;
@@ -83,7 +83,7 @@ pub(super) struct HostWatch {
     dirs: Mutex<HashMap<i32, u64>>,
     /// (directory inode, name) to when the guest last changed it.
     own: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
-    /// A directory could not be watched (the inotify watch limit): the
+    /// A directory could not be watched (the watch limit): the
     /// guard must not promise long timeouts any more.
     incomplete: AtomicBool,
     max_watches: usize,
