@@ -28,8 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::host_watch::{self, HostChanges, HostWatch};
-
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, OpenOptions, SetattrValid, ZeroCopyReader,
@@ -37,6 +35,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+use super::host_watch::{self, HostChanges, HostWatch};
 use super::{Change, FsAccess, FsCache, FsConfig, FsPolicy, Refusal, GUARD_RULE};
 
 /// How many entries a directory rename may carry before it is refused with
