@@ -167,6 +167,19 @@ impl Host {
         text(&out.stdout)
     }
 
+    /// `script` run by the guest's shell in `session`.
+    pub fn sh(&self, session: &str, script: &str) -> Output {
+        self.sbx(&["exec", session, "--", "sh", "-c", script])
+    }
+
+    /// The session's audit records, one JSON value each.
+    pub fn events(&self, session: &str) -> Vec<serde_json::Value> {
+        self.ok(&["events", session, "--json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     pub fn start(&self, name: &str) {
         self.ok(&["start", "--name", name]);
     }

