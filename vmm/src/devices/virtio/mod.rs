@@ -49,10 +49,12 @@ pub(crate) struct WorkerThread {
 }
 
 impl WorkerThread {
-    /// A fresh stop eventfd: hand a clone to the worker's loop, which
-    /// returns once it becomes readable.
-    pub(crate) fn stop_fd() -> Result<EventFd, ActivateError> {
-        EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)
+    /// A fresh stop eventfd, twice: the first for [`WorkerThread::start`],
+    /// the second for the worker's loop, which returns once it is readable.
+    pub(crate) fn stop_fds() -> Result<(EventFd, EventFd), ActivateError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker = stop.try_clone().map_err(ActivateError::Worker)?;
+        Ok((stop, worker))
     }
 
     /// Runs `run` on a thread named `name`; `stop` is what [`WorkerThread::stop`] signals.

@@ -66,11 +66,10 @@ pub struct Guard {
     guest_root: String,
     read_only: bool,
     mount_rule: String,
-    /// How long the guest may trust a name's presence or absence.
-    entry_timeout: Duration,
     /// Under `auto`: the watch that makes long timeouts safe. Without it
     /// (or once it cannot cover a directory) timeouts are a second.
     watch: Option<HostWatch>,
+    /// How long the guest may trust names, their absence and attributes.
     cache: FsCache,
     nodes: Mutex<HashMap<u64, Node>>,
     /// Handles that have been written through since they were opened, so a
@@ -161,7 +160,6 @@ impl Guard {
             guest_root: config.guest_path.clone(),
             read_only: config.read_only,
             mount_rule: config.mount_rule.clone(),
-            entry_timeout: config.cache.passthrough().1,
             watch,
             cache: config.cache,
             nodes: Mutex::new(nodes),
@@ -429,7 +427,7 @@ impl FileSystem for Guard {
             // Absent names are cached as long as present ones (inode 0 is
             // FUSE's negative entry): builds, imports and git look for the
             // same missing files again and again.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !self.entry_timeout.is_zero() => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && self.cache != FsCache::Never => {
                 Ok(self.fit(Entry {
                     inode: 0,
                     generation: 0,
@@ -437,7 +435,8 @@ impl FileSystem for Guard {
                     attr: unsafe { std::mem::zeroed() },
                     attr_flags: 0,
                     attr_timeout: Duration::ZERO,
-                    entry_timeout: self.entry_timeout,
+                    // As long as the passthrough trusts present names.
+                    entry_timeout: self.cache.passthrough().1,
                 }))
             }
             Err(e) => Err(e),

@@ -209,10 +209,7 @@ impl Fs {
         tag[..bytes.len()].copy_from_slice(bytes);
         let guard = Arc::new(file_system(config)?);
         let watcher = if guard.watches_host() {
-            let stop = WorkerThread::stop_fd().map_err(FsError::Watch)?;
-            let fd = stop
-                .try_clone()
-                .map_err(|e| FsError::Watch(ActivateError::Worker(e)))?;
+            let (stop, fd) = WorkerThread::stop_fds().map_err(FsError::Watch)?;
             let g = guard.clone();
             let run = move || g.watch_host(fd.as_raw_fd());
             Some(WorkerThread::start("sbx-fs-watch", stop, run).map_err(FsError::Watch)?)
@@ -262,13 +259,13 @@ impl VirtioDevice for Fs {
                 want: QUEUE_SIZES.len(),
             });
         }
-        let stop = WorkerThread::stop_fd()?;
+        let (stop, worker_stop) = WorkerThread::stop_fds()?;
         let worker = worker::Worker::new(
             mem,
             queues,
             kicks,
             interrupt,
-            stop.try_clone().map_err(ActivateError::Worker)?,
+            worker_stop,
             self.server.clone(),
         )
         .map_err(ActivateError::Worker)?;

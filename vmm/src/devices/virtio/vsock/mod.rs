@@ -230,7 +230,7 @@ impl VirtioDevice for Vsock {
                     got: q.len(),
                     want: 3,
                 })?;
-        let stop = WorkerThread::stop_fd()?;
+        let (stop, worker_stop) = WorkerThread::stop_fds()?;
         let muxer = muxer::Muxer::new(
             muxer::Setup {
                 mem,
@@ -238,7 +238,7 @@ impl VirtioDevice for Vsock {
                 tx,
                 kicks,
                 interrupt,
-                stop: stop.try_clone().map_err(ActivateError::Worker)?,
+                stop: worker_stop,
                 guest_cid: u64::from(self.config.guest_cid),
                 uds_path: self.config.uds_path.clone(),
                 listener: self.listener.clone(),
