@@ -133,7 +133,6 @@ impl HostPattern {
         }
     }
 
-    /// Matches a normalised name.
     /// Whether a connection target matches: names by pattern; an IP
     /// address only by `*` (addresses are for address rules).
     pub fn covers(&self, host: &NetHost) -> bool {
@@ -143,6 +142,7 @@ impl HostPattern {
         }
     }
 
+    /// Matches a normalised name.
     pub fn matches(&self, name: &str) -> bool {
         match self {
             HostPattern::Any => true,
