@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{Glob, GlobBuilder, GlobMatcher};
 use toml::Spanned;
 
 use crate::format::RuleFields;
@@ -131,11 +131,15 @@ impl<'a> Ctx<'a> {
 
     /// A glob in which `*` stops at `/` and `**` crosses it.
     pub(crate) fn glob(&self, g: &Spanned<String>) -> Result<GlobMatcher, PolicyError> {
+        self.glob_pattern(g).map(|g| g.compile_matcher())
+    }
+
+    /// As [`Ctx::glob`], uncompiled, for a [`globset::GlobSet`].
+    pub(crate) fn glob_pattern(&self, g: &Spanned<String>) -> Result<Glob, PolicyError> {
         GlobBuilder::new(g.get_ref())
             .literal_separator(true)
             .backslash_escape(true)
             .build()
-            .map(|g| g.compile_matcher())
             .map_err(|e| self.err(g.span().start, format!("bad glob: {}", e.kind())))
     }
 

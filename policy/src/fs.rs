@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use globset::GlobMatcher;
+use globset::{Candidate, Glob, GlobSet, GlobSetBuilder};
 use toml::Spanned;
 
 use crate::compile::Ctx;
@@ -46,17 +46,50 @@ pub struct Mount {
 
 struct FsDeny {
     rule: RuleIdx,
-    /// Globs starting with `/` match guest paths; others match paths
-    /// relative to the mount.
-    globs: Vec<(bool, GlobMatcher)>,
     read: bool,
     write: bool,
+}
+
+/// Deny globs of one kind compiled into one set, since every file the guest
+/// touches is checked against all of them: one pass per path, not one
+/// regex per glob.
+#[derive(Default)]
+struct DenyGlobs {
+    globs: Vec<Glob>,
+    /// The deny (index into `FsRules::denies`) each glob belongs to.
+    owner: Vec<usize>,
+    set: GlobSet,
+}
+
+impl DenyGlobs {
+    fn seal(&mut self) -> Result<(), globset::Error> {
+        let mut b = GlobSetBuilder::new();
+        for g in &self.globs {
+            b.add(g.clone());
+        }
+        self.set = b.build()?;
+        Ok(())
+    }
+
+    /// Marks in `hit` each deny with a glob matching one of `paths`.
+    fn mark(&self, paths: &[&str], hit: &mut [bool], found: &mut Vec<usize>) {
+        for p in paths {
+            self.set.matches_candidate_into(&Candidate::new(p), found);
+            for &g in found.iter() {
+                hit[self.owner[g]] = true;
+            }
+        }
+    }
 }
 
 #[derive(Default)]
 pub(crate) struct FsRules {
     pub(crate) mounts: Vec<Mount>,
     denies: Vec<FsDeny>,
+    /// Globs starting with `/` match guest paths.
+    absolute: DenyGlobs,
+    /// The others match paths relative to the mount.
+    relative: DenyGlobs,
 }
 
 /// Resolves `.` and `..` without touching the disk. `..` above the root
@@ -217,7 +250,7 @@ impl FsRules {
         };
         let mut globs = Vec::new();
         for p in &r.paths {
-            globs.push((p.get_ref().starts_with('/'), ctx.glob(p)?));
+            globs.push((p.get_ref().starts_with('/'), ctx.glob_pattern(p)?));
         }
         let what = match (read, write) {
             (true, true) => "read and write",
@@ -227,12 +260,30 @@ impl FsRules {
         let list: Vec<&str> = r.paths.iter().map(|p| p.get_ref().as_str()).collect();
         let summary = format!("deny {what} of {}", list.join(", "));
         let rule = ctx.table_rule(Surface::Fs, raw, action, summary)?;
-        self.denies.push(FsDeny {
-            rule,
-            globs,
-            read,
-            write,
-        });
+        let deny = self.denies.len();
+        self.denies.push(FsDeny { rule, read, write });
+        for (absolute, glob) in globs {
+            let set = if absolute {
+                &mut self.absolute
+            } else {
+                &mut self.relative
+            };
+            set.globs.push(glob);
+            set.owner.push(deny);
+        }
+        Ok(())
+    }
+
+    /// Compiles the deny globs of every file (once all are added).
+    pub(crate) fn seal(&mut self) -> Result<(), PolicyError> {
+        for set in [&mut self.absolute, &mut self.relative] {
+            set.seal().map_err(|e| {
+                PolicyError::Conflict(format!(
+                    "the file rules' {} deny globs do not compile together ({e}); use fewer or simpler `paths`",
+                    set.globs.len()
+                ))
+            })?;
+        }
         Ok(())
     }
 
@@ -253,20 +304,16 @@ impl FsRules {
         access: Access,
         mut seen: impl FnMut(RuleIdx),
     ) {
-        let (abs, rels) = (ancestors(path), ancestors(rel));
-        for d in &self.denies {
+        let mut hit = vec![false; self.denies.len()];
+        let mut found = Vec::new();
+        self.absolute.mark(&ancestors(path), &mut hit, &mut found);
+        self.relative.mark(&ancestors(rel), &mut hit, &mut found);
+        for (d, _) in self.denies.iter().zip(hit).filter(|(_, h)| *h) {
             let applies = match access {
                 Access::Read => d.read,
                 Access::Write => d.write,
             };
-            if !applies {
-                continue;
-            }
-            let hit = d.globs.iter().any(|(absolute, g)| {
-                let candidates = if *absolute { &abs } else { &rels };
-                candidates.iter().any(|c| g.is_match(c))
-            });
-            if hit {
+            if applies {
                 seen(d.rule);
             }
         }

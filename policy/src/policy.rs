@@ -122,6 +122,7 @@ impl PolicyBuilder {
             p.compile(file)?;
             p.sources.push(file.info.clone());
         }
+        p.fs.seal()?;
         Ok(p)
     }
 }
@@ -492,7 +493,9 @@ impl Policy {
         t.see(&self.rules, mount.rule);
         self.fs
             .visit_denies(&path, rel, access, |i| t.see(&self.rules, i));
-        let what = format!("{} of {path}", access.as_str());
+        // Every file the guest touches comes here: the words are made only
+        // for the decision that needs them.
+        let what = || format!("{} of {path}", access.as_str());
         let mount_rule = &self.rules[mount.rule as usize];
         if access == Access::Write && mount.read_only && !t.enforced_deny() {
             return Decision {
@@ -509,8 +512,8 @@ impl Policy {
         t.decide(
             &self.rules,
             default,
-            || format!("no rule allows {what}"),
-            |r, v| because(r, v, &what),
+            || format!("no rule allows {}", what()),
+            |r, v| because(r, v, &what()),
         )
     }
 
