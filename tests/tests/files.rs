@@ -327,5 +327,16 @@ fn host_edits_reach_a_caching_guest() {
         std::fs::read_to_string(ws.join("mine.txt")).unwrap(),
         "mine\n"
     );
+    // A host tool that rewrites the file the moment the guest saved it (a
+    // formatter, a build) is not taken for the echo of the guest's save.
+    std::fs::write(ws.join("mine.txt"), "formatted\n").unwrap();
+    let check = "i=0; while [ $i -lt 100 ]; do         [ \"$(cat mine.txt)\" = formatted ] && echo seen && exit 0;         sleep 0.1; i=$((i+1)); done; cat mine.txt; exit 1";
+    let out = host.sh("e", check);
+    assert!(
+        out.status.success(),
+        "a host edit right after the guest's own was not seen in 10 s: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     host.ok(&["stop", "e"]);
 }

@@ -289,19 +289,29 @@ impl Guard {
     }
 
     /// The guest is about to change `name` in `parent`: the host's echo of
-    /// it is not a host edit.
-    fn own(&self, parent: u64, name: &[u8]) {
-        if let Some(w) = &self.watch {
-            w.own(parent, name);
+    /// it is not a host edit. Keep the mark until the change is done; its
+    /// drop records what the change left on the host.
+    fn own(&self, parent: u64, name: &[u8]) -> Echo<'_> {
+        let Some(w) = &self.watch else {
+            return Echo(None);
+        };
+        let Ok(mut rel) = self.rel(parent) else {
+            return Echo(None);
+        };
+        if !rel.is_empty() {
+            rel.push(b'/');
         }
+        rel.extend_from_slice(name);
+        w.own(parent, name, rel);
+        Echo(Some((w, parent, name.to_vec())))
     }
 
     /// As [`Guard::own`], for the name the guest knows `inode` by.
-    fn own_inode(&self, inode: u64) {
-        if let Some(w) = &self.watch {
-            if let Some(n) = self.nodes().get(&inode) {
-                w.own(n.parent, &n.name);
-            }
+    fn own_inode(&self, inode: u64) -> Echo<'_> {
+        let known = self.nodes().get(&inode).map(|n| (n.parent, n.name.clone()));
+        match (&self.watch, known) {
+            (Some(_), Some((parent, name))) => self.own(parent, &name),
+            _ => Echo(None),
         }
     }
 
@@ -386,6 +396,17 @@ impl Guard {
         self.remember(parent, name.to_bytes(), e.inode, e.attr.st_mode);
         self.policy.changed(Change::Created, path);
         self.fit(e)
+    }
+}
+
+/// A change the guest is making, from [`Guard::own`] until dropped.
+struct Echo<'a>(Option<(&'a HostWatch, u64, Vec<u8>)>);
+
+impl Drop for Echo<'_> {
+    fn drop(&mut self) {
+        if let Some((w, dir, name)) = &self.0 {
+            w.settle(*dir, name);
+        }
     }
 }
 
@@ -483,7 +504,7 @@ impl FileSystem for Guard {
         }
         // Ownership stays the host user's; a guest chown is a no-op.
         valid.remove(SetattrValid::UID | SetattrValid::GID);
-        self.own_inode(inode);
+        let _echo = self.own_inode(inode);
         let out = self
             .inner
             .setattr(&squash(ctx), inode, attr, handle, valid)?;
@@ -508,7 +529,7 @@ impl FileSystem for Guard {
     ) -> io::Result<Entry> {
         let path = self.child("symlink", parent, name)?;
         self.check("symlink", &path, FsAccess::Write)?;
-        self.own(parent, name.to_bytes());
+        let _echo = self.own(parent, name.to_bytes());
         let e = self.inner.symlink(&squash(ctx), linkname, parent, name)?;
         Ok(self.created(parent, name, &path, e))
     }
@@ -535,7 +556,7 @@ impl FileSystem for Guard {
                 libc::EPERM,
             )?;
         }
-        self.own(parent, name.to_bytes());
+        let _echo = self.own(parent, name.to_bytes());
         let e = self
             .inner
             .mknod(&squash(ctx), parent, name, mode & !SETID, rdev, umask)?;
@@ -552,7 +573,7 @@ impl FileSystem for Guard {
     ) -> io::Result<Entry> {
         let path = self.child("mkdir", parent, name)?;
         self.check("mkdir", &path, FsAccess::Write)?;
-        self.own(parent, name.to_bytes());
+        let _echo = self.own(parent, name.to_bytes());
         let e = self
             .inner
             .mkdir(&squash(ctx), parent, name, mode & !SETID, umask)?;
@@ -562,7 +583,7 @@ impl FileSystem for Guard {
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let path = self.child("unlink", parent, name)?;
         self.check("unlink", &path, FsAccess::Write)?;
-        self.own(parent, name.to_bytes());
+        let _echo = self.own(parent, name.to_bytes());
         self.inner.unlink(ctx, parent, name)?;
         self.policy.changed(Change::Deleted, &path);
         Ok(())
@@ -571,7 +592,7 @@ impl FileSystem for Guard {
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let path = self.child("rmdir", parent, name)?;
         self.check("rmdir", &path, FsAccess::Write)?;
-        self.own(parent, name.to_bytes());
+        let _echo = self.own(parent, name.to_bytes());
         self.inner.rmdir(ctx, parent, name)?;
         self.policy.changed(Change::Deleted, &path);
         Ok(())
@@ -619,8 +640,8 @@ impl FileSystem for Guard {
                 Err(()) => return Err(err(libc::EXDEV)),
             }
         }
-        self.own(olddir, oldname.to_bytes());
-        self.own(newdir, newname.to_bytes());
+        let _old = self.own(olddir, oldname.to_bytes());
+        let _new = self.own(newdir, newname.to_bytes());
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
         {
@@ -651,7 +672,7 @@ impl FileSystem for Guard {
                 libc::EPERM,
             )?;
         }
-        self.own(newparent, newname.to_bytes());
+        let _echo = self.own(newparent, newname.to_bytes());
         let e = self.inner.link(&squash(ctx), inode, newparent, newname)?;
         Ok(self.created(newparent, newname, &path, e))
     }
@@ -676,10 +697,12 @@ impl FileSystem for Guard {
                 libc::EACCES,
             )?;
         }
-        if writes(flags) {
+        let _echo = if writes(flags) {
             self.check("open", &path, FsAccess::Write)?;
-            self.own_inode(inode);
-        }
+            Some(self.own_inode(inode))
+        } else {
+            None
+        };
         let out = self.inner.open(&squash(ctx), inode, flags, fuse_flags)?;
         if flags as i32 & libc::O_TRUNC != 0 {
             self.policy.changed(Change::Written, &path);
@@ -697,7 +720,7 @@ impl FileSystem for Guard {
         let path = self.child("create", parent, name)?;
         self.check("create", &path, FsAccess::Write)?;
         args.mode &= !SETID;
-        self.own(parent, name.to_bytes());
+        let _echo = self.own(parent, name.to_bytes());
         let (e, handle, opts, passthrough) = self.inner.create(&squash(ctx), parent, name, args)?;
         Ok((
             self.created(parent, name, &path, e),
@@ -741,7 +764,7 @@ impl FileSystem for Guard {
             // Opens for writing were refused already; a forged handle is not.
             return Err(err(libc::EROFS));
         }
-        self.own_inode(inode);
+        let _echo = self.own_inode(inode);
         let n = self.inner.write(
             &squash(ctx),
             inode,
@@ -790,7 +813,7 @@ impl FileSystem for Guard {
         if self.read_only {
             return Err(err(libc::EROFS));
         }
-        self.own_inode(inode);
+        let _echo = self.own_inode(inode);
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }

@@ -45,9 +45,9 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_ONLYDIR
     | libc::IN_EXCL_UNLINK;
 
-/// How long after the guest changed a name an event for it is taken to be
-/// the echo of that change. A host edit of the same name inside this
-/// window is missed (the entry then expires with its timeout).
+/// How long after the guest changed a name an event for it may be the echo
+/// of that change. Inside it, an event is dropped only while the host file
+/// is as the guest's change left it; later events are always reported.
 const OWN_WINDOW: Duration = Duration::from_millis(1500);
 /// Marks kept before old ones are swept.
 const OWN_SWEEP: usize = 8192;
@@ -75,14 +75,38 @@ pub(super) enum Seen {
     Lost,
 }
 
+/// A host entry as far as telling a host edit from the guest's own:
+/// changed data, attributes or a replacement all show here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Absent,
+    Present {
+        ino: u64,
+        size: u64,
+        mtime: (i64, u32),
+        ctime: (i64, u32),
+    },
+    /// Could not be read: never taken for an echo.
+    Unknown,
+}
+
+/// The guest changed a name: when, where the name is inside the mount,
+/// and the host entry its change left (`None` while the change is under
+/// way).
+struct Own {
+    at: Instant,
+    rel: Vec<u8>,
+    after: Option<State>,
+}
+
 pub(super) struct HostWatch {
     inotify: OwnedFd,
     /// The mount's root, which every watched path is resolved beneath.
     root: OwnedFd,
     /// Watch descriptor to the guest inode of the directory.
     dirs: Mutex<HashMap<i32, u64>>,
-    /// (directory inode, name) to when the guest last changed it.
-    own: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
+    /// (directory inode, name) to the guest's last change of it.
+    own: Mutex<HashMap<(u64, Vec<u8>), Own>>,
     /// A directory could not be watched (the watch limit): the
     /// guard must not promise long timeouts any more.
     incomplete: AtomicBool,
@@ -172,32 +196,68 @@ impl HostWatch {
         }
     }
 
-    fn add_watch(&self, rel: &[u8]) -> io::Result<i32> {
-        let dir = if rel.is_empty() {
-            None
-        } else {
-            let path = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: open_how is plain integers; zero is a valid value.
-            let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-            how.flags =
-                (libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-            how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
-            // SAFETY: openat2 reads `how` and `path`, both valid for the call.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_openat2,
-                    self.root.as_raw_fd(),
-                    path.as_ptr(),
-                    &how as *const libc::open_how,
-                    std::mem::size_of::<libc::open_how>(),
-                )
-            };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a descriptor the call just returned.
-            Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    /// Opens `rel` (inside the mount, empty for the root) as a path
+    /// descriptor, beneath the root and without following any symlink;
+    /// `None` stands for the root itself.
+    fn open_beneath(&self, rel: &[u8], flags: i32) -> io::Result<Option<OwnedFd>> {
+        if rel.is_empty() {
+            return Ok(None);
+        }
+        let path = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: open_how is plain integers; zero is a valid value.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | flags) as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+        // SAFETY: openat2 reads `how` and `path`, both valid for the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
         };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor the call just returned.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// The host entry at `rel` now.
+    fn state(&self, rel: &[u8]) -> State {
+        let fd = match self.open_beneath(rel, 0) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return State::Absent,
+            Err(_) => return State::Unknown,
+        };
+        let fd = fd.as_ref().map_or(self.root.as_raw_fd(), |d| d.as_raw_fd());
+        // SAFETY: statx writes one struct we own; the path is empty with
+        // AT_EMPTY_PATH, so it reads the descriptor itself.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::statx(
+                fd,
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                libc::STATX_BASIC_STATS,
+                &mut st,
+            )
+        };
+        if rc != 0 {
+            return State::Unknown;
+        }
+        State::Present {
+            ino: st.stx_ino,
+            size: st.stx_size,
+            mtime: (st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec),
+            ctime: (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec),
+        }
+    }
+
+    fn add_watch(&self, rel: &[u8]) -> io::Result<i32> {
+        let dir = self.open_beneath(rel, libc::O_DIRECTORY)?;
         let fd = dir
             .as_ref()
             .map_or(self.root.as_raw_fd(), |d| d.as_raw_fd());
@@ -221,21 +281,58 @@ impl HostWatch {
         unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
     }
 
-    /// The guest is about to change `name` in directory `dir`.
-    pub(super) fn own(&self, dir: u64, name: &[u8]) {
+    /// The guest is about to change `name` in directory `dir`, which is
+    /// `rel` inside the mount; [`HostWatch::settle`] follows the change.
+    pub(super) fn own(&self, dir: u64, name: &[u8], rel: Vec<u8>) {
         let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if own.len() >= OWN_SWEEP {
-            own.retain(|_, t| now.duration_since(*t) < OWN_WINDOW);
+            own.retain(|_, o| now.duration_since(o.at) < OWN_WINDOW);
         }
-        own.insert((dir, name.to_vec()), now);
+        let mark = Own {
+            at: now,
+            rel,
+            after: None,
+        };
+        own.insert((dir, name.to_vec()), mark);
     }
 
+    /// The guest's change of `name` in `dir` is done (or failed): records
+    /// the host entry it left, which its echo will find.
+    pub(super) fn settle(&self, dir: u64, name: &[u8]) {
+        let key = (dir, name.to_vec());
+        let rel = match self.own.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            Some(o) => o.rel.clone(),
+            None => return,
+        };
+        let after = self.state(&rel);
+        if let Some(o) = self
+            .own
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key)
+        {
+            o.after = Some(after);
+        }
+    }
+
+    /// Whether an event for `name` in `dir` is the echo of the guest's own
+    /// change: it came soon after, and the host entry is still as that
+    /// change left it (or the change is still under way).
     fn is_own(&self, dir: u64, name: &[u8]) -> bool {
-        let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
-        // Borrowed lookups need the key's own type; names are short.
-        own.get(&(dir, name.to_vec()))
-            .is_some_and(|t| t.elapsed() < OWN_WINDOW)
+        let (rel, after) = {
+            let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+            // Borrowed lookups need the key's own type; names are short.
+            match own.get(&(dir, name.to_vec())) {
+                Some(o) if o.at.elapsed() < OWN_WINDOW => (o.rel.clone(), o.after),
+                _ => return false,
+            }
+        };
+        match after {
+            None => true,
+            Some(State::Unknown) => false,
+            Some(after) => self.state(&rel) == after,
+        }
     }
 
     /// Reads what is queued, without blocking.

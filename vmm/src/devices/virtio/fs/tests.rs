@@ -376,6 +376,39 @@ fn host_edits_are_reported_and_the_guests_own_are_not() {
     assert!(!fixture(false).fs.watches_host());
 }
 
+/// A host edit right after the guest's own change of the same name (a
+/// formatter run on save, a build writing back) is no echo: the host entry
+/// is no longer as the guest left it.
+#[test]
+fn a_host_edit_right_after_the_guests_own_is_reported() {
+    let f = fixture_cached(false, FsCache::Auto);
+    let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let stop = std::os::fd::AsRawFd::as_raw_fd(&stop);
+
+    f.fs.create(&ctx(), dir.inode, &c("saved"), create_in(0o644))
+        .unwrap();
+    std::fs::write(f.root.join("dir/saved"), "formatted").unwrap();
+    f.fs.unlink(&ctx(), ROOT_ID, &c("file")).unwrap();
+    std::fs::write(f.root.join("file"), "back").unwrap();
+    // Left as the guest made it: still the guest's own.
+    f.fs.mkdir(&ctx(), dir.inode, &c("quiet"), 0o755, 0)
+        .unwrap();
+    // Plainly the host's, so that a batch comes whatever the rest does.
+    std::fs::write(f.root.join("dir/theirs"), "x").unwrap();
+
+    let got = f.fs.host_changes(stop).unwrap();
+    assert_eq!(
+        got.paths,
+        [
+            "/workspace/dir/saved",
+            "/workspace/dir/theirs",
+            "/workspace/file"
+        ],
+        "{got:?}"
+    );
+}
+
 /// Once a directory cannot be watched, `auto` promises a second, not a
 /// minute: the guest would otherwise miss host edits in it.
 #[test]
