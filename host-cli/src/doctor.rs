@@ -38,21 +38,18 @@ fn artifact(name: &'static str, path: &Path, build: &str) -> Check {
 }
 
 /// Below this, a share of a big tree runs out of watches early.
-const FEW_WATCHES: u64 = 65_536;
+const FEW_WATCHES: usize = 65_536;
 
 /// Shares follow host edits with inotify, a watch per directory the guest
 /// knows, at most half the user's allowance per share. Not a failure: past
 /// it the guest trusts its cache for a second instead of a minute.
 fn file_watches() -> Check {
-    let key = "/proc/sys/fs/inotify/max_user_watches";
-    let n = std::fs::read_to_string(key)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let (detail, fix) = match n {
+    use vmm::devices::virtio::fs::{share_watches, user_watches, USER_WATCHES};
+    let (detail, fix) = match user_watches() {
         Some(n) => (
             format!(
                 "{n} inotify watches: a share follows host edits in up to {} directories",
-                (n / 2).min(vmm::devices::virtio::fs::MAX_WATCHES as u64)
+                share_watches(n)
             ),
             (n < FEW_WATCHES).then(|| {
                 "for big trees, raise it: sudo sysctl fs.inotify.max_user_watches=524288"
@@ -60,7 +57,7 @@ fn file_watches() -> Check {
             }),
         ),
         None => (
-            format!("cannot read {key}: shares trust their cache for a second"),
+            format!("cannot read {USER_WATCHES}: shares trust their cache for a second"),
             None,
         ),
     };

@@ -209,11 +209,16 @@ impl Guard {
                 libc::EINVAL,
             )?;
         }
+        self.rel_child(parent, n)
+    }
+
+    /// The path of `name` in directory `parent` inside the mount.
+    fn rel_child(&self, parent: u64, name: &[u8]) -> io::Result<Vec<u8>> {
         let mut rel = self.rel(parent)?;
         if !rel.is_empty() {
             rel.push(b'/');
         }
-        rel.extend_from_slice(n);
+        rel.extend_from_slice(name);
         Ok(rel)
     }
 
@@ -295,24 +300,21 @@ impl Guard {
         let Some(w) = &self.watch else {
             return Echo(None);
         };
-        let Ok(mut rel) = self.rel(parent) else {
+        let Ok(rel) = self.rel_child(parent, name) else {
             return Echo(None);
         };
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(name);
         w.own(parent, name, rel);
         Echo(Some((w, parent, name.to_vec())))
     }
 
     /// As [`Guard::own`], for the name the guest knows `inode` by.
     fn own_inode(&self, inode: u64) -> Echo<'_> {
-        let known = self.nodes().get(&inode).map(|n| (n.parent, n.name.clone()));
-        match (&self.watch, known) {
-            (Some(_), Some((parent, name))) => self.own(parent, &name),
-            _ => Echo(None),
+        // Without a watch there is nothing to mark: every write comes here.
+        if self.watch.is_none() {
+            return Echo(None);
         }
+        let known = self.nodes().get(&inode).map(|n| (n.parent, n.name.clone()));
+        known.map_or(Echo(None), |(parent, name)| self.own(parent, &name))
     }
 
     /// The longest the guest may trust what it is told now: under `auto`,

@@ -61,7 +61,21 @@ const GATHER: Duration = Duration::from_millis(10);
 /// Watches one device may hold at most, and at most half the host user's
 /// allowance (`fs.inotify.max_user_watches`, which the user's editor and
 /// other tools share): a guest that walks a huge tree must not use it up.
-pub const MAX_WATCHES: usize = 256 * 1024;
+const MAX_WATCHES: usize = 256 * 1024;
+/// Where the host user's allowance is read.
+pub const USER_WATCHES: &str = "/proc/sys/fs/inotify/max_user_watches";
+
+/// The host user's inotify watch allowance, if it can be read.
+pub fn user_watches() -> Option<usize> {
+    std::fs::read_to_string(USER_WATCHES)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Watches one share may hold when the user may hold `user`.
+pub fn share_watches(user: usize) -> usize {
+    (user / 2).min(MAX_WATCHES)
+}
 
 /// Paths per batch; past it the whole mount is reported instead.
 const MAX_PATHS: usize = 4096;
@@ -138,10 +152,7 @@ impl HostWatch {
             dirs: Mutex::new(HashMap::new()),
             own: Mutex::new(HashMap::new()),
             incomplete: AtomicBool::new(false),
-            max_watches: std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .map_or(MAX_WATCHES, |n| (n / 2).min(MAX_WATCHES)),
+            max_watches: user_watches().map_or(MAX_WATCHES, share_watches),
         })
     }
 

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread};
 use crate::vstate::memory::GuestMemory;
 pub use guard::Guard;
-pub use host_watch::{HostChanges, MAX_WATCHES};
+pub use host_watch::{share_watches, user_watches, HostChanges, USER_WATCHES};
 
 pub const DEVICE_TYPE: u32 = 26;
 /// The high-priority queue (FORGET, INTERRUPT) and one request queue.
