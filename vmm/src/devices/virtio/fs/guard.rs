@@ -21,7 +21,7 @@
 //!   drop what it cached ([`super::host_watch`]).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 
 use super::host_watch::{self, HostChanges, HostWatch};
+use super::listing::{Listings, Offer, READ_MAX};
 use super::{Change, FsAccess, FsCache, FsConfig, FsPolicy, Refusal, GUARD_RULE};
 
 /// How many entries a directory rename may carry before it is refused with
@@ -75,6 +76,7 @@ pub struct Guard {
     /// Handles that have been written through since they were opened, so a
     /// file's change is reported once per open, not once per write.
     written: Mutex<HashSet<u64>>,
+    listings: Listings,
 }
 
 /// The path of `inode` inside the mount (`a/b`, empty for the root).
@@ -164,6 +166,7 @@ impl Guard {
             cache: config.cache,
             nodes: Mutex::new(nodes),
             written: Mutex::new(HashSet::new()),
+            listings: Listings::default(),
         }
     }
 
@@ -865,17 +868,17 @@ impl FileSystem for Guard {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let dir = self.path_of(inode)?;
-        self.inner
-            .readdir(ctx, inode, handle, size, offset, &mut |d: DirEntry| {
-                if self.hidden(&dir, d.name) {
-                    // Skipped, not "buffer full": keep listing.
-                    return Ok(1);
-                }
-                add_entry(d)
+        self.list(ctx, inode, handle, size, offset, &mut |d| {
+            Ok(match add_entry(d)? {
+                0 => Offer::Full,
+                _ => Offer::Given,
             })
+        })
     }
 
+    /// Entries are looked up here, not by the passthrough's own
+    /// readdirplus, so that only the entries that fit the reply are (what
+    /// is read beyond waits in [`Listings`] without a lookup held).
     fn readdirplus(
         &self,
         ctx: &Context,
@@ -885,36 +888,28 @@ impl FileSystem for Guard {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let dir = self.path_of(inode)?;
-        let mut hidden = Vec::new();
-        let mut shown = Vec::new();
-        let res = self.inner.readdirplus(
-            ctx,
-            inode,
-            handle,
-            size,
-            offset,
-            &mut |d: DirEntry, e: Entry| {
-                if self.hidden(&dir, d.name) {
-                    // The passthrough counted a lookup the guest never sees.
-                    hidden.push(e.inode);
-                    return Ok(1);
-                }
-                let (name, ino, mode) = (d.name.to_vec(), e.inode, e.attr.st_mode);
-                let n = add_entry(d, self.fit(e))?;
-                if n > 0 {
-                    shown.push((name, ino, mode));
-                }
-                Ok(n)
-            },
-        );
-        for i in hidden {
-            self.inner.forget(ctx, i, 1);
-        }
-        for (name, ino, mode) in shown {
-            self.remember(inode, &name, ino, mode);
-        }
-        res
+        self.list(ctx, inode, handle, size, offset, &mut |d| {
+            let Ok(name) = CString::new(d.name) else {
+                return Ok(Offer::Skipped);
+            };
+            let e = match self.inner.lookup(ctx, inode, &name) {
+                Ok(e) => e,
+                // Deleted on the host since it was read.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Offer::Skipped),
+                Err(e) => return Err(e),
+            };
+            let (ino, mode) = (e.inode, e.attr.st_mode);
+            let d = DirEntry {
+                ino: e.attr.st_ino,
+                ..d
+            };
+            if add_entry(d, self.fit(e))? == 0 {
+                self.inner.forget(ctx, ino, 1);
+                return Ok(Offer::Full);
+            }
+            self.remember(inode, d.name, ino, mode);
+            Ok(Offer::Given)
+        })
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -922,6 +917,7 @@ impl FileSystem for Guard {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.listings.close(handle);
         self.inner.releasedir(ctx, inode, flags, handle)
     }
 
@@ -945,6 +941,31 @@ impl FileSystem for Guard {
 }
 
 impl Guard {
+    /// One listing request, plain or plus: `give` puts an entry that the
+    /// policy lets the guest see into the reply.
+    fn list(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        give: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
+    ) -> io::Result<()> {
+        let dir = self.path_of(inode)?;
+        let read = |from, each: &mut dyn FnMut(DirEntry) -> io::Result<usize>| {
+            let size = size.min(READ_MAX);
+            self.inner.readdir(ctx, inode, handle, size, from, each)
+        };
+        self.listings
+            .serve(handle, inode, offset, read, &mut |d: DirEntry| {
+                if self.hidden(&dir, d.name) {
+                    return Ok(Offer::Skipped);
+                }
+                give(d)
+            })
+    }
+
     /// Listings leave out what the policy denies; `.` and `..` stay.
     fn hidden(&self, dir: &str, name: &[u8]) -> bool {
         if name == b"." || name == b".." {

@@ -8,6 +8,7 @@
 
 mod guard;
 mod host_watch;
+mod listing;
 mod worker;
 
 #[cfg(test)]
