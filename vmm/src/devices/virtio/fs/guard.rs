@@ -22,8 +22,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,7 +39,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 
 use super::host_watch::{self, HostChanges, HostWatch};
-use super::listing::{Listings, Offer, READ_MAX};
+use super::listing::{self, Listings, Offer, READ_MAX};
 use super::{Change, FsAccess, FsCache, FsConfig, FsPolicy, Refusal, GUARD_RULE};
 
 /// How many entries a directory rename may carry before it is refused with
@@ -76,6 +79,8 @@ pub struct Guard {
     /// Handles that have been written through since they were opened, so a
     /// file's change is reported once per open, not once per write.
     written: Mutex<HashSet<u64>>,
+    /// The mount's root, to open directories beneath for listing.
+    root: Option<OwnedFd>,
     listings: Listings,
 }
 
@@ -166,6 +171,8 @@ impl Guard {
             cache: config.cache,
             nodes: Mutex::new(nodes),
             written: Mutex::new(HashSet::new()),
+            // Without it, the passthrough lists directories itself.
+            root: host_watch::open_root(&config.host_dir).ok(),
             listings: Listings::default(),
         }
     }
@@ -856,7 +863,11 @@ impl FileSystem for Guard {
         if mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
         }
-        self.inner.opendir(ctx, inode, flags)
+        let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
+        if let Some(dir) = handle.and_then(|h| self.own_dir(ctx, inode).map(|d| (h, d))) {
+            self.listings.open(dir.0, inode, dir.1);
+        }
+        Ok((handle, opts))
     }
 
     fn readdir(
@@ -868,17 +879,26 @@ impl FileSystem for Guard {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.list(ctx, inode, handle, size, offset, &mut |d| {
+        let listed = self.list(inode, handle, size, offset, false, &mut |d| {
             Ok(match add_entry(d)? {
                 0 => Offer::Full,
                 _ => Offer::Given,
             })
-        })
+        });
+        if let Some(r) = listed {
+            return r;
+        }
+        let dir = self.path_of(inode)?;
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, &mut |d: DirEntry| {
+                if self.hidden(&dir, d.name) {
+                    // Skipped, not "buffer full": keep listing.
+                    return Ok(1);
+                }
+                add_entry(d)
+            })
     }
 
-    /// Entries are looked up here, not by the passthrough's own
-    /// readdirplus, so that only the entries that fit the reply are (what
-    /// is read beyond waits in [`Listings`] without a lookup held).
     fn readdirplus(
         &self,
         ctx: &Context,
@@ -888,7 +908,7 @@ impl FileSystem for Guard {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.list(ctx, inode, handle, size, offset, &mut |d| {
+        let listed = self.list(inode, handle, size, offset, true, &mut |d| {
             let Ok(name) = CString::new(d.name) else {
                 return Ok(Offer::Skipped);
             };
@@ -909,7 +929,40 @@ impl FileSystem for Guard {
             }
             self.remember(inode, d.name, ino, mode);
             Ok(Offer::Given)
-        })
+        });
+        if let Some(r) = listed {
+            return r;
+        }
+        let dir = self.path_of(inode)?;
+        let mut hidden = Vec::new();
+        let mut shown = Vec::new();
+        let res = self.inner.readdirplus(
+            ctx,
+            inode,
+            handle,
+            size,
+            offset,
+            &mut |d: DirEntry, e: Entry| {
+                if self.hidden(&dir, d.name) {
+                    // The passthrough counted a lookup the guest never sees.
+                    hidden.push(e.inode);
+                    return Ok(1);
+                }
+                let (name, ino, mode) = (d.name.to_vec(), e.inode, e.attr.st_mode);
+                let n = add_entry(d, self.fit(e))?;
+                if n > 0 {
+                    shown.push((name, ino, mode));
+                }
+                Ok(n)
+            },
+        );
+        for i in hidden {
+            self.inner.forget(ctx, i, 1);
+        }
+        for (name, ino, mode) in shown {
+            self.remember(inode, &name, ino, mode);
+        }
+        res
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -941,21 +994,29 @@ impl FileSystem for Guard {
 }
 
 impl Guard {
-    /// One listing request, plain or plus: `give` puts an entry that the
-    /// policy lets the guest see into the reply.
+    /// One listing request, plain or plus, from the directory's own
+    /// descriptor ([`Listings`]); `None` when it has none, and the
+    /// passthrough lists it. `give` puts an entry that the policy lets the
+    /// guest see into the reply.
     fn list(
         &self,
-        ctx: &Context,
         inode: u64,
         handle: u64,
         size: u32,
         offset: u64,
+        plus: bool,
         give: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
-    ) -> io::Result<()> {
-        let dir = self.path_of(inode)?;
-        let read = |from, each: &mut dyn FnMut(DirEntry) -> io::Result<usize>| {
-            let size = size.min(READ_MAX);
-            self.inner.readdir(ctx, inode, handle, size, from, each)
+    ) -> Option<io::Result<()>> {
+        let dir = match self.path_of(inode) {
+            Ok(dir) => dir,
+            Err(e) => return Some(Err(e)),
+        };
+        // A plus record is up to seven times a host entry's size: a page of
+        // host entries would be several replies' worth. A quarter page
+        // (still one long name) is about one.
+        let count = if plus { size / 4 } else { size }.clamp(512, READ_MAX);
+        let read = |d: &File, from, each: &mut dyn FnMut(DirEntry) -> io::Result<()>| {
+            listing::read_dir(d, from, count, each)
         };
         self.listings
             .serve(handle, inode, offset, read, &mut |d: DirEntry| {
@@ -964,6 +1025,21 @@ impl Guard {
                 }
                 give(d)
             })
+    }
+
+    /// A descriptor of directory `inode` to list it from, opened by its
+    /// path beneath the root and taken only if it is the very directory
+    /// the passthrough holds (a host rename since the guest looked it up
+    /// would make the path another's).
+    fn own_dir(&self, ctx: &Context, inode: u64) -> Option<File> {
+        let root = self.root.as_ref()?;
+        let rel = self.rel(inode).ok()?;
+        let rel = if rel.is_empty() { b".".to_vec() } else { rel };
+        let fd = host_watch::open_beneath(root, &rel, libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
+        let dir = File::from(fd);
+        let ours = dir.metadata().ok()?;
+        let (theirs, _) = self.inner.getattr(ctx, inode, None).ok()?;
+        (ours.dev() == theirs.st_dev && ours.ino() == theirs.st_ino).then_some(dir)
     }
 
     /// Listings leave out what the policy denies; `.` and `..` stay.

@@ -132,6 +132,44 @@ fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// Opens `rel` (a path inside the mount; `.` for the root) beneath `root`,
+/// without following any symlink on the way or at the end.
+pub(super) fn open_beneath(root: &OwnedFd, rel: &[u8], flags: i32) -> io::Result<OwnedFd> {
+    let path = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain integers; zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_NOFOLLOW | libc::O_CLOEXEC | flags) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: openat2 reads `how` and `path`, both valid for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the call just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The mount's root as a path descriptor, for [`open_beneath`].
+pub(super) fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    let path = cstr(root)?;
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    // SAFETY: a plain syscall; the descriptor is owned at once.
+    let fd = unsafe { libc::open(path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the call just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 impl HostWatch {
     pub(super) fn new(root: &Path) -> io::Result<HostWatch> {
         // SAFETY: plain syscalls; each descriptor is owned at once.
@@ -140,15 +178,9 @@ impl HostWatch {
             return Err(io::Error::last_os_error());
         }
         let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
-        let path = cstr(root)?;
-        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-        let fd = unsafe { libc::open(path.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(HostWatch {
             inotify,
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            root: open_root(root)?,
             dirs: Mutex::new(HashMap::new()),
             own: Mutex::new(HashMap::new()),
             incomplete: AtomicBool::new(false),
@@ -208,32 +240,12 @@ impl HostWatch {
     }
 
     /// Opens `rel` (inside the mount, empty for the root) as a path
-    /// descriptor, beneath the root and without following any symlink;
-    /// `None` stands for the root itself.
+    /// descriptor; `None` stands for the root itself.
     fn open_beneath(&self, rel: &[u8], flags: i32) -> io::Result<Option<OwnedFd>> {
         if rel.is_empty() {
             return Ok(None);
         }
-        let path = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: open_how is plain integers; zero is a valid value.
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | flags) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
-        // SAFETY: openat2 reads `how` and `path`, both valid for the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.root.as_raw_fd(),
-                path.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor the call just returned.
-        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        open_beneath(&self.root, rel, libc::O_PATH | flags).map(Some)
     }
 
     /// The host entry at `rel` now.

@@ -1,18 +1,22 @@
-//! Directory listings that read the host directory forward only.
+//! Directory listings, read from a descriptor of our own.
 //!
-//! A listing request carries the offset of the last entry the guest was
-//! given. The passthrough seeks the host directory there and reads a buffer
-//! of entries, but not all of them fit the reply (a FUSE record is bigger
-//! than the host's, a "plus" record much bigger), so the host directory
-//! ends up past the guest's offset and the next request seeks it back.
-//! tmpfs before Linux 6.6 counts a seek's offset in entries still present:
-//! once the guest has deleted what it was given (`rm -r` deletes while it
-//! lists), that seek lands too far and entries are never listed. So the
-//! entries read but not sent wait here for the next request, which then
-//! goes on from where the host directory stands, and the seek is a no-op.
+//! fuse-backend-rs's passthrough lists a directory by looking up every
+//! entry it reads (an open, a stat and a close on the host, even for a
+//! plain listing that needs none of it) and by seeking the directory to
+//! the guest's offset on every request. Not all entries read fit the reply
+//! (a FUSE record is bigger than the host's, a "plus" record much bigger),
+//! so that seek goes back, and tmpfs before Linux 6.6 counts a seek's
+//! offset in entries still present: once the guest has deleted what it was
+//! given (`rm -r` deletes while it lists) the seek lands too far and
+//! entries are never listed. Here a directory the guest opens gets a
+//! descriptor of ours; entries read but not sent wait for the next
+//! request, which goes on from where the host directory stands; and only
+//! the entries of a plus reply are looked up.
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
 use fuse_backend_rs::api::filesystem::DirEntry;
@@ -58,13 +62,13 @@ impl Pending {
     }
 }
 
-/// Where one open directory's listing stands, when the host directory is
-/// not simply at the guest's offset.
+/// Where one open directory's listing stands.
 struct Listing {
     inode: u64,
+    dir: File,
     /// The offset the guest's next request will carry.
     expect: u64,
-    /// Where the host directory stands.
+    /// Where the host directory stands (past `pending`).
     resume: u64,
     pending: VecDeque<Pending>,
 }
@@ -74,70 +78,100 @@ struct Listing {
 pub(super) struct Listings(Mutex<HashMap<u64, Listing>>);
 
 impl Listings {
+    /// Lists directory `inode`, open as `handle`, from `dir` (a descriptor
+    /// of that directory, open for reading).
+    pub(super) fn open(&self, handle: u64, inode: u64, dir: File) {
+        let l = Listing {
+            inode,
+            dir,
+            expect: 0,
+            resume: 0,
+            pending: VecDeque::new(),
+        };
+        self.lock().insert(handle, l);
+    }
+
     /// Serves one listing request of directory `inode`, open as `handle`,
-    /// from the guest's `offset`. `read(from, each)` reads host entries
-    /// from host offset `from`, calling `each` for every one; `offer` puts
-    /// an entry into the reply.
+    /// from the guest's `offset`; `None` when the directory was not opened
+    /// here. `read(dir, from, each)` reads host entries from host offset
+    /// `from`, calling `each` for every one, and reads nothing at the end;
+    /// `offer` puts an entry into the reply.
     pub(super) fn serve(
         &self,
         handle: u64,
         inode: u64,
         offset: u64,
-        read: impl FnOnce(u64, &mut dyn FnMut(DirEntry) -> io::Result<usize>) -> io::Result<()>,
+        mut read: impl FnMut(&File, u64, &mut dyn FnMut(DirEntry) -> io::Result<()>) -> io::Result<()>,
         offer: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
-    ) -> io::Result<()> {
-        let held = self.lock().remove(&handle);
+    ) -> Option<io::Result<()>> {
+        let mut l = self.lock().remove(&handle)?;
+        if l.inode != inode {
+            self.lock().insert(handle, l);
+            return None;
+        }
         // A listing goes on only where the guest left it: any other offset
         // (a rewind, a seek) starts afresh from there.
-        let (mut from, mut pending) = match held {
-            Some(l) if l.inode == inode && l.expect == offset => (l.resume, l.pending),
-            _ => (offset, VecDeque::new()),
-        };
+        if l.expect != offset {
+            l.pending.clear();
+            l.resume = offset;
+        }
         let mut given = offset;
         let mut full = false;
-        while let Some(p) = pending.front() {
-            match offer(p.entry())? {
-                Offer::Full => {
+        let mut res = Ok(());
+        while let Some(p) = l.pending.front() {
+            match offer(p.entry()) {
+                Ok(Offer::Full) => {
                     full = true;
                     break;
                 }
-                Offer::Given => given = p.offset,
-                Offer::Skipped => {}
+                Ok(Offer::Given) => given = p.offset,
+                Ok(Offer::Skipped) => {}
+                Err(e) => {
+                    res = Err(e);
+                    full = true;
+                    break;
+                }
             }
-            pending.pop_front();
+            l.pending.pop_front();
         }
-        if !full {
-            read(from, &mut |d: DirEntry| {
+        // Read on until the reply is full or the directory ends: a read is
+        // a syscall, a reply the guest must come back for is a request.
+        while !full {
+            let before = l.resume;
+            let (pending, resume) = (&mut l.pending, &mut l.resume);
+            let r = read(&l.dir, before, &mut |d: DirEntry| {
+                *resume = d.offset;
+                if d.name == b"." || d.name == b".." {
+                    return Ok(());
+                }
                 if full {
                     pending.push_back(Pending::of(d));
-                } else {
-                    match offer(d)? {
-                        Offer::Given => given = d.offset,
-                        Offer::Skipped => {}
-                        Offer::Full => {
-                            full = true;
-                            pending.push_back(Pending::of(d));
-                        }
+                    return Ok(());
+                }
+                match offer(d)? {
+                    Offer::Given => given = d.offset,
+                    Offer::Skipped => {}
+                    Offer::Full => {
+                        full = true;
+                        pending.push_back(Pending::of(d));
                     }
                 }
-                from = d.offset;
-                // Never "full" to the reader: it would stop, and what it
-                // read past this entry would be lost to the next seek.
-                Ok(1)
-            })?;
+                Ok(())
+            });
+            if let Err(e) = r {
+                // Where the host directory stands is not known: the next
+                // request seeks.
+                l.expect = u64::MAX;
+                self.lock().insert(handle, l);
+                return Some(Err(e));
+            }
+            if l.resume == before {
+                break;
+            }
         }
-        if !pending.is_empty() || from != given {
-            self.lock().insert(
-                handle,
-                Listing {
-                    inode,
-                    expect: given,
-                    resume: from,
-                    pending,
-                },
-            );
-        }
-        Ok(())
+        l.expect = given;
+        self.lock().insert(handle, l);
+        Some(res)
     }
 
     /// The directory was closed.
@@ -148,6 +182,54 @@ impl Listings {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Listing>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// `struct linux_dirent64` up to its name: inode, offset, record length,
+/// type.
+const DIRENT_HEAD: usize = 19;
+
+/// Reads entries of `dir` from host offset `from`, `size` bytes of them
+/// at most. The seek is a no-op when the directory is already there,
+/// which is where [`Listings::serve`] goes on from.
+pub(super) fn read_dir(
+    dir: &File,
+    from: u64,
+    size: u32,
+    each: &mut dyn FnMut(DirEntry) -> io::Result<()>,
+) -> io::Result<()> {
+    let fd = dir.as_raw_fd();
+    // SAFETY: a plain syscall on a descriptor we own.
+    if unsafe { libc::lseek64(fd, from as libc::off64_t, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; size as usize];
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut rest = &buf[..n as usize];
+    while rest.len() >= DIRENT_HEAD {
+        let len = usize::from(u16::from_ne_bytes([rest[16], rest[17]]));
+        if len < DIRENT_HEAD || len > rest.len() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let name = &rest[DIRENT_HEAD..len];
+        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&rest[at..at + 8]);
+            u64::from_ne_bytes(w)
+        };
+        each(DirEntry {
+            ino: word(0),
+            offset: word(8),
+            type_: u32::from(rest[18]),
+            name,
+        })?;
+        rest = &rest[len..];
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -183,7 +265,7 @@ mod tests {
             &mut self,
             batch: usize,
             from: u64,
-            each: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+            each: &mut dyn FnMut(DirEntry) -> io::Result<()>,
         ) -> io::Result<()> {
             if from != self.pos {
                 self.next = self.names.get(from as usize).map_or(usize::MAX, |n| n.0);
@@ -211,9 +293,7 @@ mod tests {
                     type_: libc::DT_REG as u32,
                     name,
                 };
-                if each(d)? == 0 {
-                    break;
-                }
+                each(d)?;
             }
             Ok(())
         }
@@ -221,6 +301,13 @@ mod tests {
         fn delete(&mut self, gone: &[(Vec<u8>, u64)]) {
             self.names.retain(|n| !gone.iter().any(|(g, _)| *g == n.1));
         }
+    }
+
+    /// Handle 7 of directory 2, read through a fake.
+    fn opened() -> Listings {
+        let l = Listings::default();
+        l.open(7, 2, File::open(std::env::temp_dir()).unwrap());
+        l
     }
 
     /// Lists like `rm -r`: takes `fits` entries a request, then deletes
@@ -234,7 +321,7 @@ mod tests {
                     7,
                     2,
                     offset,
-                    |from, each| dir.read(batch, from, each),
+                    |_, from, each| dir.read(batch, from, each),
                     &mut |d| {
                         if got.len() == fits {
                             return Ok(Offer::Full);
@@ -243,6 +330,7 @@ mod tests {
                         Ok(Offer::Given)
                     },
                 )
+                .unwrap()
                 .unwrap();
             let Some(&(_, last)) = got.last() else {
                 return dir.names.len();
@@ -256,7 +344,7 @@ mod tests {
     fn deleting_while_listing_a_tmpfs_directory_lists_every_entry() {
         let mut dir = Tmpfs::new(1000);
         // More read than fits, as with real FUSE records.
-        assert_eq!(remove_all(&Listings::default(), &mut dir, 25, 128), 0);
+        assert_eq!(remove_all(&opened(), &mut dir, 25, 128), 0);
 
         // What the passthrough alone does: seek to the guest's offset
         // each time. Half the entries are never listed.
@@ -265,11 +353,10 @@ mod tests {
         loop {
             let mut got = Vec::new();
             dir.read(128, offset, &mut |d| {
-                if got.len() == 25 {
-                    return Ok(0);
+                if got.len() < 25 {
+                    got.push((d.name.to_vec(), d.offset));
                 }
-                got.push((d.name.to_vec(), d.offset));
-                Ok(1)
+                Ok(())
             })
             .unwrap();
             let Some(&(_, last)) = got.last() else { break };
@@ -281,7 +368,7 @@ mod tests {
 
     #[test]
     fn skipped_entries_and_rewinds_keep_the_listing_whole() {
-        let listings = Listings::default();
+        let listings = opened();
         let mut dir = Tmpfs::new(10);
         let mut list = |offset: u64, fits: usize| {
             let mut got = Vec::new();
@@ -290,7 +377,7 @@ mod tests {
                     7,
                     2,
                     offset,
-                    |from, each| dir.read(4, from, each),
+                    |_, from, each| dir.read(4, from, each),
                     &mut |d| {
                         if d.name == b"f3" {
                             return Ok(Offer::Skipped);
@@ -302,21 +389,23 @@ mod tests {
                         Ok(Offer::Given)
                     },
                 )
+                .unwrap()
                 .unwrap();
             got
         };
-        // f3 is read last in the first batch and left out: the next request
-        // (from f2's offset) goes on after it.
-        assert_eq!(list(0, 10), ["f0", "f1", "f2"]);
-        assert_eq!(list(3, 2), ["f4", "f5"]);
-        // f6 and f7 were read and wait.
-        assert_eq!(list(6, 10), ["f6", "f7", "f8", "f9"]);
+        // f3, the last of the first read, is left out; the reply fills up
+        // in the second read, whose rest waits.
+        assert_eq!(list(0, 4), ["f0", "f1", "f2", "f4"]);
+        assert_eq!(list(5, 2), ["f5", "f6"]);
+        assert_eq!(list(7, 10), ["f7", "f8", "f9"]);
         assert!(list(10, 10).is_empty());
         // A rewind starts afresh; the two are the only seeks.
         assert_eq!(list(0, 1), ["f0"]);
         assert_eq!(list(0, 2), ["f0", "f1"]);
         assert_eq!(dir.seeks, 2);
         listings.close(7);
-        assert!(listings.lock().is_empty());
+        assert!(listings
+            .serve(7, 2, 0, |_, _, _| Ok(()), &mut |_| Ok(Offer::Given))
+            .is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! The guard, driven as a hostile driver would drive it: FUSE requests with
 //! forged names and inodes, against a real host directory.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -462,6 +463,19 @@ fn plus_listings_give_every_entry_once() {
     }
     f.fs.releasedir(&ctx(), many, 0, h).unwrap();
     assert!(replies > 10, "{replies} replies");
+
+    // A plain listing reads names only: no host lookups, and each entry
+    // carries the inode number the guest's stat will show.
+    use std::os::unix::fs::MetadataExt;
+    let (h, _) = f.fs.opendir(&ctx(), many, 0).unwrap();
+    let mut inos = HashMap::new();
+    f.fs.readdir(&ctx(), many, h.unwrap_or(0), 4096, 0, &mut |d| {
+        inos.insert(String::from_utf8_lossy(d.name).into_owned(), d.ino);
+        Ok(1)
+    })
+    .unwrap();
+    let host = std::fs::metadata(f.root.join("many/f7")).unwrap().ino();
+    assert_eq!(inos.get("f7"), Some(&host), "{inos:?}");
     let mut unique = names.clone();
     unique.sort();
     unique.dedup();
