@@ -83,22 +83,6 @@ fn data_metadata_and_git_round_trip() {
         .args(["status", "--porcelain"]));
     assert_eq!(status, "");
 
-    // A big host tree goes with one `rm -r`, which deletes while it lists:
-    // over a tmpfs host directory (the nested test host's) each listing
-    // request used to seek the host directory back, and tmpfs counts a
-    // seek's offset in entries still present, so entries were skipped and
-    // rmdir found the directory not empty.
-    let many = ws.join("many");
-    for d in ["a", "b"] {
-        std::fs::create_dir_all(many.join(d)).unwrap();
-        for i in 0..1500 {
-            std::fs::write(many.join(d).join(format!("file-{i}")), "x").unwrap();
-        }
-    }
-    let out = host.sh("f", "rm -r many && echo removed");
-    assert_eq!(text(&out.stdout), "removed\n", "{}", text(&out.stderr));
-    assert!(!many.exists(), "the guest's rm -r left files on the host");
-
     host.ok(&["stop", "f"]);
     // Changes were recorded, coalesced: a few records, not one per write.
     let records = host.events("f");
@@ -125,6 +109,25 @@ fn data_metadata_and_git_round_trip() {
         records.iter().filter(|r| r["action"] == "mount").collect();
     assert_eq!(mounts.len(), 1);
     assert_eq!(mounts[0]["rule_id"], "session-mounts");
+
+    // A big host tree goes with one `rm -r`, which deletes while it lists
+    // (in a session of its own: its deletions span several audit records).
+    // Over a tmpfs host directory, as the nested test host's, each listing
+    // request used to seek the host directory back, and tmpfs counts a
+    // seek's offset in entries still present, so entries were skipped and
+    // rmdir found the directory not empty.
+    let many = ws.join("many");
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(many.join(d)).unwrap();
+        for i in 0..1500 {
+            std::fs::write(many.join(d).join(format!("file-{i}")), "x").unwrap();
+        }
+    }
+    host.ok_in(&ws, &["start", "--name", "g"]);
+    let out = host.sh("g", "rm -r many && echo removed");
+    assert_eq!(text(&out.stdout), "removed\n", "{}", text(&out.stderr));
+    assert!(!many.exists(), "the guest's rm -r left files on the host");
+    host.ok(&["stop", "g"]);
 }
 
 #[test]
