@@ -864,8 +864,10 @@ impl FileSystem for Guard {
             return Err(err(libc::ENOTDIR));
         }
         let (handle, opts) = self.inner.opendir(ctx, inode, flags)?;
-        if let Some(dir) = handle.and_then(|h| self.own_dir(ctx, inode).map(|d| (h, d))) {
-            self.listings.open(dir.0, inode, dir.1);
+        if let Some(h) = handle {
+            if let Some(dir) = self.own_dir(ctx, inode) {
+                self.listings.open(h, inode, dir);
+            }
         }
         Ok((handle, opts))
     }

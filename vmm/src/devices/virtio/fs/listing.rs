@@ -73,6 +73,65 @@ struct Listing {
     pending: VecDeque<Pending>,
 }
 
+impl Listing {
+    fn serve(
+        &mut self,
+        offset: u64,
+        mut read: impl FnMut(&File, u64, &mut dyn FnMut(DirEntry) -> io::Result<()>) -> io::Result<()>,
+        offer: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
+    ) -> io::Result<()> {
+        // A listing goes on only where the guest left it: any other offset
+        // (a rewind, a seek) starts afresh from there.
+        if self.expect != offset {
+            self.pending.clear();
+            self.resume = offset;
+        }
+        let mut given = offset;
+        let mut full = false;
+        while let Some(p) = self.pending.front() {
+            match offer(p.entry())? {
+                Offer::Full => {
+                    full = true;
+                    break;
+                }
+                Offer::Given => given = p.offset,
+                Offer::Skipped => {}
+            }
+            self.pending.pop_front();
+        }
+        // Read on until the reply is full or the directory ends: a read is
+        // a syscall, a reply the guest must come back for is a request.
+        while !full {
+            let before = self.resume;
+            let (pending, resume) = (&mut self.pending, &mut self.resume);
+            read(&self.dir, before, &mut |d: DirEntry| {
+                *resume = d.offset;
+                if d.name == b"." || d.name == b".." {
+                    return Ok(());
+                }
+                if full {
+                    pending.push_back(Pending::of(d));
+                    return Ok(());
+                }
+                match offer(d)? {
+                    Offer::Given => given = d.offset,
+                    Offer::Skipped => {}
+                    Offer::Full => {
+                        full = true;
+                        pending.push_back(Pending::of(d));
+                    }
+                }
+                Ok(())
+            })?;
+            if self.resume == before {
+                break;
+            }
+        }
+        self.expect = given;
+        Ok(())
+    }
+}
+
 /// The listings of open directories, by handle.
 #[derive(Default)]
 pub(super) struct Listings(Mutex<HashMap<u64, Listing>>);
@@ -101,77 +160,19 @@ impl Listings {
         handle: u64,
         inode: u64,
         offset: u64,
-        mut read: impl FnMut(&File, u64, &mut dyn FnMut(DirEntry) -> io::Result<()>) -> io::Result<()>,
+        read: impl FnMut(&File, u64, &mut dyn FnMut(DirEntry) -> io::Result<()>) -> io::Result<()>,
         offer: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
     ) -> Option<io::Result<()>> {
+        // Out of the map while it is served, so no lock is held over I/O.
         let mut l = self.lock().remove(&handle)?;
-        if l.inode != inode {
-            self.lock().insert(handle, l);
-            return None;
+        let res = (l.inode == inode).then(|| l.serve(offset, read, offer));
+        if res.as_ref().is_some_and(|r| r.is_err()) {
+            // The reply is lost and where the host directory stands is not
+            // known: the next request starts afresh from its offset.
+            l.expect = u64::MAX;
         }
-        // A listing goes on only where the guest left it: any other offset
-        // (a rewind, a seek) starts afresh from there.
-        if l.expect != offset {
-            l.pending.clear();
-            l.resume = offset;
-        }
-        let mut given = offset;
-        let mut full = false;
-        let mut res = Ok(());
-        while let Some(p) = l.pending.front() {
-            match offer(p.entry()) {
-                Ok(Offer::Full) => {
-                    full = true;
-                    break;
-                }
-                Ok(Offer::Given) => given = p.offset,
-                Ok(Offer::Skipped) => {}
-                Err(e) => {
-                    res = Err(e);
-                    full = true;
-                    break;
-                }
-            }
-            l.pending.pop_front();
-        }
-        // Read on until the reply is full or the directory ends: a read is
-        // a syscall, a reply the guest must come back for is a request.
-        while !full {
-            let before = l.resume;
-            let (pending, resume) = (&mut l.pending, &mut l.resume);
-            let r = read(&l.dir, before, &mut |d: DirEntry| {
-                *resume = d.offset;
-                if d.name == b"." || d.name == b".." {
-                    return Ok(());
-                }
-                if full {
-                    pending.push_back(Pending::of(d));
-                    return Ok(());
-                }
-                match offer(d)? {
-                    Offer::Given => given = d.offset,
-                    Offer::Skipped => {}
-                    Offer::Full => {
-                        full = true;
-                        pending.push_back(Pending::of(d));
-                    }
-                }
-                Ok(())
-            });
-            if let Err(e) = r {
-                // Where the host directory stands is not known: the next
-                // request seeks.
-                l.expect = u64::MAX;
-                self.lock().insert(handle, l);
-                return Some(Err(e));
-            }
-            if l.resume == before {
-                break;
-            }
-        }
-        l.expect = given;
         self.lock().insert(handle, l);
-        Some(res)
+        res
     }
 
     /// The directory was closed.
