@@ -6,7 +6,10 @@
 //! request rules) is terminated with a per-session CA so the real secret is
 //! only ever added here, on the host.
 
+#![forbid(unsafe_code)]
+
 mod body;
+mod gate;
 pub mod head;
 mod http;
 pub mod mitm;
@@ -15,5 +18,6 @@ pub mod secrets;
 pub mod sni;
 pub mod stream;
 
-pub use proxy::{Limits, Options, Proxy, ProxyError, Recorder, Resolver, TLS_PORTS};
+pub use gate::{Limits, Recorder};
+pub use proxy::{Options, Proxy, ProxyError, Resolver, TLS_PORTS};
 pub use stream::Stream;

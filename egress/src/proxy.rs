@@ -1,7 +1,6 @@
 //! One session's proxy: limits, the CONNECT and plain-HTTP paths, and the
 //! decisions each connection needs.
 
-use std::borrow::Cow;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -11,13 +10,11 @@ use std::time::Duration;
 
 use rustls::{ClientConfig, ClientConnection, ServerConnection, StreamOwned};
 use rustls_pki_types::ServerName;
-use sbx_policy::{
-    parse_host_port, Action, Decision, Layer, Location, Mode, NetHost, Policy, RuleInfo, Surface,
-    Verdict,
-};
+use sbx_policy::{parse_host_port, NetHost, Policy, Surface};
 
+use crate::gate::{deny, names, Builtins, Gate, Limits, Recorder, Refusal, Target};
 use crate::head::{self, Head, HeadError};
-use crate::http::{self, Target};
+use crate::http;
 use crate::mitm::{self, Authority, TlsError};
 use crate::secrets::Secrets;
 use crate::sni::{self, HelloError};
@@ -27,35 +24,11 @@ use crate::stream::{self, Prefixed, Stream};
 /// unless the options name others.
 pub const TLS_PORTS: [u16; 2] = [443, 8443];
 
-/// Bounds that keep one slow or hostile client from costing more than a
-/// thread and a buffer for a bounded time.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// Largest request or response head.
-    pub head_bytes: usize,
-    /// Time for a client to send its whole head (and its ClientHello).
-    pub head_time: Duration,
-    pub connect_time: Duration,
-    /// How long an upstream may take to start its response.
-    pub response_time: Duration,
-    /// Connections served at once; more are answered 503 at once.
-    pub max_connections: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            head_bytes: 32 * 1024,
-            head_time: Duration::from_secs(10),
-            connect_time: Duration::from_secs(10),
-            response_time: Duration::from_secs(300),
-            max_connections: 256,
-        }
-    }
-}
-
 /// Looks a name up on the host.
 pub type Resolver = Arc<dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync>;
+
+/// Resource name of requests refused before their target is known.
+const MALFORMED: &str = "malformed request";
 
 pub struct Options {
     /// Names the session's CA.
@@ -84,13 +57,6 @@ impl Options {
     }
 }
 
-/// Where decisions go: the session's audit log.
-pub trait Recorder: Send + Sync {
-    /// Records a decision and says whether the action may go ahead; a
-    /// decision that cannot be recorded must not go ahead.
-    fn decision(&self, surface: Surface, action: &str, resource: &str, d: &Decision<'_>) -> bool;
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(transparent)]
@@ -99,88 +65,10 @@ pub enum ProxyError {
     Random(getrandom::Error),
 }
 
-/// The proxy's own rules, reported like policy rules.
-pub(crate) struct Builtins {
-    pub protocol: RuleInfo,
-    pub sni: RuleInfo,
-    pub plain_secret: RuleInfo,
-}
-
-fn builtin(id: &str, surface: Surface, summary: &str) -> RuleInfo {
-    RuleInfo {
-        id: id.into(),
-        surface,
-        action: Action::Deny,
-        layer: Layer::Builtin,
-        mode: Mode::Enforce,
-        location: Location::builtin(),
-        reason: None,
-        summary: summary.into(),
-    }
-}
-
-pub(crate) fn deny<'a>(rule: &'a RuleInfo, reason: String) -> Decision<'a> {
-    Decision {
-        verdict: Verdict::Deny,
-        rule,
-        reason: Cow::Owned(reason),
-        matched: Vec::new(),
-    }
-}
-
-/// Resource name of requests refused before their target is known.
-const MALFORMED: &str = "malformed request";
-
-/// Whether `text` (an SNI or a Host header's host) names `host`.
-pub(crate) fn names(host: &NetHost, text: &str) -> bool {
-    sbx_policy::normalize_host(text).ok().as_ref() == Some(host)
-}
-
-/// Why a connection ended before it was joined upstream: what the client
-/// is told.
-pub(crate) struct Refusal {
-    pub code: u16,
-    pub text: String,
-}
-
-impl Refusal {
-    pub fn policy(what: &str, d: &Decision<'_>) -> Refusal {
-        Refusal {
-            code: 403,
-            text: format!(
-                "sbx egress proxy refused {what}: rule `{}` ({} layer, {}): {}\n",
-                d.rule.id, d.rule.layer, d.rule.location, d.reason
-            ),
-        }
-    }
-
-    pub fn new(code: u16, text: String) -> Refusal {
-        Refusal { code, text }
-    }
-
-    pub fn send(&self, w: &mut impl Write) {
-        let reason = match self.code {
-            400 => "Bad Request",
-            403 => "Forbidden",
-            408 => "Request Timeout",
-            431 => "Request Header Fields Too Large",
-            502 => "Bad Gateway",
-            503 => "Service Unavailable",
-            _ => "Error",
-        };
-        let _ = w.write_all(&head::response(self.code, reason, &self.text));
-        let _ = w.flush();
-    }
-}
-
 pub struct Proxy {
-    pub(crate) policy: Arc<Policy>,
-    pub(crate) recorder: Arc<dyn Recorder>,
-    pub(crate) secrets: Secrets,
-    pub(crate) builtins: Builtins,
+    gate: Gate,
     authority: Authority,
     upstream: Arc<ClientConfig>,
-    pub(crate) limits: Limits,
     resolver: Resolver,
     tls_ports: Vec<u16>,
     active: AtomicUsize,
@@ -206,29 +94,15 @@ impl Proxy {
     ) -> Result<Arc<Proxy>, ProxyError> {
         let extra: Vec<&std::path::Path> = opts.upstream_ca.iter().map(PathBuf::as_path).collect();
         Ok(Arc::new(Proxy {
-            policy,
-            recorder,
-            secrets: Secrets::new(opts.secrets).map_err(ProxyError::Random)?,
-            builtins: Builtins {
-                protocol: builtin(
-                    "proxy-protocol",
-                    Surface::Net,
-                    "requests the proxy cannot read safely are refused",
-                ),
-                sni: builtin(
-                    "sni-must-match",
-                    Surface::Net,
-                    "TLS through CONNECT, and the Host of requests in it, must name the host that was checked",
-                ),
-                plain_secret: builtin(
-                    "secrets-need-tls",
-                    Surface::Credential,
-                    "secrets are never sent over plain HTTP",
-                ),
+            gate: Gate {
+                policy,
+                recorder,
+                secrets: Secrets::new(opts.secrets).map_err(ProxyError::Random)?,
+                builtins: Builtins::new(),
+                limits: opts.limits,
             },
             authority: Authority::new(&opts.session)?,
             upstream: mitm::upstream_config(&extra)?,
-            limits: opts.limits,
             resolver: opts.resolver.unwrap_or_else(system_resolver),
             tls_ports: opts.tls_ports,
             active: AtomicUsize::new(0),
@@ -242,7 +116,8 @@ impl Proxy {
 
     /// The guest environment that carries the placeholders.
     pub fn guest_env(&self) -> Vec<(String, String)> {
-        self.secrets
+        self.gate
+            .secrets
             .iter()
             .map(|s| (s.env.clone(), s.placeholder.clone()))
             .collect()
@@ -251,7 +126,7 @@ impl Proxy {
     /// Serves `client` on a thread of its own, or answers 503 when the
     /// session already has as many connections as it may.
     pub fn spawn(self: &Arc<Self>, client: Stream) {
-        if self.active.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
+        if self.active.fetch_add(1, Ordering::AcqRel) >= self.gate.limits.max_connections {
             self.active.fetch_sub(1, Ordering::AcqRel);
             let mut client = client;
             let _ = client.set_write_timeout(Some(Duration::from_secs(1)));
@@ -259,7 +134,7 @@ impl Proxy {
                 503,
                 format!(
                     "sbx egress proxy: this session already has {} connections open\n",
-                    self.limits.max_connections
+                    self.gate.limits.max_connections
                 ),
             )
             .send(&mut client);
@@ -277,32 +152,6 @@ impl Proxy {
         }
     }
 
-    pub(crate) fn record(
-        &self,
-        surface: Surface,
-        action: &str,
-        what: &str,
-        d: &Decision<'_>,
-    ) -> bool {
-        self.recorder.decision(surface, action, what, d)
-    }
-
-    /// Refuses a request the proxy cannot read safely: recorded under the
-    /// built-in `proxy-protocol` rule, answered with `code`, naming the rule.
-    pub(crate) fn refuse_protocol(
-        &self,
-        w: &mut impl Write,
-        resource: &str,
-        code: u16,
-        why: String,
-    ) {
-        let d = deny(&self.builtins.protocol, why);
-        self.record(Surface::Net, "request", resource, &d);
-        let mut r = Refusal::policy("the request", &d);
-        r.code = code;
-        r.send(w);
-    }
-
     /// Accepts connections on `listener` until it fails (for driving the
     /// proxy from the host: tests and benchmarks).
     pub fn serve_tcp(self: &Arc<Self>, listener: std::net::TcpListener) {
@@ -317,14 +166,14 @@ impl Proxy {
         let raw = match head::read(
             &mut client,
             |c, d| c.set_read_timeout(Some(d)),
-            self.limits.head_bytes,
-            self.limits.head_time,
+            self.gate.limits.head_bytes,
+            self.gate.limits.head_time,
         ) {
             Ok(r) => r,
             Err(HeadError::Closed | HeadError::Io(_)) => return,
             Err(e) => {
                 let code = e.status();
-                return self.refuse_protocol(
+                return self.gate.refuse_protocol(
                     &mut client,
                     MALFORMED,
                     code,
@@ -335,7 +184,7 @@ impl Proxy {
         let req = match Head::parse_request(&raw.bytes) {
             Ok(r) => r,
             Err(e) => {
-                return self.refuse_protocol(
+                return self.gate.refuse_protocol(
                     &mut client,
                     MALFORMED,
                     400,
@@ -347,7 +196,7 @@ impl Proxy {
         if req.first.eq_ignore_ascii_case("CONNECT") {
             match parse_host_port(&req.second) {
                 Ok((host, port)) => self.connect(client, host, port, raw.rest),
-                Err(e) => self.refuse_protocol(
+                Err(e) => self.gate.refuse_protocol(
                     &mut client,
                     MALFORMED,
                     400,
@@ -363,10 +212,10 @@ impl Proxy {
     /// each address, and connects to the first allowed one.
     fn dial(&self, host: &NetHost, port: u16) -> Result<TcpStream, Refusal> {
         let what = format!("{host}:{port}");
-        let d = self.policy.decide_net(host, None, port);
+        let d = self.gate.policy.decide_net(host, None, port);
         // A denied name is not even looked up: lookups leak too.
         if !d.allowed() {
-            self.record(Surface::Net, "connect", &what, &d);
+            self.gate.record(Surface::Net, "connect", &what, &d);
             return Err(Refusal::policy(&format!("a connection to {what}"), &d));
         }
         let addrs: Vec<IpAddr> = match host {
@@ -384,24 +233,26 @@ impl Proxy {
         let mut denied = None;
         let mut failed = None;
         for addr in addrs {
-            let d = self.policy.decide_connect(host, addr, port);
+            let d = self.gate.policy.decide_connect(host, addr, port);
             let at = format!("{what} ({addr})");
             if !d.allowed() {
                 denied.get_or_insert((d, at));
                 continue;
             }
-            if !self.record(Surface::Net, "connect", &at, &d) {
+            if !self.gate.record(Surface::Net, "connect", &at, &d) {
                 return Err(Refusal::new(
                     503,
                     "sbx egress proxy: the audit log cannot record this connection\n".into(),
                 ));
             }
             // Connect to exactly the address that was checked: no second lookup.
-            match TcpStream::connect_timeout(&SocketAddr::new(addr, port), self.limits.connect_time)
-            {
+            match TcpStream::connect_timeout(
+                &SocketAddr::new(addr, port),
+                self.gate.limits.connect_time,
+            ) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    let _ = s.set_read_timeout(Some(self.limits.response_time));
+                    let _ = s.set_read_timeout(Some(self.gate.limits.response_time));
                     return Ok(s);
                 }
                 Err(e) => failed = Some(format!("{at}: {e}")),
@@ -413,7 +264,7 @@ impl Proxy {
                 format!("sbx egress proxy: cannot connect to {e}\n"),
             )),
             (Some((d, at)), None) => {
-                self.record(Surface::Net, "connect", &at, &d);
+                self.gate.record(Surface::Net, "connect", &at, &d);
                 Err(Refusal::policy(&format!("a connection to {at}"), &d))
             }
             (None, None) => Err(Refusal::new(
@@ -424,8 +275,8 @@ impl Proxy {
     }
 
     fn intercepts(&self, host: &NetHost) -> bool {
-        !self.policy.passthrough(host)
-            && (!self.secrets.is_empty() || self.policy.restricts_http(host))
+        !self.gate.policy.passthrough(host)
+            && (!self.gate.secrets.is_empty() || self.gate.policy.restricts_http(host))
     }
 
     fn connect(&self, mut client: Stream, host: NetHost, port: u16, rest: Vec<u8>) {
@@ -441,16 +292,17 @@ impl Proxy {
         }
         let mut prefix = rest;
         if self.tls_ports.contains(&port) {
-            let _ = client.set_read_timeout(Some(self.limits.head_time));
+            let _ = client.set_read_timeout(Some(self.gate.limits.head_time));
             let hello = match sni::read_hello(&mut client, prefix) {
                 Ok(h) => h,
                 Err(HelloError::Io(_)) => return,
                 Err(e) => {
                     let d = deny(
-                        &self.builtins.sni,
+                        &self.gate.builtins.sni,
                         format!("port {port} carries TLS and {e}"),
                     );
-                    self.record(Surface::Net, "tls", &format!("{host}:{port}"), &d);
+                    self.gate
+                        .record(Surface::Net, "tls", &format!("{host}:{port}"), &d);
                     let _ = client.write_all(&sni::ACCESS_DENIED);
                     return;
                 }
@@ -464,10 +316,10 @@ impl Proxy {
             if !matches {
                 let named = hello.sni.as_deref().unwrap_or("no server name");
                 let d = deny(
-                    &self.builtins.sni,
+                    &self.gate.builtins.sni,
                     format!("CONNECT {host}:{port} carried a TLS ClientHello for {named}"),
                 );
-                self.record(
+                self.gate.record(
                     Surface::Net,
                     "tls",
                     &format!("{host}:{port} (SNI {named})"),
@@ -519,8 +371,8 @@ impl Proxy {
         let raw = match head::read(
             &mut down,
             |s, d| s.sock.inner.set_read_timeout(Some(d)),
-            self.limits.head_bytes,
-            self.limits.head_time,
+            self.gate.limits.head_bytes,
+            self.gate.limits.head_time,
         ) {
             Ok(r) => r,
             // Most often the client does not trust the session CA.
@@ -528,7 +380,12 @@ impl Proxy {
             Err(HeadError::Closed) => return,
             Err(e) => {
                 let (what, code) = (format!("{host}:{port}"), e.status());
-                return self.refuse_protocol(&mut down, &what, code, format!("request head: {e}"));
+                return self.gate.refuse_protocol(
+                    &mut down,
+                    &what,
+                    code,
+                    format!("request head: {e}"),
+                );
             }
         };
         let _ = down.sock.inner.set_read_timeout(None);
@@ -538,10 +395,11 @@ impl Proxy {
             tls: true,
         };
         match Head::parse_request(&raw.bytes) {
-            Ok(req) => http::exchange(self, &target, req, raw.rest, &mut down, &mut up),
+            Ok(req) => http::exchange(&self.gate, &target, req, raw.rest, &mut down, &mut up),
             Err(e) => {
                 let what = format!("{}:{}", target.host, target.port);
-                self.refuse_protocol(&mut down, &what, 400, format!("request head: {e}"))
+                self.gate
+                    .refuse_protocol(&mut down, &what, 400, format!("request head: {e}"))
             }
         }
         down.conn.send_close_notify();
@@ -552,7 +410,7 @@ impl Proxy {
         let url = match url::Url::parse(&req.second) {
             Ok(u) if u.scheme() == "http" && u.host_str().is_some() => u,
             Ok(u) if u.scheme() == "https" => {
-                return self.refuse_protocol(
+                return self.gate.refuse_protocol(
                     &mut client,
                     MALFORMED,
                     400,
@@ -560,7 +418,7 @@ impl Proxy {
                 )
             }
             _ => {
-                return self.refuse_protocol(
+                return self.gate.refuse_protocol(
                     &mut client,
                     MALFORMED,
                     400,
@@ -572,7 +430,7 @@ impl Proxy {
             }
         };
         if !url.username().is_empty() || url.password().is_some() {
-            return self.refuse_protocol(
+            return self.gate.refuse_protocol(
                 &mut client,
                 MALFORMED,
                 400,
@@ -582,7 +440,11 @@ impl Proxy {
         let host_text = url.host_str().unwrap_or_default();
         let host = match sbx_policy::normalize_host(host_text) {
             Ok(h) => h,
-            Err(e) => return self.refuse_protocol(&mut client, MALFORMED, 400, e.to_string()),
+            Err(e) => {
+                return self
+                    .gate
+                    .refuse_protocol(&mut client, MALFORMED, 400, e.to_string())
+            }
         };
         let port = url.port_or_known_default().unwrap_or(80);
         let mut origin = url.path().to_string();
@@ -603,6 +465,6 @@ impl Proxy {
             port,
             tls: false,
         };
-        http::exchange(self, &target, req, rest, &mut client, &mut upstream);
+        http::exchange(&self.gate, &target, req, rest, &mut client, &mut upstream);
     }
 }
