@@ -2,6 +2,7 @@
 //! written before the decision takes effect, synced on a bounded interval,
 //! hash-chained so that edits, deletions and reordering are detected.
 
+mod entry;
 mod log;
 mod query;
 mod record;
@@ -9,6 +10,7 @@ mod verify;
 
 use std::path::PathBuf;
 
+pub use entry::{denial, Entry, GuestReport, RuleCite};
 pub use log::{decision_event, Appended, AuditLog, Identity};
 pub use query::{parse_time, read_records, Cursor, Filter};
 pub use record::{Category, Event, Record, GENESIS, SCHEMA};

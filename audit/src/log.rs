@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use sbx_policy::{Decision, Surface};
 
 use crate::record::{Category, Event, Record, GENESIS, SCHEMA};
-use crate::AuditError;
+use crate::{AuditError, Entry};
 
 /// Who is acting, stamped on every record.
 #[derive(Clone, Debug)]
@@ -238,6 +238,11 @@ impl AuditLog {
         Ok(Appended { seq, id: record.id })
     }
 
+    /// Appends one record of a kind [`Entry`] builds.
+    pub fn record(&self, entry: Entry) -> Result<Appended, AuditError> {
+        self.append(entry.category, entry.event)
+    }
+
     /// Records a policy decision and says whether the action may go ahead.
     pub fn decision(
         &self,
@@ -246,10 +251,7 @@ impl AuditLog {
         resource: &str,
         d: &Decision<'_>,
     ) -> Result<bool, AuditError> {
-        self.append(
-            Category::Decision,
-            decision_event(surface, action, resource, d),
-        )?;
+        self.record(Entry::decision(surface, action, resource, d))?;
         Ok(d.allowed())
     }
 

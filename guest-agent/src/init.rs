@@ -73,29 +73,21 @@ pub fn mount_pseudo_filesystems() {
     );
 }
 
-/// Mounts the host's shared directories: each `sbx.fs=TAG,GUEST_PATH,ro|rw`
-/// on the kernel command line is a virtio-fs device the VMM serves.
-pub fn mount_shares(line: &str) {
+/// Mounts the host's shared directories: each is a virtio-fs device the
+/// VMM serves, named on the kernel command line.
+pub fn mount_shares(shares: &[sbx_protocol::cmdline::Share]) {
     let mut mounted = Vec::new();
-    for spec in crate::cmdline::values(line, "sbx.fs") {
-        let mut parts = spec.splitn(3, ',');
-        let (Some(tag), Some(target), mode) = (parts.next(), parts.next(), parts.next()) else {
-            eprintln!("sbx-guest-agent: ignoring malformed sbx.fs={spec}");
-            continue;
-        };
+    for share in shares {
+        let target = share.guest_path.as_str();
         if let Err(e) = std::fs::create_dir_all(target) {
             eprintln!("sbx-guest-agent: cannot create {target}: {e}");
             continue;
         }
         // The device refuses writes to a read-only mount whatever the guest
         // does; the flag only makes the guest say so without asking.
-        let ro = if mode == Some("ro") {
-            libc::MS_RDONLY
-        } else {
-            0
-        };
+        let ro = if share.read_only { libc::MS_RDONLY } else { 0 };
         let flags = libc::MS_NOSUID | libc::MS_NODEV | ro;
-        if mount(tag, target, "virtiofs", flags, "") {
+        if mount(&share.tag, target, "virtiofs", flags, "") {
             widen_readahead(target);
             mounted.push(target.trim_end_matches('/').to_string());
         }

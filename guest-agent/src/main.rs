@@ -1,12 +1,12 @@
 //! sbx guest agent: PID 1 of the microVM.
 //!
 //! It mounts the pseudo filesystems and reports that it started through the
-//! debug port. With `sbx.session` on the kernel command line it then serves
+//! debug port. With `sbx.session` on the kernel command line (see
+//! `sbx_protocol::cmdline`) it then serves
 //! the host over vsock (see `session`). Otherwise it runs the command given
 //! after `--` (a shell on the console when there is none), reaps every
 //! process, syncs, and reports the command's exit status, which ends the VM.
 
-mod cmdline;
 mod egress;
 mod events;
 mod exec;
@@ -30,21 +30,27 @@ fn main() {
     // only a fallback for running outside a VM (it also holds stray kernel
     // parameters such as `noxsave`).
     let line = std::fs::read_to_string("/proc/cmdline").ok();
-    if let Some(l) = &line {
-        if is_init {
-            init::mount_shares(l);
+    let boot = line.as_deref().map(|l| {
+        let (boot, malformed) = sbx_protocol::cmdline::Boot::parse(l);
+        for word in malformed {
+            eprintln!("sbx-guest-agent: ignoring malformed {word}");
         }
-        exec::set_default_cwd(cmdline::values(l, "sbx.workdir").pop());
-        let ca = cmdline::values(l, sbx_protocol::egress::CMDLINE_KEY).pop();
-        if egress::start(ca) {
+        boot
+    });
+    if let Some(b) = &boot {
+        if is_init {
+            init::mount_shares(&b.shares);
+        }
+        exec::set_default_cwd(b.workdir.clone());
+        if egress::start(b.egress_ca.clone()) {
             exec::set_default_env(sbx_protocol::egress::environment());
         }
-        if cmdline::has_param(l, "sbx.session") {
+        if b.session {
             session::serve();
         }
     }
-    let argv: Vec<String> = match &line {
-        Some(l) => cmdline::command(l).unwrap_or_default(),
+    let argv: Vec<String> = match boot {
+        Some(b) => b.command.unwrap_or_default(),
         None => std::env::args().skip(1).collect(),
     };
     let code = run::run(&argv);

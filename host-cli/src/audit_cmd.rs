@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use sbx_audit::{Filter, Record};
 
-use crate::paths;
+use sandbox::paths;
 
 #[derive(clap::Args)]
 pub struct Args {

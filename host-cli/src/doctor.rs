@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use vmm::host::{self, CpuVendor, KvmAccess, KvmBackend};
 
-use crate::paths;
+use sandbox::paths;
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -8,15 +8,11 @@ use clap::{Parser, Subcommand};
 mod audit_cmd;
 mod boot;
 mod doctor;
-mod paths;
 mod policy_cmd;
 mod secret_cmd;
 mod session;
-mod terminal;
 
-/// Exit status for failures of sbx itself (as opposed to the guest command's
-/// own status), following `docker run`'s convention.
-pub const EXIT_SBX_ERROR: u8 = 125;
+use sandbox::EXIT_SBX_ERROR;
 
 #[derive(Parser)]
 #[command(
@@ -71,7 +67,7 @@ enum Command {
     Events(audit_cmd::EventsArgs),
     /// The session process itself (started by `sbx start`).
     #[command(name = "__session", hide = true)]
-    Session(session::runner::Args),
+    Session(session::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -95,7 +91,7 @@ fn main() -> ExitCode {
         Command::Stop(args) => session::stop(args),
         Command::Rm(args) => session::rm(args),
         Command::Run(args) => session::run(args),
-        Command::Session(args) => session::runner::run(args),
+        Command::Session(args) => session::serve(args),
         Command::Boot(args) => boot::run(args, start),
         Command::Policy(args) => policy_cmd::run(args),
         Command::Secret(args) => secret_cmd::run(args),

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use sbx_policy::{Access, Decision, Policy, PolicyBuilder, RuleInfo, Surface};
-
-use crate::paths;
+use sbx_policy::{
+    Access, Decision, Locations, Policy, PolicyBuilder, RuleInfo, Selection, Surface,
+};
 
 /// Exit status of `explain` for a denial; 2 is for usage and policy errors.
 const EXIT_DENY: u8 = 1;
@@ -34,75 +34,17 @@ pub struct Select {
 }
 
 impl Select {
-    /// The same selection as command-line arguments (for a child process).
-    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
-        let mut out = Vec::new();
-        for p in &self.policy {
-            out.push("--policy".into());
-            out.push(p.clone().into_os_string());
+    /// The selection these flags make (discovery is the policy crate's).
+    pub fn selection(&self) -> Selection {
+        Selection {
+            files: self.policy.clone(),
+            preset: self.preset.clone(),
+            trusted_keys: self.trusted_key.clone(),
         }
-        if let Some(p) = &self.preset {
-            out.push("--preset".into());
-            out.push(p.into());
-        }
-        for k in &self.trusted_key {
-            out.push("--trusted-key".into());
-            out.push(k.clone().into_os_string());
-        }
-        out
-    }
-
-    /// The files to load, most senior first.
-    pub fn files(&self) -> Vec<PathBuf> {
-        if !self.policy.is_empty() {
-            return self.policy.clone();
-        }
-        let sys = paths::system_dir();
-        let org = [sys.join("policy.bundle"), sys.join("policy.toml")]
-            .into_iter()
-            .find(|p| p.exists());
-        let team = Some(paths::config_dir().join("policy.toml")).filter(|p| p.exists());
-        let project = Some(PathBuf::from(".sbx/policy.toml")).filter(|p| p.exists());
-        [org, team, project].into_iter().flatten().collect()
-    }
-
-    fn trusted_keys(&self) -> anyhow::Result<Vec<sbx_policy::VerifyingKey>> {
-        let mut files = self.trusted_key.clone();
-        if let Ok(dir) = std::fs::read_dir(paths::system_dir().join("trusted-keys")) {
-            let mut found: Vec<PathBuf> = dir
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "pub"))
-                .collect();
-            found.sort();
-            files.extend(found);
-        }
-        files
-            .iter()
-            .map(|f| {
-                let text = std::fs::read_to_string(f)
-                    .with_context(|| format!("cannot read trusted key {}", f.display()))?;
-                sbx_policy::decode_public_key(&text).with_context(|| format!("{}", f.display()))
-            })
-            .collect()
     }
 
     pub fn load(&self) -> anyhow::Result<Policy> {
-        self.load_files(&self.files())
-    }
-
-    fn load_files(&self, files: &[PathBuf]) -> anyhow::Result<Policy> {
-        let mut b = PolicyBuilder::new();
-        for k in self.trusted_keys()? {
-            b.trust(k);
-        }
-        if let Some(p) = &self.preset {
-            b.preset(p)?;
-        }
-        for f in files {
-            b.add_file(f)?;
-        }
-        Ok(b.build()?)
+        Ok(self.selection().load(&Locations::here())?)
     }
 }
 
@@ -215,12 +157,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 }
 
 fn check(files: &[PathBuf], select: &Select) -> anyhow::Result<u8> {
+    let at = Locations::here();
+    let selection = select.selection();
     let files = if files.is_empty() {
-        select.files()
+        selection.files(&at)
     } else {
         files.to_vec()
     };
-    let policy = select.load_files(&files)?;
+    let policy = selection.load_files(&files, &at)?;
     for s in policy.sources() {
         let n = policy
             .rules()

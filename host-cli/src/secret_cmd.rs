@@ -1,18 +1,10 @@
 //! `sbx secret`: the values the egress proxy injects, kept on the host and
-//! encrypted at rest (ChaCha20-Poly1305). Each value is sealed with the
-//! store's key and its own name, so a file copied to another name does not
-//! open. The key lives apart from the values (config dir vs state dir), so a
-//! backup or sync of one is not enough to read them.
+//! encrypted at rest (the store is `sandbox::secrets`).
 
 use std::io::{IsTerminal, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-
-use crate::paths;
+use sandbox::secrets::{check_name, Store};
 
 #[derive(clap::Args)]
 #[command(after_help = "\
@@ -43,172 +35,6 @@ enum Cmd {
     Rm { name: String },
 }
 
-/// The encrypted store.
-pub struct Store {
-    key_path: PathBuf,
-    dir: PathBuf,
-}
-
-fn check_name(name: &str) -> anyhow::Result<()> {
-    let mut c = name.chars();
-    let ok = c
-        .next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-        && name.len() <= 64;
-    if !ok {
-        bail!("`{name}` is not a secret name: use letters, digits and `_` (at most 64), not starting with a digit, as in GITHUB_TOKEN");
-    }
-    Ok(())
-}
-
-fn private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot make {} private", dir.display()))
-}
-
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-impl Store {
-    pub fn open() -> Store {
-        Store {
-            key_path: paths::config_dir().join("secrets.key"),
-            dir: paths::state_dir().join("secrets"),
-        }
-    }
-
-    fn cipher(&self, create: bool) -> anyhow::Result<Option<ChaCha20Poly1305>> {
-        let key = match std::fs::read(&self.key_path) {
-            Ok(k) if k.len() == 32 => k,
-            Ok(_) => bail!(
-                "{} is not a 32-byte key; it was damaged. Remove it and set every secret again",
-                self.key_path.display()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
-                let mut k = vec![0u8; 32];
-                getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-                if let Some(p) = self.key_path.parent() {
-                    private_dir(p)?;
-                }
-                write_private(&self.key_path, &k)?;
-                k
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", self.key_path.display()))
-            }
-        };
-        Ok(Some(ChaCha20Poly1305::new(Key::from_slice(&key))))
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.secret"))
-    }
-
-    pub fn set(&self, name: &str, value: &[u8]) -> anyhow::Result<()> {
-        check_name(name)?;
-        let cipher = self.cipher(true)?.expect("created");
-        let mut nonce = [0u8; 12];
-        getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-        let sealed = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: value,
-                    aad: name.as_bytes(),
-                },
-            )
-            .map_err(|_| anyhow::anyhow!("cannot encrypt secret {name}"))?;
-        private_dir(&self.dir)?;
-        let mut data = nonce.to_vec();
-        data.extend(sealed);
-        write_private(&self.path(name), &data)
-    }
-
-    /// The value of `name`, or None if it was never set.
-    pub fn get(&self, name: &str) -> anyhow::Result<Option<String>> {
-        check_name(name)?;
-        let data = match std::fs::read(self.path(name)) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read secret {name}")),
-        };
-        let Some(cipher) = self.cipher(false)? else {
-            bail!(
-                "secret {name} is stored but {} is missing; set it again",
-                self.key_path.display()
-            );
-        };
-        if data.len() < 12 {
-            bail!(
-                "{} is damaged; set secret {name} again",
-                self.path(name).display()
-            );
-        }
-        let plain = cipher
-            .decrypt(
-                Nonce::from_slice(&data[..12]),
-                Payload {
-                    msg: &data[12..],
-                    aad: name.as_bytes(),
-                },
-            )
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "{} does not decrypt with {} (damaged, or from another store); set secret {name} again",
-                    self.path(name).display(),
-                    self.key_path.display()
-                )
-            })?;
-        String::from_utf8(plain)
-            .map(Some)
-            .with_context(|| format!("secret {name} is not UTF-8 text"))
-    }
-
-    pub fn names(&self) -> anyhow::Result<Vec<String>> {
-        let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
-        };
-        for e in entries.flatten() {
-            if let Some(n) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".secret"))
-            {
-                out.push(n.to_string());
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-
-    pub fn remove(&self, name: &str) -> anyhow::Result<bool> {
-        check_name(name)?;
-        match std::fs::remove_file(self.path(name)) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("cannot remove secret {name}")),
-        }
-    }
-}
-
 /// Reads the value from stdin; from a terminal, without echo.
 fn read_value(name: &str) -> anyhow::Result<Vec<u8>> {
     let stdin = std::io::stdin();
@@ -216,7 +42,7 @@ fn read_value(name: &str) -> anyhow::Result<Vec<u8>> {
     if stdin.is_terminal() {
         eprint!("value for {name} (not echoed, then Enter): ");
         let _ = std::io::stderr().flush();
-        let echo = crate::terminal::RawMode::echo_off(0);
+        let echo = sandbox::terminal::RawMode::echo_off(0);
         let mut line = String::new();
         stdin
             .read_line(&mut line)
@@ -263,40 +89,4 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_round_trip_and_are_bound_to_their_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Store {
-            key_path: tmp.path().join("cfg/secrets.key"),
-            dir: tmp.path().join("state/secrets"),
-        };
-        assert_eq!(store.get("A").unwrap(), None);
-        store.set("A", b"one").unwrap();
-        store.set("B", b"two").unwrap();
-        assert_eq!(store.get("A").unwrap().as_deref(), Some("one"));
-        assert_eq!(store.names().unwrap(), ["A", "B"]);
-        let on_disk = std::fs::read(store.path("A")).unwrap();
-        assert!(!on_disk.windows(3).any(|w| w == b"one"));
-        let mode = std::fs::metadata(store.path("A"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        // A value copied under another name does not open.
-        std::fs::copy(store.path("A"), store.path("B")).unwrap();
-        assert!(store
-            .get("B")
-            .unwrap_err()
-            .to_string()
-            .contains("does not decrypt"));
-        assert!(store.set("1BAD", b"x").is_err());
-        assert!(store.remove("A").unwrap());
-        assert!(!store.remove("A").unwrap());
-    }
 }

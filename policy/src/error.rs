@@ -21,6 +21,14 @@ pub enum PolicyError {
     Bundle { file: String, reason: String },
     #[error("unknown preset `{0}`: the presets are locked-down, balanced and open")]
     UnknownPreset(String),
+    // The cause is in the message, not a `source`, so it is said once.
+    #[error("cannot read trusted key {}: {error}", path.display())]
+    KeyRead { path: PathBuf, error: io::Error },
+    #[error("{}: {error}", path.display())]
+    Key {
+        path: PathBuf,
+        error: crate::KeyError,
+    },
     /// Two layers say contradictory things that cannot be merged safely.
     #[error("{0}")]
     Conflict(String),

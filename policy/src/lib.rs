@@ -5,9 +5,12 @@
 //! loosen another's deny; whatever no rule allows is denied. Every decision
 //! names the rule, its layer and its file and line.
 
+#![forbid(unsafe_code)]
+
 mod bundle;
 mod compile;
 mod credential;
+mod discovery;
 mod error;
 mod exec;
 mod format;
@@ -27,6 +30,7 @@ pub use bundle::{
     is_bundle, key_id, sign, KeyError,
 };
 pub use credential::{CredentialGrant, Injection};
+pub use discovery::{xdg_dir, Locations, Selection};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::PolicyError;
 pub use fs::{normalize_guest_path, Access};

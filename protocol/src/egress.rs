@@ -5,10 +5,6 @@
 pub const HOST_PORT: u32 = 1026;
 /// The guest agent's relay listens on 127.0.0.1 at this port.
 pub const GUEST_PORT: u16 = 3128;
-/// Kernel command-line key carrying the session CA (its PEM body, the
-/// base64 of the DER, without line breaks). Present only when the session
-/// has egress.
-pub const CMDLINE_KEY: &str = "sbx.egress";
 /// The trust bundle in the rootfs; the session CA is appended to it.
 pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The session CA alone, for tools that add to their own roots.

@@ -129,12 +129,28 @@ impl Host {
         self.dir.path().join("run")
     }
 
+    /// The directories sbx is pointed at, as environment variables.
+    pub fn env(&self) -> [(&'static str, PathBuf); 3] {
+        [
+            ("SBX_RUNTIME_DIR", self.runtime()),
+            ("SBX_STATE_DIR", self.dir.path().join("state")),
+            ("SBX_CONFIG_DIR", self.dir.path().join("config")),
+        ]
+    }
+
+    /// Points this test process itself at the host's directories, for
+    /// tests that drive sessions through the `sandbox` library (the
+    /// session processes it starts inherit them). The real-guest tests
+    /// run one at a time, so nothing else reads the environment meanwhile.
+    pub fn adopt(&self) {
+        for (k, v) in self.env() {
+            std::env::set_var(k, v);
+        }
+    }
+
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(sbx_bin());
-        c.args(args)
-            .env("SBX_RUNTIME_DIR", self.runtime())
-            .env("SBX_STATE_DIR", self.dir.path().join("state"))
-            .env("SBX_CONFIG_DIR", self.dir.path().join("config"));
+        c.args(args).envs(self.env());
         c
     }
 

@@ -29,7 +29,7 @@ pub enum BootError {
     KernelIsBzImage { path: PathBuf },
     #[error("kernel {path} is not an ELF vmlinux ({detail}); pass the uncompressed `vmlinux` from a kernel build (cargo xtask kernel builds one)")]
     KernelNotElf { path: PathBuf, detail: String },
-    #[error("guest memory of {mem_mib} MiB is too small: the kernel{what} needs at least {need_mib} MiB; raise --mem")]
+    #[error("guest memory of {mem_mib} MiB is too small: the kernel{what} needs at least {need_mib} MiB; give the VM more memory")]
     MemoryTooSmall {
         mem_mib: u64,
         need_mib: u64,

@@ -64,9 +64,9 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 pub enum VmmError {
     #[error(transparent)]
     Host(#[from] HostError),
-    #[error("--vcpus {requested} is out of range: this host allows 1 to {max}")]
+    #[error("{requested} vCPUs is out of range: this host allows 1 to {max}")]
     VcpuCount { requested: u32, max: u32 },
-    #[error("--mem {0} MiB is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB} MiB)")]
+    #[error("guest memory of {0} MiB is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB} MiB)")]
     MemRange(u64),
     #[error(transparent)]
     Vm(#[from] VmError),

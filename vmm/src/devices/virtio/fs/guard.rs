@@ -19,16 +19,18 @@
 //! - every refusal is reported, and so is every change, for the audit log;
 //! - under `auto`, host edits are watched for and reported so the guest can
 //!   drop what it cached ([`super::host_watch`]).
+//!
+//! The checks are in [`super::checks`], the inode table in
+//! [`super::nodes`], the guest's own changes in [`super::echo`] and the
+//! listings in [`super::listing`]; this file wires them to each request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -38,98 +40,36 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::passthrough::PassthroughFs;
 
+use super::beneath;
+use super::checks::{err, file_type, squash, writes, SETID};
 use super::host_watch::{self, HostChanges, HostWatch};
-use super::listing::{self, Listings, Offer, READ_MAX};
-use super::{Change, FsAccess, FsCache, FsConfig, FsPolicy, Refusal, GUARD_RULE};
-
-/// How many entries a directory rename may carry before it is refused with
-/// EXDEV (tools then copy and delete, one checked file at a time).
-const RENAME_WALK_LIMIT: usize = 20_000;
-
-const SETID: u32 = libc::S_ISUID | libc::S_ISGID;
+use super::listing::{Listings, Offer};
+use super::nodes::Nodes;
+use super::{Change, FsAccess, FsCache, FsConfig, FsSupervisor, Refusal, RuleRef};
 
 /// What `auto` promises when host edits cannot be watched: a name or an
 /// attribute is trusted for a second, then asked for again.
 const UNWATCHED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What the guest was given for one inode: where it was last seen, and how
-/// many lookups it holds (FUSE's reference count).
-struct Node {
-    parent: u64,
-    name: Vec<u8>,
-    mode: u32,
-    lookups: u64,
-    /// The inotify watch on a directory, under `auto`.
-    watch: Option<i32>,
-}
-
 pub struct Guard {
-    inner: PassthroughFs<()>,
-    policy: Arc<dyn FsPolicy>,
-    host_root: PathBuf,
-    guest_root: String,
-    read_only: bool,
-    mount_rule: String,
+    pub(super) inner: PassthroughFs<()>,
+    pub(super) supervisor: Arc<dyn FsSupervisor>,
+    pub(super) host_root: PathBuf,
+    pub(super) guest_root: String,
+    pub(super) read_only: bool,
+    pub(super) mount_rule: RuleRef,
     /// Under `auto`: the watch that makes long timeouts safe. Without it
     /// (or once it cannot cover a directory) timeouts are a second.
-    watch: Option<HostWatch>,
+    pub(super) watch: Option<HostWatch>,
     /// How long the guest may trust names, their absence and attributes.
     cache: FsCache,
-    nodes: Mutex<HashMap<u64, Node>>,
+    pub(super) nodes: Nodes,
     /// Handles that have been written through since they were opened, so a
     /// file's change is reported once per open, not once per write.
     written: Mutex<HashSet<u64>>,
     /// The mount's root, to open directories beneath for listing.
-    root: Option<OwnedFd>,
-    listings: Listings,
-}
-
-/// The path of `inode` inside the mount (`a/b`, empty for the root).
-fn rel_in(nodes: &HashMap<u64, Node>, inode: u64) -> io::Result<Vec<u8>> {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    let mut at = inode;
-    while at != ROOT_ID {
-        // A cycle cannot be built (renames only move named entries), but
-        // a bound keeps a bug from hanging the device.
-        if parts.len() > 4096 {
-            return Err(err(libc::ELOOP));
-        }
-        let n = nodes.get(&at).ok_or_else(|| err(libc::EBADF))?;
-        parts.push(&n.name);
-        at = n.parent;
-    }
-    parts.reverse();
-    Ok(parts.join(&b'/'))
-}
-
-fn err(code: i32) -> io::Error {
-    io::Error::from_raw_os_error(code)
-}
-
-/// File ownership is the host user's, whoever the guest says is asking:
-/// the passthrough then never switches credentials.
-fn squash(ctx: &Context) -> Context {
-    Context {
-        uid: 0,
-        gid: 0,
-        pid: ctx.pid,
-    }
-}
-
-fn writes(flags: u32) -> bool {
-    let f = flags as i32;
-    f & libc::O_ACCMODE != libc::O_RDONLY || f & (libc::O_TRUNC | libc::O_APPEND) != 0
-}
-
-fn file_type(mode: u32) -> &'static str {
-    match mode & libc::S_IFMT {
-        libc::S_IFCHR => "a character device",
-        libc::S_IFBLK => "a block device",
-        libc::S_IFIFO => "a FIFO",
-        libc::S_IFSOCK => "a socket",
-        libc::S_IFLNK => "a symlink",
-        _ => "a special file",
-    }
+    pub(super) root: Option<OwnedFd>,
+    pub(super) listings: Listings,
 }
 
 impl Guard {
@@ -149,44 +89,24 @@ impl Guard {
             _ => None,
         };
         let root_watch = watch.as_ref().and_then(|w| w.add(ROOT_ID, b""));
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT_ID,
-            Node {
-                parent: ROOT_ID,
-                name: Vec::new(),
-                mode: libc::S_IFDIR,
-                lookups: 1,
-                watch: root_watch,
-            },
-        );
         Self {
             inner,
-            policy: config.policy.clone(),
+            supervisor: config.supervisor.clone(),
             host_root: config.host_dir.clone(),
             guest_root: config.guest_path.clone(),
             read_only: config.read_only,
             mount_rule: config.mount_rule.clone(),
             watch,
             cache: config.cache,
-            nodes: Mutex::new(nodes),
+            nodes: Nodes::new(root_watch),
             written: Mutex::new(HashSet::new()),
             // Without it, the passthrough lists directories itself.
-            root: host_watch::open_root(&config.host_dir).ok(),
+            root: beneath::open_root(&config.host_dir).ok(),
             listings: Listings::default(),
         }
     }
 
-    fn nodes(&self) -> MutexGuard<'_, HashMap<u64, Node>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The path of `inode` inside the mount (`a/b`, empty for the root).
-    fn rel(&self, inode: u64) -> io::Result<Vec<u8>> {
-        rel_in(&self.nodes(), inode)
-    }
-
-    fn guest_path(&self, rel: &[u8]) -> String {
+    pub(super) fn guest_path(&self, rel: &[u8]) -> String {
         let rel = String::from_utf8_lossy(rel);
         if rel.is_empty() {
             self.guest_root.clone()
@@ -196,135 +116,13 @@ impl Guard {
     }
 
     pub(super) fn path_of(&self, inode: u64) -> io::Result<String> {
-        Ok(self.guest_path(&self.rel(inode)?))
+        Ok(self.guest_path(&self.nodes.rel(inode)?))
     }
 
-    /// The guest path of `name` in `parent`, once `name` is known to be one
-    /// plain component.
-    fn child(&self, op: &str, parent: u64, name: &CStr) -> io::Result<String> {
-        Ok(self.guest_path(&self.child_rel(op, parent, name)?))
-    }
-
-    /// As [`Guard::child`], as a path inside the mount, bytes as on the host.
-    fn child_rel(&self, op: &str, parent: u64, name: &CStr) -> io::Result<Vec<u8>> {
-        let n = name.to_bytes();
-        if n.is_empty() || n == b"." || n == b".." || n.contains(&b'/') {
-            let at = self
-                .path_of(parent)
-                .unwrap_or_else(|_| self.guest_root.clone());
-            self.refuse(
-                op,
-                &format!("{at}/{}", String::from_utf8_lossy(n)),
-                "a name must be one path component (no `.`, `..` or `/`)",
-                libc::EINVAL,
-            )?;
-        }
-        self.rel_child(parent, n)
-    }
-
-    /// The path of `name` in directory `parent` inside the mount.
-    fn rel_child(&self, parent: u64, name: &[u8]) -> io::Result<Vec<u8>> {
-        let mut rel = self.rel(parent)?;
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(name);
-        Ok(rel)
-    }
-
-    /// The file type bits of an inode the guest was given.
-    fn mode_of(&self, inode: u64) -> Option<u32> {
-        self.nodes().get(&inode).map(|n| n.mode)
-    }
-
-    /// Refuses with one of the device's own protections.
-    fn refuse(&self, op: &str, path: &str, reason: &str, code: i32) -> io::Result<()> {
-        let refusal = Refusal {
-            rule: GUARD_RULE.into(),
-            reason: reason.into(),
-        };
-        self.policy.denied(op, path, &refusal);
-        Err(err(code))
-    }
-
-    /// Reads and writes of `path` as the mount and the policy allow them.
-    fn check(&self, op: &str, path: &str, access: FsAccess) -> io::Result<()> {
-        let (refusal, code) = if access == FsAccess::Write && self.read_only {
-            let r = Refusal {
-                rule: self.mount_rule.clone(),
-                reason: format!("{} is a read-only mount", self.guest_root),
-            };
-            (r, libc::EROFS)
-        } else {
-            match self.policy.check(path, access) {
-                None => return Ok(()),
-                Some(r) => (r, libc::EACCES),
-            }
-        };
-        self.policy.denied(op, path, &refusal);
-        Err(err(code))
-    }
-
+    /// The guest was given `inode` as `name` in `parent`.
     fn remember(&self, parent: u64, name: &[u8], inode: u64, mode: u32) {
-        let mut nodes = self.nodes();
-        let n = nodes.entry(inode).or_insert(Node {
-            parent,
-            name: Vec::new(),
-            mode,
-            lookups: 0,
-            watch: None,
-        });
-        n.parent = parent;
-        n.name = name.to_vec();
-        n.mode = mode;
-        n.lookups += 1;
-        let new_dir = n.lookups == 1 && mode & libc::S_IFMT == libc::S_IFDIR;
-        // Watched before the guest hears of it, so no edit falls between.
-        if let (true, Some(w)) = (new_dir, &self.watch) {
-            let wd = rel_in(&nodes, inode)
-                .ok()
-                .and_then(|rel| w.add(inode, &rel));
-            if let Some(n) = nodes.get_mut(&inode) {
-                n.watch = wd;
-            }
-        }
-    }
-
-    fn drop_lookups(&self, inode: u64, count: u64) {
-        let mut nodes = self.nodes();
-        if let Some(n) = nodes.get_mut(&inode) {
-            n.lookups = n.lookups.saturating_sub(count);
-            if n.lookups == 0 && inode != ROOT_ID {
-                if let (Some(w), Some(wd)) = (&self.watch, n.watch) {
-                    w.remove(wd);
-                }
-                nodes.remove(&inode);
-            }
-        }
-    }
-
-    /// The guest is about to change `name` in `parent`: the host's echo of
-    /// it is not a host edit. Keep the mark until the change is done; its
-    /// drop records what the change left on the host.
-    fn own(&self, parent: u64, name: &[u8]) -> Echo<'_> {
-        let Some(w) = &self.watch else {
-            return Echo(None);
-        };
-        let Ok(rel) = self.rel_child(parent, name) else {
-            return Echo(None);
-        };
-        w.own(parent, name, rel);
-        Echo(Some((w, parent, name.to_vec())))
-    }
-
-    /// As [`Guard::own`], for the name the guest knows `inode` by.
-    fn own_inode(&self, inode: u64) -> Echo<'_> {
-        // Without a watch there is nothing to mark: every write comes here.
-        if self.watch.is_none() {
-            return Echo(None);
-        }
-        let known = self.nodes().get(&inode).map(|n| (n.parent, n.name.clone()));
-        known.map_or(Echo(None), |(parent, name)| self.own(parent, &name))
+        self.nodes
+            .remember(parent, name, inode, mode, self.watch.as_ref());
     }
 
     /// The longest the guest may trust what it is told now: under `auto`,
@@ -354,7 +152,7 @@ impl Guard {
         let mut c =
             host_watch::next_batch(w, stop, &self.guest_root, |dir| self.path_of(dir).ok())?;
         c.paths
-            .retain(|p| self.policy.check(p, FsAccess::Read).is_none());
+            .retain(|p| self.supervisor.check(p, FsAccess::Read).is_none());
         Some(c)
     }
 
@@ -362,7 +160,7 @@ impl Guard {
     pub(super) fn watch_host(&self, stop: i32) {
         while let Some(c) = self.host_changes(stop) {
             if !c.is_empty() {
-                self.policy.host_changed(&c);
+                self.supervisor.host_changed(&c);
             }
         }
     }
@@ -378,47 +176,10 @@ impl Guard {
         }
     }
 
-    /// Would renaming the directory at `guest` (host `host`) move something a
-    /// deny rule covers? Walks the host tree without following symlinks.
-    fn carries_denied(&self, host: &Path, guest: &str) -> Result<Option<(String, Refusal)>, ()> {
-        let mut stack = vec![(host.to_path_buf(), guest.to_string())];
-        let mut seen = 0usize;
-        while let Some((dir, gdir)) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                seen += 1;
-                if seen > RENAME_WALK_LIMIT {
-                    return Err(());
-                }
-                let g = format!("{gdir}/{}", e.file_name().to_string_lossy());
-                if let Some(refusal) = self.policy.check(&g, FsAccess::Read) {
-                    return Ok(Some((g, refusal)));
-                }
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((e.path(), g));
-                }
-            }
-        }
-        Ok(None)
-    }
-
     fn created(&self, parent: u64, name: &CStr, path: &str, e: Entry) -> Entry {
         self.remember(parent, name.to_bytes(), e.inode, e.attr.st_mode);
-        self.policy.changed(Change::Created, path);
+        self.supervisor.changed(Change::Created, path);
         self.fit(e)
-    }
-}
-
-/// A change the guest is making, from [`Guard::own`] until dropped.
-struct Echo<'a>(Option<(&'a HostWatch, u64, Vec<u8>)>);
-
-impl Drop for Echo<'_> {
-    fn drop(&mut self) {
-        if let Some((w, dir, name)) = &self.0 {
-            w.settle(*dir, name);
-        }
     }
 }
 
@@ -478,7 +239,7 @@ impl FileSystem for Guard {
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
         self.inner.forget(ctx, inode, count);
-        self.drop_lookups(inode, count);
+        self.nodes.forget(inode, count, self.watch.as_ref());
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
@@ -521,7 +282,7 @@ impl FileSystem for Guard {
             .inner
             .setattr(&squash(ctx), inode, attr, handle, valid)?;
         if valid.intersects(SetattrValid::SIZE | SetattrValid::MODE | SetattrValid::MTIME) {
-            self.policy.changed(Change::Written, &path);
+            self.supervisor.changed(Change::Written, &path);
         }
         Ok(self.fit_attr(out))
     }
@@ -597,7 +358,7 @@ impl FileSystem for Guard {
         self.check("unlink", &path, FsAccess::Write)?;
         let _echo = self.own(parent, name.to_bytes());
         self.inner.unlink(ctx, parent, name)?;
-        self.policy.changed(Change::Deleted, &path);
+        self.supervisor.changed(Change::Deleted, &path);
         Ok(())
     }
 
@@ -606,7 +367,7 @@ impl FileSystem for Guard {
         self.check("rmdir", &path, FsAccess::Write)?;
         let _echo = self.own(parent, name.to_bytes());
         self.inner.rmdir(ctx, parent, name)?;
-        self.policy.changed(Change::Deleted, &path);
+        self.supervisor.changed(Change::Deleted, &path);
         Ok(())
     }
 
@@ -645,7 +406,7 @@ impl FileSystem for Guard {
                         reason: format!("it holds {inside}, which must stay put: {}", r.reason),
                         rule: r.rule,
                     };
-                    self.policy.denied("rename", &old, &refusal);
+                    self.supervisor.denied("rename", &old, &refusal);
                     return Err(err(libc::EACCES));
                 }
                 // Too big to check: tools fall back to copying, file by file.
@@ -656,18 +417,9 @@ impl FileSystem for Guard {
         let _new = self.own(newdir, newname.to_bytes());
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
-        {
-            let mut nodes = self.nodes();
-            // The entry the guest holds for the old name now lives at the new one.
-            if let Some(n) = nodes
-                .values_mut()
-                .find(|n| n.parent == olddir && n.name == oldname.to_bytes())
-            {
-                n.parent = newdir;
-                n.name = newname.to_bytes().to_vec();
-            }
-        }
-        self.policy
+        self.nodes
+            .moved(olddir, oldname.to_bytes(), newdir, newname.to_bytes());
+        self.supervisor
             .changed(Change::Renamed, &format!("{old} -> {new}"));
         Ok(())
     }
@@ -675,7 +427,7 @@ impl FileSystem for Guard {
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
         let path = self.child("link", newparent, newname)?;
         self.check("link", &path, FsAccess::Write)?;
-        let mode = self.mode_of(inode).ok_or_else(|| err(libc::EBADF))?;
+        let mode = self.nodes.mode_of(inode).ok_or_else(|| err(libc::EBADF))?;
         if !matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) {
             self.refuse(
                 "link",
@@ -697,7 +449,7 @@ impl FileSystem for Guard {
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let path = self.path_of(inode)?;
-        let mode = self.mode_of(inode).unwrap_or(0);
+        let mode = self.nodes.mode_of(inode).unwrap_or(0);
         if mode & libc::S_IFMT != libc::S_IFREG {
             self.refuse(
                 "open",
@@ -717,7 +469,7 @@ impl FileSystem for Guard {
         };
         let out = self.inner.open(&squash(ctx), inode, flags, fuse_flags)?;
         if flags as i32 & libc::O_TRUNC != 0 {
-            self.policy.changed(Change::Written, &path);
+            self.supervisor.changed(Change::Written, &path);
         }
         Ok(out)
     }
@@ -796,7 +548,7 @@ impl FileSystem for Guard {
             .insert(handle);
         if first {
             if let Ok(path) = self.path_of(inode) {
-                self.policy.changed(Change::Written, &path);
+                self.supervisor.changed(Change::Written, &path);
             }
         }
         Ok(n)
@@ -859,7 +611,7 @@ impl FileSystem for Guard {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let mode = self.mode_of(inode).unwrap_or(0);
+        let mode = self.nodes.mode_of(inode).unwrap_or(0);
         if mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
         }
@@ -992,64 +744,5 @@ impl FileSystem for Guard {
         whence: u32,
     ) -> io::Result<u64> {
         self.inner.lseek(ctx, inode, handle, offset, whence)
-    }
-}
-
-impl Guard {
-    /// One listing request, plain or plus, from the directory's own
-    /// descriptor ([`Listings`]); `None` when it has none, and the
-    /// passthrough lists it. `give` puts an entry that the policy lets the
-    /// guest see into the reply.
-    fn list(
-        &self,
-        inode: u64,
-        handle: u64,
-        size: u32,
-        offset: u64,
-        plus: bool,
-        give: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
-    ) -> Option<io::Result<()>> {
-        let dir = match self.path_of(inode) {
-            Ok(dir) => dir,
-            Err(e) => return Some(Err(e)),
-        };
-        // A plus record is up to seven times a host entry's size: a page of
-        // host entries would be several replies' worth. A quarter page
-        // (still one long name) is about one.
-        let count = if plus { size / 4 } else { size }.clamp(512, READ_MAX);
-        let read = |d: &File, from, each: &mut dyn FnMut(DirEntry) -> io::Result<()>| {
-            listing::read_dir(d, from, count, each)
-        };
-        self.listings
-            .serve(handle, inode, offset, read, &mut |d: DirEntry| {
-                if self.hidden(&dir, d.name) {
-                    return Ok(Offer::Skipped);
-                }
-                give(d)
-            })
-    }
-
-    /// A descriptor of directory `inode` to list it from, opened by its
-    /// path beneath the root and taken only if it is the very directory
-    /// the passthrough holds (a host rename since the guest looked it up
-    /// would make the path another's).
-    fn own_dir(&self, ctx: &Context, inode: u64) -> Option<File> {
-        let root = self.root.as_ref()?;
-        let rel = self.rel(inode).ok()?;
-        let rel = if rel.is_empty() { b".".to_vec() } else { rel };
-        let fd = host_watch::open_beneath(root, &rel, libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
-        let dir = File::from(fd);
-        let ours = dir.metadata().ok()?;
-        let (theirs, _) = self.inner.getattr(ctx, inode, None).ok()?;
-        (ours.dev() == theirs.st_dev && ours.ino() == theirs.st_ino).then_some(dir)
-    }
-
-    /// Listings leave out what the policy denies; `.` and `..` stay.
-    fn hidden(&self, dir: &str, name: &[u8]) -> bool {
-        if name == b"." || name == b".." {
-            return false;
-        }
-        let path = format!("{dir}/{}", String::from_utf8_lossy(name));
-        self.policy.check(&path, FsAccess::Read).is_some()
     }
 }

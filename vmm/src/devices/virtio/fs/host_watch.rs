@@ -11,13 +11,14 @@
 //! directories that could not be watched, are reported as "everything".
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::beneath::{cstr, open_beneath, open_root};
 
 /// What the guest may hold stale after host edits: the guest paths of
 /// changed entries, and mount roots whose every entry may have changed.
@@ -127,49 +128,6 @@ pub(super) struct HostWatch {
     max_watches: usize,
 }
 
-fn cstr(p: &Path) -> io::Result<CString> {
-    use std::os::unix::ffi::OsStrExt;
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// Opens `rel` (a path inside the mount; `.` for the root) beneath `root`,
-/// without following any symlink on the way or at the end.
-pub(super) fn open_beneath(root: &OwnedFd, rel: &[u8], flags: i32) -> io::Result<OwnedFd> {
-    let path = CString::new(rel).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: open_how is plain integers; zero is a valid value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_NOFOLLOW | libc::O_CLOEXEC | flags) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
-    // SAFETY: openat2 reads `how` and `path`, both valid for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the call just returned.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The mount's root as a path descriptor, for [`open_beneath`].
-pub(super) fn open_root(root: &Path) -> io::Result<OwnedFd> {
-    let path = cstr(root)?;
-    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    // SAFETY: a plain syscall; the descriptor is owned at once.
-    let fd = unsafe { libc::open(path.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the call just returned.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 impl HostWatch {
     pub(super) fn new(root: &Path) -> io::Result<HostWatch> {
         // SAFETY: plain syscalls; each descriptor is owned at once.
@@ -177,6 +135,7 @@ impl HostWatch {
         if inotify < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: the descriptor inotify_init1 just returned, owned by nobody else.
         let inotify = unsafe { OwnedFd::from_raw_fd(inotify) };
         Ok(HostWatch {
             inotify,
@@ -256,9 +215,10 @@ impl HostWatch {
             Err(_) => return State::Unknown,
         };
         let fd = fd.as_ref().map_or(self.root.as_raw_fd(), |d| d.as_raw_fd());
+        // SAFETY: statx is plain integers; all zeroes is a valid value.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
         // SAFETY: statx writes one struct we own; the path is empty with
         // AT_EMPTY_PATH, so it reads the descriptor itself.
-        let mut st: libc::statx = unsafe { std::mem::zeroed() };
         let rc = unsafe {
             libc::statx(
                 fd,

@@ -19,7 +19,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Mutex;
 
-use fuse_backend_rs::api::filesystem::DirEntry;
+use fuse_backend_rs::api::filesystem::{Context, DirEntry, FileSystem};
+use std::os::unix::fs::MetadataExt;
+
+use super::beneath;
+use super::guard::Guard;
 
 /// Host entries read per request at most: the guest kernel asks for a page
 /// at a time, and what does not fit waits in memory per open directory.
@@ -231,6 +235,56 @@ pub(super) fn read_dir(
         rest = &rest[len..];
     }
     Ok(())
+}
+
+impl Guard {
+    /// One listing request, plain or plus, from the directory's own
+    /// descriptor ([`Listings`]); `None` when it has none, and the
+    /// passthrough lists it. `give` puts an entry that the policy lets the
+    /// guest see into the reply.
+    pub(super) fn list(
+        &self,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        plus: bool,
+        give: &mut dyn FnMut(DirEntry) -> io::Result<Offer>,
+    ) -> Option<io::Result<()>> {
+        let dir = match self.path_of(inode) {
+            Ok(dir) => dir,
+            Err(e) => return Some(Err(e)),
+        };
+        // A plus record is up to seven times a host entry's size: a page of
+        // host entries would be several replies' worth. A quarter page
+        // (still one long name) is about one.
+        let count = if plus { size / 4 } else { size }.clamp(512, READ_MAX);
+        let read = |d: &File, from, each: &mut dyn FnMut(DirEntry) -> io::Result<()>| {
+            read_dir(d, from, count, each)
+        };
+        self.listings
+            .serve(handle, inode, offset, read, &mut |d: DirEntry| {
+                if self.hidden(&dir, d.name) {
+                    return Ok(Offer::Skipped);
+                }
+                give(d)
+            })
+    }
+
+    /// A descriptor of directory `inode` to list it from, opened by its
+    /// path beneath the root and taken only if it is the very directory
+    /// the passthrough holds (a host rename since the guest looked it up
+    /// would make the path another's).
+    pub(super) fn own_dir(&self, ctx: &Context, inode: u64) -> Option<File> {
+        let root = self.root.as_ref()?;
+        let rel = self.nodes.rel(inode).ok()?;
+        let rel = if rel.is_empty() { b".".to_vec() } else { rel };
+        let fd = beneath::open_beneath(root, &rel, libc::O_RDONLY | libc::O_DIRECTORY).ok()?;
+        let dir = File::from(fd);
+        let ours = dir.metadata().ok()?;
+        let (theirs, _) = self.inner.getattr(ctx, inode, None).ok()?;
+        (ours.dev() == theirs.st_dev && ours.ino() == theirs.st_ino).then_some(dir)
+    }
 }
 
 #[cfg(test)]

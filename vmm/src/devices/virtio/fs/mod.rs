@@ -6,9 +6,13 @@
 //! Under `--fs-cache auto`, [`host_watch`] reports host edits so the guest
 //! can keep a long-lived cache and still see them.
 
+mod beneath;
+mod checks;
+mod echo;
 mod guard;
 mod host_watch;
 mod listing;
+mod nodes;
 mod worker;
 
 #[cfg(test)]
@@ -61,20 +65,42 @@ impl Change {
     }
 }
 
-/// Why a request was refused: the rule's id and a sentence.
+/// The rule behind a refusal, as the audit log names it: a policy rule
+/// with its layer and file:line, or one of the device's own protections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleRef {
+    pub id: String,
+    pub layer: String,
+    /// The rule's file and line; None for the device's own protections.
+    pub location: Option<String>,
+}
+
+impl RuleRef {
+    /// The device's own protections (names, special files, setuid bits,
+    /// renames), which no policy rule makes.
+    pub fn guard() -> RuleRef {
+        RuleRef {
+            id: GUARD_RULE.into(),
+            layer: "builtin".into(),
+            location: None,
+        }
+    }
+}
+
+/// Why a request was refused: the rule and a sentence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
-    pub rule: String,
+    pub rule: RuleRef,
     pub reason: String,
 }
 
-/// The rule id of refusals that no policy rule makes: the device's own
-/// protections (names, special files, setuid bits, renames).
+/// The rule id of refusals that no policy rule makes.
 pub const GUARD_RULE: &str = "fs-guard";
 
-/// What the device asks of the session: decisions, and where to report
-/// refusals and changes. Paths are guest paths (`/workspace/src/a.rs`).
-pub trait FsPolicy: Send + Sync {
+/// The session's side of a share: it decides what the guest may touch and
+/// is told what the guest was refused and changed, and what the host
+/// changed under the guest. Paths are guest paths (`/workspace/src/a.rs`).
+pub trait FsSupervisor: Send + Sync {
     /// `None` if `path` may be accessed so; otherwise the refusal.
     fn check(&self, path: &str, access: FsAccess) -> Option<Refusal>;
     /// A request was refused (`op` is the FUSE operation).
@@ -87,7 +113,8 @@ pub trait FsPolicy: Send + Sync {
 }
 
 /// How much of the host directory the guest kernel may cache.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FsCache {
     /// Nothing: every access asks the host. Host edits show at once.
     Never,
@@ -133,11 +160,11 @@ pub struct FsConfig {
     /// Where the guest mounts it; paths given to the policy start here.
     pub guest_path: String,
     pub read_only: bool,
-    /// The id of the rule that granted the mount (named when a write to a
-    /// read-only mount is refused).
-    pub mount_rule: String,
+    /// The rule that granted the mount (named when a write to a read-only
+    /// mount is refused).
+    pub mount_rule: RuleRef,
     pub cache: FsCache,
-    pub policy: Arc<dyn FsPolicy>,
+    pub supervisor: Arc<dyn FsSupervisor>,
 }
 
 impl std::fmt::Debug for FsConfig {

@@ -18,18 +18,29 @@ use super::*;
 #[derive(Default)]
 struct Recorder {
     denied: Mutex<Vec<(String, String)>>,
+    /// The rule each refusal named, in order.
+    rules: Mutex<Vec<RuleRef>>,
     changed: Mutex<Vec<(Change, String)>>,
 }
 
-impl FsPolicy for Recorder {
+fn rule(id: &str, layer: &str, location: &str) -> RuleRef {
+    RuleRef {
+        id: id.into(),
+        layer: layer.into(),
+        location: Some(location.into()),
+    }
+}
+
+impl FsSupervisor for Recorder {
     fn check(&self, path: &str, _access: FsAccess) -> Option<Refusal> {
         (path.ends_with("/.env") || path.contains("/.ssh/")).then(|| Refusal {
-            rule: "secrets".into(),
+            rule: rule("secrets", "team", "policy.toml:7"),
             reason: "secret".into(),
         })
     }
-    fn denied(&self, op: &str, path: &str, _refusal: &Refusal) {
+    fn denied(&self, op: &str, path: &str, refusal: &Refusal) {
         self.denied.lock().unwrap().push((op.into(), path.into()));
+        self.rules.lock().unwrap().push(refusal.rule.clone());
     }
     fn changed(&self, change: Change, path: &str) {
         self.changed.lock().unwrap().push((change, path.into()));
@@ -76,9 +87,9 @@ fn fixture_cached(read_only: bool, cache: FsCache) -> Fixture {
         host_dir: root.clone(),
         guest_path: "/workspace".into(),
         read_only,
-        mount_rule: "m".into(),
+        mount_rule: rule("m", "project", ".sbx/policy.toml:2"),
         cache,
-        policy: rec.clone(),
+        supervisor: rec.clone(),
     })
     .unwrap();
     Fixture { root, fs, rec }
@@ -214,6 +225,23 @@ fn deny_rules_hide_and_refuse() {
             .iter()
             .any(|(op, p)| op == "rename" && p == "/workspace/dir/.ssh"),
         "{denied:?}"
+    );
+}
+
+#[test]
+fn refusals_name_the_whole_rule() {
+    let f = fixture(true);
+    let e = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+    let _ = f.fs.lookup(&ctx(), ROOT_ID, &c(".env"));
+    let _ = f.fs.open(&ctx(), e.inode, libc::O_WRONLY as u32, 0);
+    let _ = f.fs.lookup(&ctx(), ROOT_ID, &c(".."));
+    assert_eq!(
+        *f.rec.rules.lock().unwrap(),
+        [
+            rule("secrets", "team", "policy.toml:7"),
+            rule("m", "project", ".sbx/policy.toml:2"),
+            RuleRef::guard(),
+        ]
     );
 }
 

@@ -1,0 +1,251 @@
+//! The kinds of record a session writes, one constructor each, so that a
+//! kind's action name, category and fields are decided here once and not
+//! by whoever writes it.
+
+use sbx_policy::{Decision, MountRefusal, RuleInfo, Surface};
+use serde_json::{json, Value};
+
+use crate::{decision_event, Category, Event};
+
+/// One record to append: its category and what happened.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub category: Category,
+    pub event: Event,
+}
+
+/// What the guest agent or the guest console reported.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum GuestReport {
+    AgentReady,
+    ProcessStarted,
+    ProcessExited,
+    /// Seen on the console, not reported by the guest.
+    KernelPanic,
+    /// Seen on the console, not reported by the guest.
+    KernelOops,
+}
+
+impl GuestReport {
+    pub fn action(self) -> &'static str {
+        match self {
+            GuestReport::AgentReady => "agent_ready",
+            GuestReport::ProcessStarted => "process_started",
+            GuestReport::ProcessExited => "process_exited",
+            GuestReport::KernelPanic => "kernel_panic",
+            GuestReport::KernelOops => "kernel_oops",
+        }
+    }
+}
+
+/// The rule a device refusal names: a policy rule, or the device's own
+/// protection (layer `builtin`, no file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleCite<'a> {
+    pub id: &'a str,
+    pub layer: &'a str,
+    pub location: Option<&'a str>,
+}
+
+/// How a denial is told to people: what was refused, why, and the rule
+/// with its layer and file:line.
+pub fn denial(action: &str, resource: &str, d: &Decision<'_>) -> String {
+    format!(
+        "policy denies {action} {resource}: {} (rule `{}`, {} layer, {})",
+        d.reason, d.rule.id, d.rule.layer, d.rule.location
+    )
+}
+
+fn session(action: &str, resource: &str, details: Value) -> Entry {
+    Entry {
+        category: Category::Session,
+        event: Event {
+            action: action.into(),
+            resource: resource.into(),
+            details,
+            ..Event::default()
+        },
+    }
+}
+
+impl Entry {
+    /// A policy decision.
+    pub fn decision(surface: Surface, action: &str, resource: &str, d: &Decision<'_>) -> Entry {
+        Entry {
+            category: Category::Decision,
+            event: decision_event(surface, action, resource, d),
+        }
+    }
+
+    /// The session starts, with its size and the policy files it runs under.
+    pub fn session_start(name: &str, vcpus: u32, mem_mib: u64, policy: &[&str]) -> Entry {
+        session(
+            "start",
+            name,
+            json!({ "vcpus": vcpus, "mem_mib": mem_mib, "policy": policy }),
+        )
+    }
+
+    /// The session's VM ended; `details` says how.
+    pub fn session_stop(name: &str, details: Value) -> Entry {
+        session("stop", name, details)
+    }
+
+    /// A share the session asked for was refused before boot.
+    pub fn mount_refused(resource: &str, refusal: &MountRefusal) -> Entry {
+        let rule = refusal.rule.as_ref();
+        Entry {
+            category: Category::Decision,
+            event: Event {
+                surface: Some(Surface::Fs.as_str().into()),
+                action: "mount".into(),
+                resource: resource.into(),
+                decision: Some("deny".into()),
+                rule_id: rule.map(|r| r.id.clone()),
+                layer: rule.map(|r| r.layer.as_str().into()),
+                rule_source: rule.map(|r| r.location.to_string()),
+                reason: Some(refusal.reason.clone()),
+                mode: Some("enforce".into()),
+                details: Value::Null,
+            },
+        }
+    }
+
+    /// A share is served: by which rule, under which tag and cache mode.
+    pub fn mounted(resource: &str, rule: &RuleInfo, tag: &str, cache: &str) -> Entry {
+        Entry {
+            category: Category::Session,
+            event: Event {
+                surface: Some(Surface::Fs.as_str().into()),
+                action: "mount".into(),
+                resource: resource.into(),
+                rule_id: Some(rule.id.clone()),
+                layer: Some(rule.layer.as_str().into()),
+                rule_source: Some(rule.location.to_string()),
+                details: json!({ "tag": tag, "cache": cache }),
+                ..Event::default()
+            },
+        }
+    }
+
+    /// A share refused a guest request (`op` is the file operation).
+    pub fn fs_denied(op: &str, path: &str, rule: &RuleCite<'_>, reason: &str) -> Entry {
+        Entry {
+            category: Category::Decision,
+            event: Event {
+                surface: Some(Surface::Fs.as_str().into()),
+                action: op.into(),
+                resource: path.into(),
+                decision: Some("deny".into()),
+                rule_id: Some(rule.id.into()),
+                layer: Some(rule.layer.into()),
+                rule_source: rule.location.map(str::to_string),
+                reason: Some(reason.into()),
+                mode: Some("enforce".into()),
+                details: Value::Null,
+            },
+        }
+    }
+
+    /// What the guest changed in its shares over a few seconds: `summary`
+    /// in words, `details` per kind of change.
+    pub fn file_changes(summary: &str, details: Value) -> Entry {
+        Entry {
+            category: Category::Guest,
+            event: Event {
+                surface: Some(Surface::Fs.as_str().into()),
+                action: "file_changes".into(),
+                resource: summary.into(),
+                details,
+                ..Event::default()
+            },
+        }
+    }
+
+    /// The egress proxy serves the session: on which port, with which
+    /// secrets (names only) and host settings.
+    pub fn egress_started(port: u32, secrets: &[&str], settings: Value) -> Entry {
+        let mut details = json!({ "secrets": secrets });
+        if let (Some(d), Value::Object(extra)) = (details.as_object_mut(), settings) {
+            d.extend(extra);
+        }
+        Entry {
+            category: Category::Session,
+            event: Event {
+                surface: Some(Surface::Net.as_str().into()),
+                action: "egress".into(),
+                resource: format!("vsock port {port}"),
+                details,
+                ..Event::default()
+            },
+        }
+    }
+
+    /// A credential rule grants a secret that was never stored.
+    pub fn secret_missing(secret: &str, rule: &RuleInfo) -> Entry {
+        Entry {
+            category: Category::Session,
+            event: Event {
+                surface: Some(Surface::Credential.as_str().into()),
+                action: "secret_missing".into(),
+                resource: secret.into(),
+                rule_id: Some(rule.id.clone()),
+                rule_source: Some(rule.location.to_string()),
+                reason: Some(format!(
+                    "rule `{}` grants secret {secret} but it is not stored; run `sbx secret set {secret}`",
+                    rule.id
+                )),
+                ..Event::default()
+            },
+        }
+    }
+
+    /// Something the guest reported, or the console showed.
+    pub fn guest(report: GuestReport, resource: &str, details: Value) -> Entry {
+        Entry {
+            category: Category::Guest,
+            event: Event {
+                action: report.action().into(),
+                resource: resource.into(),
+                details,
+                ..Event::default()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn egress_details_keep_their_order_and_names() {
+        let e = Entry::egress_started(
+            1026,
+            &["A"],
+            json!({ "upstream_ca": [], "resolve": ["x:1.2.3.4"] }),
+        );
+        assert_eq!(e.category, Category::Session);
+        assert_eq!(e.event.resource, "vsock port 1026");
+        assert_eq!(e.event.details["secrets"], json!(["A"]));
+        assert_eq!(e.event.details["resolve"], json!(["x:1.2.3.4"]));
+    }
+
+    #[test]
+    fn device_refusals_cite_their_rule() {
+        let e = Entry::fs_denied(
+            "open",
+            "/workspace/.env",
+            &RuleCite {
+                id: "deny-env",
+                layer: "team",
+                location: Some("policy.toml:3"),
+            },
+            "secrets stay on the host",
+        );
+        assert_eq!(e.category, Category::Decision);
+        assert_eq!(e.event.layer.as_deref(), Some("team"));
+        assert_eq!(e.event.rule_source.as_deref(), Some("policy.toml:3"));
+        assert_eq!(e.event.decision.as_deref(), Some("deny"));
+    }
+}

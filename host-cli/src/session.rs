@@ -1,0 +1,388 @@
+//! Session commands: each parses its flags, builds a spec or a request,
+//! and calls the `sandbox` library, which starts the session process
+//! (`sbx __session`), talks to it, and reads and removes its directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sandbox::attach::{self, Request};
+use sandbox::state::{self, Dir, Phase};
+use sandbox::{launch, MountSpec, Pin, PolicySpec, SessionSpec, VmSpec};
+use vmm::devices::virtio::fs::FsCache;
+
+use crate::policy_cmd;
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Examples:
+  sbx start                      start a session with a generated name (printed)
+  sbx start --name s1 --vcpus 2 --mem 1024
+  sbx exec s1 -- uname -a
+
+The session runs in the background until `sbx stop`. The policy (see `sbx
+policy show`) must allow its vCPUs and memory; every decision and guest
+event goes to its audit log (`sbx events NAME`).")]
+pub struct StartArgs {
+    /// Session name (letters, digits, '-', '_', '.'); default: s1, s2, ...
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct VmArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    /// Uncompressed ELF kernel (default: $SBX_KERNEL or the one `cargo xtask kernel` built).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (default: $SBX_INITRD or the one `cargo xtask rootfs` built).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// KVM device node.
+    #[arg(long, default_value = vmm::host::DEFAULT_KVM_PATH)]
+    kvm: PathBuf,
+    /// Share a host directory at a guest path, read-only unless `:rw`
+    /// (repeatable). The policy's deny rules apply inside it.
+    #[arg(long = "mount", value_name = "HOST:GUEST[:ro|rw]")]
+    mounts: Vec<String>,
+    /// Do not share the current directory (read-write at /workspace, where
+    /// commands then start).
+    #[arg(long)]
+    no_workspace: bool,
+    /// How long the guest may trust what it learnt about shared files:
+    /// auto (names, attributes and data for 60 s, and the host watched: a
+    /// host edit reaches the guest in about 50 ms, repeated scans such as
+    /// `git status` run near host speed; the default), always (the same
+    /// without the watch: host edits can take a minute to show; for
+    /// directories only the guest changes), never (nothing cached: host
+    /// edits show at once, but every access asks the host: slowest).
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "never", "always"])]
+    fs_cache: String,
+    /// Also trust this CA (PEM) for the egress proxy's TLS to upstream
+    /// hosts, besides the system roots (a corporate proxy's CA, a local
+    /// test server's). Repeatable.
+    #[arg(long, value_name = "PEM")]
+    upstream_ca: Vec<PathBuf>,
+    /// Have the egress proxy resolve NAME to ADDR, like curl's --resolve
+    /// (repeatable). The policy still checks the address: a private or
+    /// loopback one needs a network rule that names it.
+    #[arg(long, value_name = "NAME:ADDR")]
+    resolve: Vec<String>,
+    #[command(flatten)]
+    select: policy_cmd::Select,
+}
+
+impl VmArgs {
+    /// The session these flags describe, checked.
+    fn spec(&self, name: &str) -> anyhow::Result<SessionSpec> {
+        let mut mounts = Vec::new();
+        if !self.no_workspace {
+            let cwd = std::env::current_dir().context("cannot read the current directory")?;
+            mounts.push(MountSpec::workspace(&cwd)?);
+        }
+        for m in &self.mounts {
+            mounts.push(MountSpec::parse(m)?);
+        }
+        let mut spec = SessionSpec::new(name)?;
+        let defaults = VmSpec::default();
+        spec.vm = VmSpec {
+            vcpus: self.vcpus,
+            mem_mib: self.mem,
+            kvm: self.kvm.clone(),
+            kernel: self.kernel.clone().unwrap_or(defaults.kernel),
+            initrd: self.initrd.clone().unwrap_or(defaults.initrd),
+        };
+        spec.mounts = mounts;
+        spec.fs_cache = FsCache::parse(&self.fs_cache)
+            .with_context(|| format!("--fs-cache {}: not auto, never or always", self.fs_cache))?;
+        spec.policy = PolicySpec::here(&self.select.selection())?;
+        for ca in &self.upstream_ca {
+            let ca = std::fs::canonicalize(ca)
+                .with_context(|| format!("--upstream-ca {}: cannot read it", ca.display()))?;
+            spec.egress.upstream_ca.push(ca);
+        }
+        for r in &self.resolve {
+            spec.egress.resolve.push(Pin::parse(r)?);
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CommandArgs {
+    /// Environment variable for the command (repeatable).
+    #[arg(long, short, value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, short, value_name = "DIR")]
+    workdir: Option<String>,
+    /// User (name or uid) to run as; root by default.
+    #[arg(long, short)]
+    user: Option<String>,
+    /// Run on a terminal (PTY) in the guest, as `sbx shell` does.
+    #[arg(long, short)]
+    tty: bool,
+}
+
+impl CommandArgs {
+    fn request(&self, argv: Vec<String>) -> anyhow::Result<Request> {
+        let env = self
+            .env
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => bail!("--env {kv:?} is not NAME=VALUE"),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Request {
+            argv,
+            env,
+            cwd: self.workdir.clone(),
+            user: self.user.clone(),
+            tty: self.tty,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Examples:
+  sbx exec s1 -- ls -la /
+  echo hi | sbx exec s1 -- tr a-z A-Z
+  sbx exec s1 -e FOO=bar -w /tmp -- sh -c 'echo $FOO; pwd'
+
+Standard input, output and error pass through unchanged, and the exit status
+is the command's own (125: sbx failed; 126: refused or not runnable; 127: not
+found in the guest).")]
+pub struct ExecArgs {
+    /// The session to run in.
+    name: String,
+    #[command(flatten)]
+    opts: CommandArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Example:
+  sbx shell s1             a shell on a PTY; `exit` or Ctrl-D leaves it
+
+Window size changes follow the terminal and Ctrl-C goes to the guest.")]
+pub struct ShellArgs {
+    name: String,
+    /// User (name or uid) to log in as; root by default.
+    #[arg(long, short)]
+    user: Option<String>,
+    /// Shell to run.
+    #[arg(long, default_value = "/bin/sh")]
+    shell: String,
+}
+
+#[derive(clap::Args)]
+pub struct LsArgs {
+    /// One JSON object per session, in an array.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StopArgs {
+    name: String,
+    /// Seconds to wait for a graceful stop before killing the session.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct RmArgs {
+    /// Sessions to remove.
+    #[arg(required = true)]
+    names: Vec<String>,
+    /// Stop running sessions first instead of refusing.
+    #[arg(long, short)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "\
+Examples:
+  sbx run -- uname -a
+  sbx run --vcpus 2 -- sh -c 'echo out; echo err >&2; exit 7'   # exits 7
+
+Starts a session, runs the command in it, stops and removes the session,
+and exits with the command's status.")]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    #[command(flatten)]
+    opts: CommandArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// The hidden `sbx __session NAME`: the session process `sbx start` launches.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The session, whose directory holds its spec.
+    name: String,
+    /// Descriptor of the pipe on which to report readiness to `sbx start`.
+    #[arg(long)]
+    ready_fd: Option<i32>,
+}
+
+pub fn serve(a: ServeArgs) -> anyhow::Result<u8> {
+    // SAFETY: the descriptor was set up for us by `sbx start` and is ours alone.
+    let ready = unsafe { sandbox::session::Ready::from_fd(a.ready_fd) };
+    sandbox::session::serve(&a.name, ready)?;
+    Ok(0)
+}
+
+/// Starts a session and returns once its guest agent is ready.
+fn start_session(spec: &SessionSpec, quiet: bool) -> anyhow::Result<Dir> {
+    let sbx = std::env::current_exe().context("cannot find the sbx binary")?;
+    let started = std::time::Instant::now();
+    let dir = launch::start(spec, &sbx, || {
+        if !quiet {
+            eprintln!(
+                "sbx: starting session `{}` ({} vCPU, {} MiB)...",
+                spec.name, spec.vm.vcpus, spec.vm.mem_mib
+            );
+        }
+    })?;
+    if !quiet {
+        eprintln!(
+            "sbx: session `{}` is ready ({:.1} s)",
+            spec.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(dir)
+}
+
+pub fn start(a: StartArgs) -> anyhow::Result<u8> {
+    let name = a.name.clone().unwrap_or_else(launch::first_free_name);
+    start_session(&a.vm.spec(&name)?, false)?;
+    println!("{name}");
+    Ok(0)
+}
+
+pub fn exec(a: ExecArgs) -> anyhow::Result<u8> {
+    let dir = Dir::running(&a.name)?;
+    Ok(attach::exec(&dir, a.opts.request(a.command)?)?)
+}
+
+pub fn shell(a: ShellArgs) -> anyhow::Result<u8> {
+    let dir = Dir::running(&a.name)?;
+    let req = Request {
+        argv: vec![a.shell],
+        env: Vec::new(),
+        cwd: None,
+        user: a.user,
+        tty: true,
+    };
+    Ok(attach::exec(&dir, req)?)
+}
+
+fn uptime(info: &state::Info) -> String {
+    if !matches!(info.state, Phase::Running | Phase::Starting) {
+        return "-".into();
+    }
+    let s = sandbox::sys::unix_secs().saturating_sub(info.started);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
+    let sessions: Vec<state::Info> = state::all()
+        .iter()
+        .filter_map(|d| d.status().ok())
+        .collect();
+    if a.json {
+        let docs: Vec<serde_json::Value> = sessions
+            .iter()
+            .map(|i| {
+                let mut v = serde_json::to_value(i).unwrap_or_default();
+                v["uptime_s"] = match i.state {
+                    Phase::Running | Phase::Starting => {
+                        sandbox::sys::unix_secs().saturating_sub(i.started).into()
+                    }
+                    _ => serde_json::Value::Null,
+                };
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&docs)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<9} {:>8} {:>5} {:>8} {:>8}",
+        "NAME", "STATE", "UPTIME", "VCPUS", "MEM", "PID"
+    );
+    for i in &sessions {
+        println!(
+            "{:<20} {:<9} {:>8} {:>5} {:>7}M {:>8}",
+            i.name,
+            i.state,
+            uptime(i),
+            i.vcpus,
+            i.mem_mib,
+            i.pid
+        );
+    }
+    Ok(0)
+}
+
+pub fn stop(a: StopArgs) -> anyhow::Result<u8> {
+    let (dir, info) = Dir::existing(&a.name)?;
+    if !matches!(info.state, Phase::Running | Phase::Starting) {
+        bail!("session `{}` is not running (it is {})", a.name, info.state);
+    }
+    let how = launch::stop(&dir, info.pid, Duration::from_secs(a.timeout));
+    eprintln!("sbx: session `{}` {how}", a.name);
+    Ok(0)
+}
+
+pub fn rm(a: RmArgs) -> anyhow::Result<u8> {
+    for name in &a.names {
+        let (dir, info) = Dir::existing(name)?;
+        if matches!(info.state, Phase::Running | Phase::Starting) {
+            if !a.force {
+                bail!("session `{name}` is running; `sbx stop {name}` first, or `sbx rm --force {name}`");
+            }
+            launch::stop(&dir, info.pid, Duration::from_secs(10));
+        }
+        std::fs::remove_dir_all(&dir.path)
+            .with_context(|| format!("cannot remove {}", dir.path.display()))?;
+        eprintln!("sbx: removed session `{name}`");
+    }
+    Ok(0)
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let name = format!("run-{}-{}", std::process::id(), sandbox::sys::unix_secs());
+    let dir = start_session(&a.vm.spec(&name)?, true)?;
+    let result = a
+        .opts
+        .request(a.command)
+        .and_then(|req| Ok(attach::exec(&dir, req)?));
+    // Ephemeral: nothing in the guest is worth a graceful shutdown.
+    if let Ok(info) = dir.read_info() {
+        launch::end_process(&dir, info.pid, Duration::from_secs(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir.path);
+    result
+}

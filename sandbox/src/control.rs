@@ -1,0 +1,136 @@
+//! The session's control socket (`ctl.sock`): one connection per request.
+//! An exec is checked against the policy and audited here, given the
+//! session's environment, and then the client's socket is handed to the
+//! vsock device, which moves its bytes to the guest agent directly.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sbx_audit::AuditLog;
+use sbx_policy::{Policy, Surface};
+use sbx_protocol::agent::{encode, write_frame, Control, Frame, FrameIo, AGENT_PORT, VERSION};
+use vmm::devices::virtio::vsock::VsockHost;
+
+use crate::error::{At, Result};
+use crate::EXIT_SBX_ERROR;
+
+/// What every request is served with.
+struct Served {
+    policy: Arc<Policy>,
+    log: Arc<AuditLog>,
+    host: VsockHost,
+    /// Every exec's environment before the request's own.
+    env: Vec<(String, String)>,
+}
+
+/// Serves `listener` on a thread of its own, a thread per connection.
+pub fn serve(
+    listener: UnixListener,
+    policy: Arc<Policy>,
+    log: Arc<AuditLog>,
+    host: VsockHost,
+    env: Vec<(String, String)>,
+) -> Result<()> {
+    let served = Arc::new(Served {
+        policy,
+        log,
+        host,
+        env,
+    });
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let served = served.clone();
+                let _ = std::thread::Builder::new()
+                    .name("request".into())
+                    .spawn(move || request(conn, &served));
+            }
+        })
+        .at(|| "cannot start the control thread".into())?;
+    Ok(())
+}
+
+fn reply(stream: &mut UnixStream, c: Control) {
+    let _ = write_frame(stream, &Frame::Control(c));
+}
+
+/// Serves one control connection: an exec (checked, audited, given the
+/// session's environment, then handed to the guest agent), a shutdown, or
+/// a hello.
+fn request(mut conn: UnixStream, s: &Served) {
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut frames = FrameIo::new(read_half);
+    match frames.read_frame() {
+        Ok(Some(Frame::Control(Control::Exec(mut req)))) => {
+            // The caller's own -e settings come after, and win.
+            req.env.splice(0..0, s.env.iter().cloned());
+            let argv0 = req.argv.first().cloned().unwrap_or_default();
+            let d = s.policy.decide_exec(&argv0);
+            let refusal = match s
+                .log
+                .decision(Surface::Exec, "exec", &req.argv.join(" "), &d)
+            {
+                Ok(true) => None,
+                Ok(false) => Some(sbx_audit::denial("exec", &argv0, &d)),
+                Err(e) => Some(format!("{e}")),
+            };
+            if let Some(message) = refusal {
+                reply(
+                    &mut conn,
+                    Control::Error {
+                        id: Some(req.id),
+                        message,
+                    },
+                );
+                reply(
+                    &mut conn,
+                    Control::Exited {
+                        id: req.id,
+                        code: Some(i32::from(EXIT_SBX_ERROR)),
+                        signal: None,
+                    },
+                );
+                return;
+            }
+            let (stream, rest) = frames.into_parts();
+            let mut prefix = Vec::new();
+            encode(&Frame::Control(Control::Exec(req)), &mut prefix);
+            prefix.extend(rest);
+            s.host.attach(AGENT_PORT, stream, prefix);
+        }
+        Ok(Some(Frame::Control(Control::Shutdown))) => {
+            match s.host.connect(AGENT_PORT, Duration::from_secs(5)) {
+                Ok(mut agent) => {
+                    let _ = write_frame(&mut agent, &Frame::Control(Control::Shutdown));
+                    reply(&mut conn, Control::Shutdown);
+                }
+                Err(e) => reply(
+                    &mut conn,
+                    Control::Error {
+                        id: None,
+                        message: e.to_string(),
+                    },
+                ),
+            }
+        }
+        Ok(Some(Frame::Control(Control::Hello { .. }))) => reply(
+            &mut conn,
+            Control::Hello {
+                version: VERSION,
+                agent: format!("sbx {}", env!("CARGO_PKG_VERSION")),
+            },
+        ),
+        Ok(Some(_)) => reply(
+            &mut conn,
+            Control::Error {
+                id: None,
+                message: "expected exec, shutdown or hello".into(),
+            },
+        ),
+        Ok(None) | Err(_) => {}
+    }
+}

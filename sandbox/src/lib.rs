@@ -1,0 +1,31 @@
+//! sbx sessions: the one place a sandbox is assembled. A [`SessionSpec`]
+//! says what a session is; [`session::run`] assembles it in the order data
+//! flows (the host and images, the policy, the audit log, the shares,
+//! egress, the VM's configuration, the VM); [`launch`] starts and stops
+//! session processes; [`attach`] runs a command in a running session.
+//!
+//! The `sbx` binary, the coming image builder, MCP gateway and control
+//! plane all drive sessions through this crate, not through the CLI.
+
+pub mod attach;
+mod control;
+mod egress;
+mod error;
+mod files;
+mod guest;
+mod host_edits;
+pub mod launch;
+pub mod paths;
+pub mod secrets;
+pub mod session;
+pub mod spec;
+pub mod state;
+pub mod sys;
+pub mod terminal;
+
+pub use error::{Error, Result};
+pub use spec::{EgressSpec, MountSpec, Pin, PolicySpec, SessionSpec, VmSpec, WORKSPACE};
+
+/// Exit status for failures of sbx itself (as opposed to the guest
+/// command's own status), following `docker run`'s convention.
+pub const EXIT_SBX_ERROR: u8 = 125;

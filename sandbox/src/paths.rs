@@ -1,0 +1,57 @@
+//! Where sbx keeps things: the guest kernel and rootfs that `cargo xtask`
+//! builds, audit logs, secrets and live sessions. The policy's own places
+//! (system and config directories) are [`sbx_policy::Locations`].
+
+use std::path::PathBuf;
+
+use sbx_policy::xdg_dir;
+
+/// `$SBX_CACHE_DIR`, else `$XDG_CACHE_HOME/sbx`, else `~/.cache/sbx`.
+pub fn cache_dir() -> PathBuf {
+    xdg_dir("SBX_CACHE_DIR", "XDG_CACHE_HOME", ".cache")
+}
+
+/// Durable state (audit logs, secrets): `$SBX_STATE_DIR`, else
+/// `$XDG_STATE_HOME/sbx`, else `~/.local/state/sbx`.
+pub fn state_dir() -> PathBuf {
+    xdg_dir("SBX_STATE_DIR", "XDG_STATE_HOME", ".local/state")
+}
+
+pub fn audit_dir() -> PathBuf {
+    state_dir().join("audit")
+}
+
+/// The user's configuration (team policy, the secrets' key):
+/// `$SBX_CONFIG_DIR`, else `$XDG_CONFIG_HOME/sbx`, else `~/.config/sbx`.
+pub fn config_dir() -> PathBuf {
+    sbx_policy::Locations::here().config
+}
+
+/// Live sessions' sockets and state: `$SBX_RUNTIME_DIR`, else
+/// `$XDG_RUNTIME_DIR/sbx`, else `/run/sbx` for root and `/tmp/sbx-<uid>`
+/// for others.
+pub fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SBX_RUNTIME_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("sbx");
+    }
+    // SAFETY: getuid cannot fail.
+    match unsafe { libc::getuid() } {
+        0 => PathBuf::from("/run/sbx"),
+        uid => std::env::temp_dir().join(format!("sbx-{uid}")),
+    }
+}
+
+pub fn default_kernel() -> PathBuf {
+    std::env::var_os("SBX_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("vmlinux"))
+}
+
+pub fn default_initrd() -> PathBuf {
+    std::env::var_os("SBX_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("initramfs.cpio"))
+}

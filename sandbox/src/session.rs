@@ -1,0 +1,402 @@
+//! The one place a session is assembled, in the order data flows: the
+//! host and the guest's images, then the policy, then the audit log, then
+//! the shares, then egress, then the VM's configuration, then the VM.
+//!
+//! A running session's threads: the VMM's (vCPUs, the vsock and virtio-fs
+//! workers, the event loop on the calling thread), `events` (the guest
+//! agent's reports), `control` and one `request` thread per control
+//! connection, `egress-accept` and one proxy thread per guest connection,
+//! `file-events` (coalesced changes) and `host-edits` (the host's edits,
+//! passed to the guest agent).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sbx_audit::{AuditLog, Entry, Identity};
+use sbx_policy::{Decision, Policy, Surface};
+use sbx_protocol::agent::{AGENT_PORT, EVENTS_PORT};
+use sbx_protocol::cmdline::{self, Boot};
+use vmm::devices::virtio::vsock::{VsockConfig, VsockHost};
+use vmm::{BootTimings, Console, VmConfig, VmOutcome};
+
+use crate::egress::Egress;
+use crate::error::{fail, At, Error, Result};
+use crate::files::{self, FileSupervisor};
+use crate::guest::{self, ConsoleWatch};
+use crate::spec::{SessionSpec, VmSpec};
+use crate::state::{self, Dir, Info, Phase};
+use crate::{control, host_edits, paths, sys};
+
+/// How long an audit record may wait in the page cache before it is synced.
+pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The guest's vsock address (each VM has a device of its own).
+const GUEST_CID: u32 = 3;
+
+/// How the VM is used.
+pub enum Front<'a> {
+    /// Serves commands over vsock until stopped (the session process of
+    /// `sbx start`): shares, egress, the control socket and the guest's
+    /// events, in the session's directory.
+    Service(Service),
+    /// Runs one command on the guest console and ends with it (`sbx boot`).
+    Command(OneCommand<'a>),
+}
+
+/// The session process's side of a service session.
+pub struct Service {
+    pub status: Status,
+    pub ready: Arc<Ready>,
+}
+
+pub struct OneCommand<'a> {
+    /// The command (a console shell when empty); the policy must allow it.
+    pub command: Vec<String>,
+    /// The kernel command line's base ([`cmdline::BASE`] unless replaced).
+    pub cmdline: String,
+    /// Opens the console once the policy has admitted the command (so a
+    /// refusal leaves the terminal as it was).
+    pub console: Box<dyn FnOnce() -> Result<Console> + 'a>,
+    pub timings: BootTimings,
+}
+
+/// The pipe to `sbx start`: one line, `ok` or `error: ...`, then closed.
+pub struct Ready(Mutex<Option<File>>);
+
+impl Ready {
+    /// `fd` is the pipe's write end, handed to this process for it alone.
+    ///
+    /// # Safety
+    /// `fd` must be an open descriptor that nothing else owns.
+    pub unsafe fn from_fd(fd: Option<RawFd>) -> Ready {
+        // SAFETY: the caller vouches that the descriptor is ours alone.
+        Ready(Mutex::new(fd.map(|fd| unsafe { File::from_raw_fd(fd) })))
+    }
+
+    /// Says `line` if nothing was said yet.
+    pub fn report(&self, line: &str) {
+        if let Some(mut f) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// A service session's record on disk (`session.json`), kept current.
+#[derive(Clone)]
+pub struct Status {
+    dir: Dir,
+    info: Arc<Mutex<Info>>,
+}
+
+impl Status {
+    /// Records `spec`'s session as starting, by this process.
+    pub fn starting(dir: Dir, spec: &SessionSpec) -> Result<Status> {
+        let info = Info {
+            name: spec.name.clone(),
+            pid: std::process::id(),
+            started: sys::unix_secs(),
+            vcpus: spec.vm.vcpus,
+            mem_mib: spec.vm.mem_mib,
+            state: Phase::Starting,
+            exit: None,
+        };
+        dir.write_info(&info)?;
+        Ok(Status {
+            dir,
+            info: Arc::new(Mutex::new(info)),
+        })
+    }
+
+    fn set(&self, phase: Phase, exit: Option<String>) {
+        let mut i = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        i.state = phase;
+        i.exit = exit;
+        if let Err(e) = self.dir.write_info(&i) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).state
+    }
+}
+
+/// Checks that this host can boot guests and that the guest kernel and
+/// initramfs exist.
+pub fn check_images(vm: &VmSpec) -> Result<()> {
+    // The host first: on a host that cannot boot guests, nothing else matters.
+    vmm::host::probe(&vm.kvm).check_bootable()?;
+    if !vm.kernel.exists() {
+        fail!(
+            Invalid,
+            "guest kernel {} not found: build it with `cargo xtask kernel` or pass --kernel",
+            vm.kernel.display()
+        );
+    }
+    if !vm.initrd.exists() {
+        fail!(
+            Invalid,
+            "guest initramfs {} not found: build it with `cargo xtask rootfs` or pass --initrd",
+            vm.initrd.display()
+        );
+    }
+    Ok(())
+}
+
+/// Records a decision and turns a denial into an error naming the rule.
+pub fn admit(
+    log: &AuditLog,
+    surface: Surface,
+    action: &str,
+    resource: &str,
+    d: &Decision<'_>,
+) -> Result<()> {
+    if log.decision(surface, action, resource, d)? {
+        return Ok(());
+    }
+    Err(Error::Denied(sbx_audit::denial(action, resource, d)))
+}
+
+/// Opens the session's audit log, records its start and asks the policy
+/// whether a VM of this size may run.
+fn open_audit_log(spec: &SessionSpec, policy: &Policy) -> Result<AuditLog> {
+    let path = paths::audit_dir().join(format!("{}.jsonl", spec.name));
+    let log = AuditLog::open(&path, Identity::current(&spec.name), AUDIT_SYNC_INTERVAL)?;
+    let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
+    let (vcpus, mem) = (spec.vm.vcpus, spec.vm.mem_mib);
+    log.record(Entry::session_start(&spec.name, vcpus, mem, &sources))?;
+    let size = format!("{vcpus} vCPUs, {mem} MiB");
+    let d = policy.decide_limits(vcpus.into(), mem);
+    admit(&log, Surface::Limits, "start", &size, &d)?;
+    Ok(log)
+}
+
+/// The VM `spec` asks for, with `cmdline` and these devices.
+fn vm_config(
+    spec: &SessionSpec,
+    policy: &Policy,
+    boot: &Boot,
+    base: &str,
+    vsock: Option<VsockConfig>,
+    fs: Vec<vmm::devices::virtio::fs::FsConfig>,
+) -> Result<VmConfig> {
+    // TCG does not intercept a nested guest's XSETBV.
+    let quirks: &[&str] = if vmm::host::nested_under_tcg() {
+        &["noxsave"]
+    } else {
+        &[]
+    };
+    let cmdline = boot
+        .encode(base, quirks)
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    tracing::debug!(%cmdline, "booting");
+    Ok(VmConfig {
+        kvm_path: spec.vm.kvm.clone(),
+        kernel: spec.vm.kernel.clone(),
+        initrd: Some(spec.vm.initrd.clone()),
+        cmdline,
+        vcpus: spec.vm.vcpus,
+        mem_mib: spec.vm.mem_mib,
+        lifetime: policy.lifetime().map(|(d, _)| d),
+        vsock,
+        fs,
+    })
+}
+
+/// How a session's VM ended.
+pub struct Ended {
+    pub outcome: VmOutcome,
+    /// When the policy's lifetime limit ended it: what to tell people,
+    /// naming the rule.
+    pub expired: Option<String>,
+}
+
+/// Runs the session `spec` describes until its VM ends.
+pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
+    check_images(&spec.vm)?;
+    let policy = spec.policy.load()?;
+    let log = Arc::new(open_audit_log(spec, &policy)?);
+    let lifetime = policy.lifetime().map(|(_, rule)| {
+        format!(
+            "rule `{}` ({} layer, {}) limits its lifetime",
+            rule.id, rule.layer, rule.location
+        )
+    });
+    let result = match front {
+        Front::Command(c) => one_command(spec, &policy, &log, c),
+        Front::Service(s) => service(spec, policy, &log, s),
+    };
+    let details = match &result {
+        Ok(o) => serde_json::json!({
+            "exit_reason": o.reason.to_string(),
+            "guest_status": o.guest_status,
+        }),
+        Err(e) => serde_json::json!({ "exit_reason": e.to_string(), "error": e.to_string() }),
+    };
+    log.record(Entry::session_stop(&spec.name, details))?;
+    // Helper threads may still hold the log; the process ends soon after.
+    log.sync()?;
+    let outcome = result?;
+    let expired = match (&outcome.reason, lifetime) {
+        (vmm::ExitReason::LifetimeExpired(d), Some(rule)) => Some(format!(
+            "the policy ended the session after {} s: {rule}",
+            d.as_secs()
+        )),
+        _ => None,
+    };
+    Ok(Ended { outcome, expired })
+}
+
+/// `sbx boot`: the policy must allow the command; the VM has no devices
+/// beyond its console, and ends with the command.
+fn one_command(
+    spec: &SessionSpec,
+    policy: &Policy,
+    log: &AuditLog,
+    c: OneCommand<'_>,
+) -> Result<VmOutcome> {
+    let argv0 = c.command.first().map_or("/bin/sh", String::as_str);
+    admit(
+        log,
+        Surface::Exec,
+        "exec",
+        argv0,
+        &policy.decide_exec(argv0),
+    )?;
+    let boot = Boot {
+        command: (!c.command.is_empty()).then(|| c.command.clone()),
+        ..Boot::default()
+    };
+    let config = vm_config(spec, policy, &boot, &c.cmdline, None, Vec::new())?;
+    let console = (c.console)()?;
+    Ok(vmm::run(&config, console, c.timings)?)
+}
+
+/// A service session: shares, egress, events and control around the VM.
+fn service(
+    spec: &SessionSpec,
+    mut policy: Policy,
+    log: &Arc<AuditLog>,
+    s: Service,
+) -> Result<VmOutcome> {
+    let dir = s.status.dir.clone();
+    // Shares: the spec's, granted by the policy, and the policy's own.
+    files::grant(&mut policy, &spec.mounts, log)?;
+    let policy = Arc::new(policy);
+    let host = VsockHost::new().at(|| "cannot set up the vsock device".into())?;
+    let edits = host_edits::start(host.clone()).at(|| "cannot start host edits".into())?;
+    let supervisor = FileSupervisor::new(policy.clone(), log.clone(), edits)?;
+    let (fs, shares) = files::devices(&policy, log, spec.fs_cache, supervisor.clone())?;
+
+    // Egress: the proxy on its vsock port; the guest gets its CA.
+    let egress = Egress::start(&spec.name, &spec.egress, policy.clone(), log.clone(), &host)?;
+    let boot = Boot {
+        session: true,
+        shares,
+        workdir: spec.workdir().map(str::to_string),
+        egress_ca: Some(egress.ca_body()),
+        command: None,
+    };
+    let mut env = spec.env.clone();
+    env.extend(egress.guest_env());
+
+    // The guest's reports: its first `agent_ready` makes the session running.
+    {
+        let (events, log, status, ready) = (
+            host.listen(EVENTS_PORT),
+            log.clone(),
+            s.status.clone(),
+            s.ready.clone(),
+        );
+        let name = spec.name.clone();
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                guest::serve_events(events, &log, &name, &|| {
+                    status.set(Phase::Running, None);
+                    // Only the first report reaches `sbx start`.
+                    ready.report("ok");
+                })
+            })
+            .at(|| "cannot start the events thread".into())?;
+    }
+    let _ = std::fs::remove_file(dir.ctl_path());
+    let ctl = UnixListener::bind(dir.ctl_path())
+        .at(|| format!("cannot listen on {}", dir.ctl_path().display()))?;
+    control::serve(ctl, policy.clone(), log.clone(), host.clone(), env)?;
+
+    let vsock = VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: Some(dir.vsock_path()),
+        reserved_ports: vec![AGENT_PORT],
+        host,
+    };
+    let config = vm_config(spec, &policy, &boot, cmdline::BASE, Some(vsock), fs)?;
+    let file = File::create(dir.console_path())
+        .at(|| format!("cannot create {}", dir.console_path().display()))?;
+    let console = Console {
+        output: Box::new(ConsoleWatch {
+            file,
+            line: Vec::new(),
+            log: log.clone(),
+        }),
+        input: None,
+    };
+    let result = vmm::run(
+        &config,
+        console,
+        BootTimings::new(std::time::Instant::now()),
+    );
+
+    let ended = match &result {
+        Ok(o) => o.reason.to_string(),
+        Err(e) => e.to_string(),
+    };
+    let was_ready = s.status.phase() == Phase::Running;
+    s.status.set(Phase::Stopped, Some(ended.clone()));
+    let _ = std::fs::remove_file(dir.ctl_path());
+    supervisor.flush();
+    let outcome = result?;
+    if !was_ready {
+        fail!(
+            Session,
+            "the VM stopped before the guest agent was ready ({ended}); the guest console is in {}",
+            dir.console_path().display()
+        );
+    }
+    Ok(outcome)
+}
+
+/// The session process (`sbx __session NAME`): serves session `name` from
+/// the spec in its directory for as long as its VM runs, and tells `ready`
+/// how the start went.
+pub fn serve(name: &str, ready: Ready) -> Result<()> {
+    // Every thread inherits this mask, so SIGINT, SIGTERM and SIGHUP reach
+    // the VMM's signalfd (a graceful VM stop) and never kill a helper thread.
+    sys::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    // A client that goes away mid-write is that connection's problem, not
+    // the session's: writes to it fail with EPIPE instead of killing us.
+    // SAFETY: sets a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    sys::raise_fd_limit();
+    let ready = Arc::new(ready);
+    let result = (|| {
+        let dir = Dir::new(name)?;
+        let _lock = state::hold_lock(&dir.lock_path())?;
+        let spec = SessionSpec::read(&dir.spec_path())?;
+        let status = Status::starting(dir, &spec)?;
+        let service = Service {
+            status,
+            ready: ready.clone(),
+        };
+        run(&spec, Front::Service(service)).map(|_| ())
+    })();
+    if let Err(e) = &result {
+        ready.report(&format!("error: {e}"));
+    }
+    result
+}
