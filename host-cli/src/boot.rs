@@ -7,11 +7,12 @@ use std::time::Instant;
 use anyhow::bail;
 use sandbox::session::{Front, OneCommand};
 use sandbox::terminal::RawMode;
-use sandbox::{PolicySpec, SessionSpec, VmSpec};
+use sandbox::{PolicySpec, SessionSpec};
 use sbx_protocol::cmdline;
 use vmm::{BootTimings, Console, Mark, VmOutcome};
 
 use crate::policy_cmd;
+use crate::session::MachineArgs;
 
 #[derive(clap::Args)]
 #[command(after_help = "\
@@ -30,24 +31,11 @@ Exit status: the guest command's own status; 125 when sbx itself failed
 (bad input, no usable KVM, the guest crashed, the policy refused); 127 when
 the guest could not start the command.")]
 pub struct Args {
-    /// Uncompressed ELF kernel (default: $SBX_KERNEL or the one `cargo xtask kernel` built).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Initramfs (default: $SBX_INITRD or the one `cargo xtask rootfs` built).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
+    #[command(flatten)]
+    machine: MachineArgs,
     /// Kernel command line, replacing the default base.
     #[arg(long, default_value = cmdline::BASE)]
     cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    mem: u64,
-    /// KVM device node.
-    #[arg(long, default_value = vmm::host::DEFAULT_KVM_PATH)]
-    kvm: PathBuf,
     /// Write the guest console to FILE instead of standard output.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
@@ -107,14 +95,7 @@ fn open_console(args: &Args, raw: &mut Option<RawMode>) -> sandbox::Result<Conso
 pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let name = format!("boot-{}-{}", std::process::id(), sandbox::sys::unix_secs());
     let mut spec = SessionSpec::new(&name)?;
-    let defaults = VmSpec::default();
-    spec.vm = VmSpec {
-        vcpus: args.vcpus,
-        mem_mib: args.mem,
-        kvm: args.kvm.clone(),
-        kernel: args.kernel.clone().unwrap_or(defaults.kernel),
-        initrd: args.initrd.clone().unwrap_or(defaults.initrd),
-    };
+    spec.vm = args.machine.vm_spec();
     spec.policy = PolicySpec::here(&args.select.selection())?;
     let mut raw = None;
     let result = sandbox::session::run(

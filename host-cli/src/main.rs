@@ -101,10 +101,38 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("sbx: {e:#}");
+            let message = in_flag_terms(&e).unwrap_or_else(|| format!("{e:#}"));
+            eprintln!("sbx: {message}");
             ExitCode::from(EXIT_SBX_ERROR)
         }
     }
+}
+
+/// The libraries say what is wrong with a value; the CLI says which flag
+/// set it, so that the user knows what to change.
+fn in_flag_terms(e: &anyhow::Error) -> Option<String> {
+    use vmm::boot::BootError;
+    use vmm::machine::{MAX_MEM_MIB, MIN_MEM_MIB};
+    use vmm::VmmError;
+    let Some(sandbox::Error::Vmm(v)) = e.downcast_ref::<sandbox::Error>() else {
+        return None;
+    };
+    Some(match v {
+        VmmError::VcpuCount { requested, max } => {
+            format!("--vcpus {requested} is out of range: this host allows 1 to {max}")
+        }
+        VmmError::MemRange(mib) => {
+            format!("--mem {mib} MiB is out of range ({MIN_MEM_MIB} to {MAX_MEM_MIB} MiB)")
+        }
+        VmmError::Boot(BootError::MemoryTooSmall {
+            mem_mib,
+            need_mib,
+            what,
+        }) => format!(
+            "guest memory of {mem_mib} MiB is too small: the kernel{what} needs at least {need_mib} MiB; raise --mem"
+        ),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -31,8 +31,9 @@ pub struct StartArgs {
     vm: VmArgs,
 }
 
+/// The VM itself: its size, kernel, initramfs and KVM device.
 #[derive(clap::Args, Clone)]
-pub struct VmArgs {
+pub struct MachineArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -48,6 +49,25 @@ pub struct VmArgs {
     /// KVM device node.
     #[arg(long, default_value = vmm::host::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+}
+
+impl MachineArgs {
+    pub fn vm_spec(&self) -> VmSpec {
+        let defaults = VmSpec::default();
+        VmSpec {
+            vcpus: self.vcpus,
+            mem_mib: self.mem,
+            kvm: self.kvm.clone(),
+            kernel: self.kernel.clone().unwrap_or(defaults.kernel),
+            initrd: self.initrd.clone().unwrap_or(defaults.initrd),
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
+pub struct VmArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
     /// Share a host directory at a guest path, read-only unless `:rw`
     /// (repeatable). The policy's deny rules apply inside it.
     #[arg(long = "mount", value_name = "HOST:GUEST[:ro|rw]")]
@@ -91,14 +111,7 @@ impl VmArgs {
             mounts.push(MountSpec::parse(m)?);
         }
         let mut spec = SessionSpec::new(name)?;
-        let defaults = VmSpec::default();
-        spec.vm = VmSpec {
-            vcpus: self.vcpus,
-            mem_mib: self.mem,
-            kvm: self.kvm.clone(),
-            kernel: self.kernel.clone().unwrap_or(defaults.kernel),
-            initrd: self.initrd.clone().unwrap_or(defaults.initrd),
-        };
+        spec.vm = self.machine.vm_spec();
         spec.mounts = mounts;
         spec.fs_cache = FsCache::parse(&self.fs_cache)
             .with_context(|| format!("--fs-cache {}: not auto, never or always", self.fs_cache))?;

@@ -276,7 +276,11 @@ impl SessionSpec {
         }
         for ca in &self.egress.upstream_ca {
             if !ca.is_file() {
-                fail!(Invalid, "--upstream-ca {}: cannot read it", ca.display());
+                fail!(
+                    Invalid,
+                    "upstream CA {} is not a readable file",
+                    ca.display()
+                );
             }
         }
         for (k, _) in &self.env {
