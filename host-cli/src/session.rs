@@ -100,7 +100,7 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    /// The session these flags describe, checked.
+    /// The session these flags describe (`launch::start` checks it).
     fn spec(&self, name: &str) -> anyhow::Result<SessionSpec> {
         let mut mounts = Vec::new();
         if !self.no_workspace {
@@ -124,7 +124,6 @@ impl VmArgs {
         for r in &self.resolve {
             spec.egress.resolve.push(Pin::parse(r)?);
         }
-        spec.validate()?;
         Ok(spec)
     }
 }
