@@ -150,7 +150,7 @@ impl Builtins {
             sni: builtin(
                 "sni-must-match",
                 Surface::Net,
-                "TLS through CONNECT, and the Host of requests in it, must name the host that was checked",
+                "TLS through CONNECT, and the Host of every request the proxy reads, must name the host that was checked",
             ),
             plain_secret: builtin(
                 "secrets-need-tls",
@@ -215,28 +215,27 @@ impl Gate {
     /// Applies request rules and secrets to the head; the refusal to send
     /// back if the request may not go.
     pub(crate) fn check_request(&self, t: &Target, req: &mut Head) -> Result<(), Refusal> {
-        // Inside a checked tunnel, a Host header naming another site would
-        // have a shared front end (a CDN) route the request there.
-        if t.tls {
-            if let Some(h) = req.get("host") {
-                let text = String::from_utf8_lossy(h).into_owned();
-                let named = text
-                    .rsplit_once(':')
-                    .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty())
-                    .map_or(text.as_str(), |(h, _)| h);
-                if !names(&t.host, named) {
-                    let d = deny(
-                        &self.builtins.sni,
-                        format!("a request to {} carried Host: {text}", t.host),
-                    );
-                    self.record(
-                        Surface::Net,
-                        "request",
-                        &format!("{} (Host {text})", t.host),
-                        &d,
-                    );
-                    return Err(Refusal::policy("the request", &d));
-                }
+        // A Host header naming another site than the one checked would have
+        // a shared front end (a CDN) route the request there: inside a
+        // checked tunnel, and in plain HTTP, whose URL was checked.
+        if let Some(h) = req.get("host") {
+            let text = String::from_utf8_lossy(h).into_owned();
+            let named = text
+                .rsplit_once(':')
+                .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty())
+                .map_or(text.as_str(), |(h, _)| h);
+            if !names(&t.host, named) {
+                let d = deny(
+                    &self.builtins.sni,
+                    format!("a request to {} carried Host: {text}", t.host),
+                );
+                self.record(
+                    Surface::Net,
+                    "request",
+                    &format!("{} (Host {text})", t.host),
+                    &d,
+                );
+                return Err(Refusal::policy("the request", &d));
             }
         }
         let path = req.second.split('?').next().unwrap_or_default().to_string();

@@ -213,6 +213,39 @@ fn connections_are_checked_by_name_and_by_address() {
     );
 }
 
+/// Plain HTTP names its host twice, in the URL (checked) and in `Host`
+/// (what a shared front end routes by): they must agree, as inside TLS.
+#[test]
+fn plain_http_must_carry_the_checked_host() {
+    let echo = echo_server();
+    let s = start(&policy_with(echo, ""), &NAMES, |_| {});
+    let (_, answer) = ask(
+        s.addr,
+        &format!("GET http://allowed.test:{echo}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n"),
+    );
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("rule `sni-must-match`"), "{answer}");
+    assert!(answer.contains("Host: evil.test"), "{answer}");
+    assert!(
+        s.log.has(&[
+            "net request allowed.test (Host evil.test)",
+            "deny",
+            "sni-must-match"
+        ]),
+        "{}",
+        s.log.dump()
+    );
+    // The same request naming the checked host (with or without its port)
+    // goes through to the server.
+    for host in ["allowed.test", &format!("allowed.test:{echo}")] {
+        let (_, answer) = ask(
+            s.addr,
+            &format!("GET http://allowed.test:{echo}/ HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        );
+        assert!(!answer.contains("sni-must-match"), "{host}: {answer}");
+    }
+}
+
 fn tls_client(roots_pem: &str) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {

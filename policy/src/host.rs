@@ -258,6 +258,29 @@ pub(crate) fn mask_v6(a: u128, prefix: u8) -> u128 {
     }
 }
 
+/// The IPv4 address an IPv6 address carries, in the forms that carry one
+/// (IPv4-mapped addresses are IPv4 already, see [`canonical_ip`]): where a
+/// host has a translator or tunnel, connecting to the IPv6 form reaches the
+/// IPv4 address, so the IPv6 form is judged as that address.
+fn carried_ipv4(a: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = a.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        // IPv4-compatible, `::a.b.c.d` (deprecated; `::` and `::1` are not).
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) > (0, 1) => Some(v4(hi, lo)),
+        // IPv4-translated (SIIT), `::ffff:0:a.b.c.d`.
+        [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(v4(hi, lo)),
+        // NAT64's well-known prefix, `64:ff9b::a.b.c.d`.
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        // 6to4, `2002:AABB:CCDD::/48`.
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        // Teredo, `2001:0:SERVER:FLAGS:PORT:CLIENT`: the client (where the
+        // packets go) is stored with every bit inverted.
+        [0x2001, 0, _, _, _, _, hi, lo] => Some(v4(!hi, !lo)),
+        _ => None,
+    }
+}
+
 /// What kind of non-public address `ip` is, or None for a public one. The
 /// egress proxy refuses these unless an address rule names them: a name that
 /// resolves to one is how DNS rebinding reaches the host and its LAN.
@@ -297,10 +320,7 @@ pub fn address_class(ip: IpAddr) -> Option<&'static str> {
                 Some("a link-local address")
             } else if a.is_multicast() {
                 Some("a multicast address")
-            } else if s[0] == 0x64 && s[1] == 0xff9b {
-                // NAT64 carries an IPv4 address; judge that one.
-                let v4 =
-                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+            } else if let Some(v4) = carried_ipv4(a) {
                 address_class(IpAddr::V4(v4))
             } else {
                 None
@@ -317,6 +337,36 @@ mod tests {
         match normalize_host(s).unwrap() {
             NetHost::Name(n) => n,
             other => panic!("{s} normalised to {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_are_judged_by_the_ipv4_address_they_carry() {
+        let class = |s: &str| address_class(s.parse().unwrap());
+        for (addr, want) in [
+            ("::127.0.0.1", Some("a loopback address")),
+            ("::10.1.2.3", Some("a private address")),
+            ("::ffff:0:127.0.0.1", Some("a loopback address")),
+            ("::ffff:0:169.254.169.254", Some("a cloud metadata address")),
+            ("64:ff9b::192.168.1.1", Some("a private address")),
+            ("2002:7f00:1::", Some("a loopback address")),
+            ("2002:a00:1:5::1", Some("a private address")),
+            // Teredo: client 10.0.0.1 stored inverted (f5ff:fffe).
+            (
+                "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+                Some("a private address"),
+            ),
+            // The same forms carrying a public address are public.
+            ("::ffff:0:8.8.8.8", None),
+            ("2002:808:808::1", None),
+            ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),
+            ("64:ff9b::8.8.4.4", None),
+            // `::1` and `::` stay what they are.
+            ("::1", Some("a loopback address")),
+            ("::", Some("an unspecified address")),
+            ("2606:4700::1111", None),
+        ] {
+            assert_eq!(class(addr), want, "{addr}");
         }
     }
 
