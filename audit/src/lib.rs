@@ -4,6 +4,7 @@
 
 mod entry;
 mod log;
+mod printable;
 mod query;
 mod record;
 mod verify;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 
 pub use entry::{denial, Entry, GuestReport, RuleCite};
 pub use log::{decision_event, Appended, AuditLog, Identity};
+pub use printable::printable;
 pub use query::{parse_time, read_records, Cursor, Filter};
 pub use record::{Category, Event, Record, GENESIS, SCHEMA};
 pub use verify::{verify, Problem, Verified};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Subcommand;
-use sbx_audit::{Filter, Record};
+use sbx_audit::{printable, Filter, Record};
 
 use sandbox::paths;
 
@@ -117,6 +117,8 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
     if json {
         return writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default());
     }
+    // Every field may hold text the guest chose (a file name, a command
+    // line): shown to a person, it is escaped; JSON keeps it exact.
     let e = &r.event;
     let rule = match (&e.rule_id, &e.layer) {
         (Some(id), Some(layer)) => format!("{id} ({layer})"),
@@ -125,15 +127,15 @@ fn print(out: &mut impl Write, r: &Record, json: bool) -> std::io::Result<()> {
     writeln!(
         out,
         "{}  {:<12} {:<8} {:<10} {:<10} {:<8} {}  {}  {}",
-        r.ts,
-        r.session,
+        printable(&r.ts),
+        printable(&r.session),
         r.category.as_str(),
-        e.surface.as_deref().unwrap_or("-"),
-        e.decision.as_deref().unwrap_or("-"),
-        e.action,
-        e.resource,
-        rule,
-        e.reason.as_deref().unwrap_or("")
+        printable(e.surface.as_deref().unwrap_or("-")),
+        printable(e.decision.as_deref().unwrap_or("-")),
+        printable(&e.action),
+        printable(&e.resource),
+        printable(&rule),
+        printable(e.reason.as_deref().unwrap_or(""))
     )
 }
 

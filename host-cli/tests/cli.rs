@@ -90,3 +90,46 @@ fn help_teaches_with_examples() {
     let top = text(&sbx(&["--help"]).stdout);
     assert!(top.contains("doctor") && top.contains("boot"), "{top}");
 }
+
+/// Guest-chosen text (here a file name with a newline, a forged record and
+/// terminal escapes) is escaped for people and exact for programs.
+#[test]
+fn events_show_guest_text_as_data() {
+    use sbx_audit::{AuditLog, Entry, Identity, RuleCite};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.jsonl");
+    let name =
+        "/workspace/x\n2026-01-01T00:00:00Z  s  decision net allow FORGED\x1b[2J\x1b]0;pwned\x07";
+    let log = AuditLog::open(
+        &path,
+        Identity::current("s"),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let rule = RuleCite {
+        id: "deny-env",
+        layer: "team",
+        location: Some("policy.toml:3"),
+    };
+    log.record(Entry::fs_denied("lookup", name, &rule, "secret"))
+        .unwrap();
+    log.close().unwrap();
+    let file = path.to_str().unwrap();
+
+    let out = sbx(&["events", "--file", file]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert_eq!(shown.lines().count(), 1, "{shown}");
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains("/workspace/x\\n2026-01-01T00:00:00Z") && shown.contains("\\x1b[2J"),
+        "{shown}"
+    );
+
+    let out = sbx(&["events", "--file", file, "--json"]);
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["resource"], name);
+}

@@ -212,7 +212,8 @@ pub fn exec(dir: &Dir, req: Request) -> Result<u8> {
     };
     drop(raw);
     if let Some(message) = &error {
-        eprintln!("sbx: {message}");
+        // The guest agent chose these words: shown as text, not markup.
+        eprintln!("sbx: {}", sbx_audit::printable(message));
     }
     match status {
         Some(code) => Ok(code),
