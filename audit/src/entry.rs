@@ -200,6 +200,16 @@ impl Entry {
         }
     }
 
+    /// Records of one kind the guest caused faster than they are written:
+    /// `count` were counted instead (the host's own record, not the guest's).
+    pub fn dropped(what: &str, count: u64) -> Entry {
+        session(
+            "records_dropped",
+            what,
+            json!({ "count": count, "why": "the guest caused them faster than they are recorded" }),
+        )
+    }
+
     /// Something the guest reported, or the console showed.
     pub fn guest(report: GuestReport, resource: &str, details: Value) -> Entry {
         Entry {

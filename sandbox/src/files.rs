@@ -17,6 +17,7 @@ use vmm::devices::virtio::fs::{
 
 use crate::error::{fail, At, Result};
 use crate::spec::MountSpec;
+use crate::throttle::Limits;
 
 /// How often coalesced file changes are written to the audit log.
 const CHANGE_WINDOW: Duration = Duration::from_secs(5);
@@ -98,6 +99,7 @@ pub struct FileSupervisor {
     log: Arc<AuditLog>,
     changes: Arc<Changes>,
     host_edits: Sender<HostChanges>,
+    limits: Arc<Limits>,
 }
 
 impl FileSupervisor {
@@ -106,6 +108,7 @@ impl FileSupervisor {
         policy: Arc<Policy>,
         log: Arc<AuditLog>,
         host_edits: Sender<HostChanges>,
+        limits: Arc<Limits>,
     ) -> Result<Arc<FileSupervisor>> {
         let changes = Arc::new(Changes::default());
         let (c, l) = (changes.clone(), log.clone());
@@ -118,6 +121,7 @@ impl FileSupervisor {
             log,
             changes,
             host_edits,
+            limits,
         }))
     }
 
@@ -148,6 +152,10 @@ impl FsSupervisor for FileSupervisor {
     }
 
     fn denied(&self, op: &str, path: &str, refusal: &Refusal) {
+        // Refused either way; past the limit, counted rather than written.
+        if !self.limits.refusals.admit() {
+            return;
+        }
         let rule = RuleCite {
             id: &refusal.rule.id,
             layer: &refusal.rule.layer,

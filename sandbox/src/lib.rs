@@ -22,6 +22,7 @@ pub mod spec;
 pub mod state;
 pub mod sys;
 pub mod terminal;
+mod throttle;
 
 pub use error::{Error, Result};
 pub use spec::{EgressSpec, MountSpec, Pin, PolicySpec, SessionSpec, VmSpec, WORKSPACE};

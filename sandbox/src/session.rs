@@ -29,6 +29,7 @@ use crate::files::{self, FileSupervisor};
 use crate::guest::{self, ConsoleWatch};
 use crate::spec::{SessionSpec, VmSpec};
 use crate::state::{self, Dir, Info, Phase};
+use crate::throttle::Limits;
 use crate::{control, host_edits, paths, sys};
 
 /// How long an audit record may wait in the page cache before it is synced.
@@ -289,7 +290,12 @@ fn service(
     let policy = Arc::new(policy);
     let host = VsockHost::new().at(|| "cannot set up the vsock device".into())?;
     let edits = host_edits::start(host.clone()).at(|| "cannot start host edits".into())?;
-    let supervisor = FileSupervisor::new(policy.clone(), log.clone(), edits)?;
+    // What the guest can make the host record, bounded (see `throttle`).
+    let limits = Limits::new();
+    limits
+        .start_reporting(log.clone())
+        .at(|| "cannot start the dropped-records thread".into())?;
+    let supervisor = FileSupervisor::new(policy.clone(), log.clone(), edits, limits.clone())?;
     let (fs, shares) = files::devices(&policy, log, spec.fs_cache, supervisor.clone())?;
 
     // Egress: the proxy on its vsock port; the guest gets its CA.
@@ -312,16 +318,15 @@ fn service(
             s.status.clone(),
             s.ready.clone(),
         );
-        let name = spec.name.clone();
+        let on_ready = Arc::new(move || {
+            status.set(Phase::Running, None);
+            // Only the first report reaches `sbx start`.
+            ready.report("ok");
+        });
+        let (name, limits) = (spec.name.clone(), limits.clone());
         std::thread::Builder::new()
-            .name("events".into())
-            .spawn(move || {
-                guest::serve_events(events, &log, &name, &|| {
-                    status.set(Phase::Running, None);
-                    // Only the first report reaches `sbx start`.
-                    ready.report("ok");
-                })
-            })
+            .name("events-accept".into())
+            .spawn(move || guest::serve_events(events, log, name, limits, on_ready))
             .at(|| "cannot start the events thread".into())?;
     }
     let _ = std::fs::remove_file(dir.ctl_path());
@@ -339,11 +344,7 @@ fn service(
     let file = File::create(dir.console_path())
         .at(|| format!("cannot create {}", dir.console_path().display()))?;
     let console = Console {
-        output: Box::new(ConsoleWatch {
-            file,
-            line: Vec::new(),
-            log: log.clone(),
-        }),
+        output: Box::new(ConsoleWatch::new(file, log.clone(), limits.clone())),
         input: None,
     };
     let result = vmm::run(
@@ -360,6 +361,7 @@ fn service(
     s.status.set(Phase::Stopped, Some(ended.clone()));
     let _ = std::fs::remove_file(dir.ctl_path());
     supervisor.flush();
+    limits.report(log);
     let outcome = result?;
     if !was_ready {
         fail!(
