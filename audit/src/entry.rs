@@ -147,6 +147,21 @@ impl Entry {
         }
     }
 
+    /// The guest made a symlink at `path` whose `target` leaves its share
+    /// (no rule refuses it): a host tool that follows it reads a host file.
+    pub fn leaving_link(path: &str, target: &str) -> Entry {
+        Entry {
+            category: Category::Guest,
+            event: Event {
+                surface: Some(Surface::Fs.as_str().into()),
+                action: "symlink_out".into(),
+                resource: path.into(),
+                details: json!({ "target": target }),
+                ..Event::default()
+            },
+        }
+    }
+
     /// What the guest changed in its shares over a few seconds: `summary`
     /// in words, `details` per kind of change.
     pub fn file_changes(summary: &str, details: Value) -> Entry {

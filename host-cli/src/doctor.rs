@@ -41,14 +41,15 @@ fn artifact(name: &'static str, path: &Path, build: &str) -> Check {
 const FEW_WATCHES: usize = 65_536;
 
 /// Shares follow host edits with inotify, a watch per directory the guest
-/// knows, at most half the user's allowance per share. Not a failure: past
-/// it the guest trusts its cache for a second instead of a minute.
+/// knows, a session's shares together at most half the user's allowance.
+/// Not a failure: past it the guest trusts its cache for a second instead
+/// of a minute.
 fn file_watches() -> Check {
     use vmm::devices::virtio::fs::{share_watches, user_watches, USER_WATCHES};
     let (detail, fix) = match user_watches() {
         Some(n) => (
             format!(
-                "{n} inotify watches: a share follows host edits in up to {} directories",
+                "{n} inotify watches: a session's shares follow host edits in up to {} directories",
                 share_watches(n)
             ),
             (n < FEW_WATCHES).then(|| {

@@ -79,6 +79,9 @@ pub(crate) struct RawFsRule {
     pub action: S<String>,
     pub paths: Vec<S<String>>,
     pub access: Option<S<String>>,
+    /// `"leaving"`: the rule denies creating, at `paths`, symlinks whose
+    /// target leaves their share, instead of reading or writing.
+    pub links: Option<S<String>>,
     pub reason: Option<String>,
 }
 

@@ -48,6 +48,16 @@ struct FsDeny {
     rule: RuleIdx,
     read: bool,
     write: bool,
+    /// Denies creating symlinks that leave their share (and nothing else).
+    leaving_links: bool,
+}
+
+/// What a file rule is asked about.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum FsAct {
+    Access(Access),
+    /// Creating a symlink whose target leaves its share.
+    LeavingLink,
 }
 
 /// Deny globs of one kind compiled into one set, since every file the guest
@@ -233,11 +243,30 @@ impl FsRules {
             ));
         }
         ctx.non_empty(&r.paths, raw.span().start, "paths")?;
+        let leaving_links =
+            match &r.links {
+                None => false,
+                Some(l) if l.get_ref() == "leaving" && r.access.is_none() => true,
+                Some(l) if l.get_ref() == "leaving" => return Err(ctx.err(
+                    l.span().start,
+                    "a `links` rule denies creating links, not reading or writing: drop `access`",
+                )),
+                Some(l) => {
+                    return Err(ctx.err(
+                        l.span().start,
+                        format!(
+                        "links `{}` is not \"leaving\" (symlinks whose target leaves their share)",
+                        l.get_ref()
+                    ),
+                    ))
+                }
+            };
         let (read, write) = match r
             .access
             .as_ref()
             .map(|a| (a.get_ref().as_str(), a.span().start))
         {
+            _ if leaving_links => (false, false),
             None | Some(("read-write", _)) => (true, true),
             Some(("read", _)) => (true, false),
             Some(("write", _)) => (false, true),
@@ -253,15 +282,21 @@ impl FsRules {
             globs.push((p.get_ref().starts_with('/'), ctx.glob_pattern(p)?));
         }
         let what = match (read, write) {
-            (true, true) => "read and write",
-            (true, false) => "read",
-            _ => "write",
+            _ if leaving_links => "symlinks leaving their share at",
+            (true, true) => "read and write of",
+            (true, false) => "read of",
+            _ => "write of",
         };
         let list: Vec<&str> = r.paths.iter().map(|p| p.get_ref().as_str()).collect();
-        let summary = format!("deny {what} of {}", list.join(", "));
+        let summary = format!("deny {what} {}", list.join(", "));
         let rule = ctx.table_rule(Surface::Fs, raw, action, summary)?;
         let deny = self.denies.len();
-        self.denies.push(FsDeny { rule, read, write });
+        self.denies.push(FsDeny {
+            rule,
+            read,
+            write,
+            leaving_links,
+        });
         for (absolute, glob) in globs {
             let set = if absolute {
                 &mut self.absolute
@@ -301,7 +336,7 @@ impl FsRules {
         &self,
         path: &str,
         rel: &str,
-        access: Access,
+        act: FsAct,
         mut seen: impl FnMut(RuleIdx),
     ) {
         let mut hit = vec![false; self.denies.len()];
@@ -309,9 +344,10 @@ impl FsRules {
         self.absolute.mark(&ancestors(path), &mut hit, &mut found);
         self.relative.mark(&ancestors(rel), &mut hit, &mut found);
         for (d, _) in self.denies.iter().zip(hit).filter(|(_, h)| *h) {
-            let applies = match access {
-                Access::Read => d.read,
-                Access::Write => d.write,
+            let applies = match act {
+                FsAct::Access(Access::Read) => d.read,
+                FsAct::Access(Access::Write) => d.write,
+                FsAct::LeavingLink => d.leaving_links,
             };
             if applies {
                 seen(d.rule);

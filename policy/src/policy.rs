@@ -14,7 +14,7 @@ use crate::compile::Ctx;
 use crate::credential::{CredentialGrant, CredentialRules};
 use crate::exec::ExecRules;
 use crate::format::RawFile;
-use crate::fs::{normalize_guest_path, Access, FsRules, Mount};
+use crate::fs::{normalize_guest_path, Access, FsAct, FsRules, Mount};
 use crate::host::NetHost;
 use crate::http::HttpRules;
 use crate::limits::Limits;
@@ -492,7 +492,7 @@ impl Policy {
         let mut t = Tally::new(explain);
         t.see(&self.rules, mount.rule);
         self.fs
-            .visit_denies(&path, rel, access, |i| t.see(&self.rules, i));
+            .visit_denies(&path, rel, FsAct::Access(access), |i| t.see(&self.rules, i));
         // Every file the guest touches comes here: the words are made only
         // for the decision that needs them.
         let what = || format!("{} of {path}", access.as_str());
@@ -517,6 +517,31 @@ impl Policy {
         )
     }
 
+    /// Creating a symlink at `path` whose target (`target`, as the guest
+    /// wrote it) leaves its share: a host tool that follows it reads a host
+    /// file. The deny that covers it (`links = "leaving"`), an enforced one
+    /// before one in audit mode, the most senior of either; None when no
+    /// rule denies it, and the link is made (and recorded).
+    pub fn decide_leaving_link(&self, path: &str, target: &str) -> Option<Decision<'_>> {
+        let path = normalize_guest_path(path)?;
+        let (_, rel) = self.fs.mount_of(&path)?;
+        let mut denies: Vec<RuleIdx> = Vec::new();
+        self.fs
+            .visit_denies(&path, rel, FsAct::LeavingLink, |i| denies.push(i));
+        let i = denies
+            .into_iter()
+            .min_by_key(|&i| (self.rules[i as usize].mode != Mode::Enforce, i))?;
+        let rule = &self.rules[i as usize];
+        Some(Decision {
+            verdict: Verdict::Deny,
+            rule,
+            reason: Cow::Owned(format!(
+                "the symlink {path} -> {target} leaves its share (a host tool that follows it reads a host file)"
+            )),
+            matched: Vec::new(),
+        })
+    }
+
     /// Adds a mount given for this session (`sbx start --mount`). Deny rules
     /// are checked against the guest path and against the host directory
     /// itself, so `--mount ~/.ssh:/keys` meets the same rule as a `.ssh`
@@ -538,7 +563,9 @@ impl Policy {
         for access in [Access::Read, Access::Write] {
             if access == Access::Read || !read_only {
                 self.fs
-                    .visit_denies(&guest, &host_rel, access, |i| t.see(&self.rules, i));
+                    .visit_denies(&guest, &host_rel, FsAct::Access(access), |i| {
+                        t.see(&self.rules, i)
+                    });
             }
         }
         if let Some((i, _)) = t.winner().filter(|_| t.enforced_deny()) {

@@ -535,3 +535,59 @@ paths = ["/repos/acme/secrets/**"]
         .unwrap_or_default();
     assert!(err.contains("bad.toml:5"), "{err}");
 }
+
+/// `links = "leaving"` denies creating symlinks that point out of their
+/// share, and nothing else; without such a rule there is no decision.
+#[test]
+fn leaving_links_are_denied_only_where_a_rule_says() {
+    let text = r#"
+[[fs]]
+id = "no-leaving-links"
+action = "deny"
+paths = ["**"]
+links = "leaving"
+"#;
+    let mut p = text_policy(text);
+    p.grant_mount(Path::new("/home/u/proj"), "/workspace", false)
+        .unwrap();
+    let d = p
+        .decide_leaving_link("/workspace/out", "/etc/passwd")
+        .expect("the rule covers it");
+    assert!(!d.allowed());
+    assert_eq!(d.rule.id, "no-leaving-links");
+    assert!(
+        d.reason.contains("/workspace/out -> /etc/passwd"),
+        "{}",
+        d.reason
+    );
+    // Reading and writing are not what it denies.
+    assert!(p.decide_fs("/workspace/out", Access::Write).allowed());
+    // No rule, no decision: the link is made and recorded.
+    let mut open = preset_policy("locked-down");
+    open.grant_mount(Path::new("/home/u/proj"), "/workspace", false)
+        .unwrap();
+    assert!(open
+        .decide_leaving_link("/workspace/out", "/etc/passwd")
+        .is_none());
+    // Mistakes are named.
+    for (bad, words) in [
+        ("links = \"outside\"", "is not \"leaving\""),
+        ("links = \"leaving\"\naccess = \"read\"", "drop `access`"),
+    ] {
+        let text = format!("[[fs]]\nid = \"x\"\naction = \"deny\"\npaths = [\"**\"]\n{bad}\n");
+        let mut b = PolicyBuilder::new();
+        b.add_text("bad.toml", &text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Err(e) = b.build() else {
+            panic!("{bad} was accepted")
+        };
+        assert!(e.to_string().contains(words), "{e}");
+    }
+    // In audit mode the refusal is recorded but the link is made.
+    let mut audit = text_policy(&format!("mode = \"audit\"\n{text}"));
+    audit
+        .grant_mount(Path::new("/home/u/proj"), "/workspace", false)
+        .unwrap();
+    let d = audit.decide_leaving_link("/workspace/out", "/x").unwrap();
+    assert!(d.allowed());
+}

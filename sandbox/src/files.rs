@@ -12,7 +12,7 @@ use sbx_audit::{AuditLog, Entry, RuleCite};
 use sbx_policy::{Access, Policy, Surface, Verdict};
 use sbx_protocol::cmdline::{check_guest_path, Share};
 use vmm::devices::virtio::fs::{
-    Change, FsAccess, FsCache, FsConfig, FsSupervisor, HostChanges, Refusal, RuleRef,
+    Change, FsAccess, FsCache, FsConfig, FsSupervisor, HostChanges, Refusal, RuleRef, WatchBudget,
 };
 
 use crate::error::{fail, At, Result};
@@ -56,6 +56,9 @@ pub fn devices(
 ) -> Result<(Vec<FsConfig>, Vec<Share>)> {
     let mut configs = Vec::new();
     let mut shares = Vec::new();
+    // All the session's shares together take at most half the user's
+    // inotify watches (under `auto`).
+    let watches = WatchBudget::for_this_user();
     for (i, m) in policy.mounts().iter().enumerate() {
         if let Err(e) = check_guest_path(m.guest) {
             fail!(Invalid, "mount {} ({}): {e}", m.rule.id, m.rule.location);
@@ -86,6 +89,7 @@ pub fn devices(
             mount_rule: rule_ref(m.rule),
             cache,
             supervisor: supervisor.clone(),
+            watches: watches.clone(),
         });
     }
     Ok((configs, shares))
@@ -171,6 +175,27 @@ impl FsSupervisor for FileSupervisor {
 
     fn changed(&self, change: Change, path: &str) {
         self.changes.add(change, path);
+    }
+
+    fn leaving_link(&self, path: &str, target: &str) -> Option<Refusal> {
+        let decision = self.policy.decide_leaving_link(path, target);
+        if let Some(d) = decision.as_ref().filter(|d| !d.allowed()) {
+            return Some(Refusal {
+                rule: rule_ref(d.rule),
+                reason: d.reason.to_string(),
+            });
+        }
+        if self.limits.leaving_links.admit() {
+            let written = match &decision {
+                // A rule in audit mode: its decision is the record.
+                Some(d) => self.log.decision(Surface::Fs, "symlink", path, d).map(drop),
+                None => self.log.record(Entry::leaving_link(path, target)).map(drop),
+            };
+            if let Err(e) = written {
+                tracing::error!("{e}");
+            }
+        }
+        None
     }
 
     fn host_changed(&self, changes: &HostChanges) {

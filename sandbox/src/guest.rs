@@ -287,7 +287,8 @@ mod tests {
         for _ in 0..20 {
             w.write_all(&line).unwrap();
         }
-        w.write_all(b"\n[ 9.9] Kernel panic - not syncing: late\n").unwrap();
+        w.write_all(b"\n[ 9.9] Kernel panic - not syncing: late\n")
+            .unwrap();
         let size = std::fs::metadata(&path).unwrap().len();
         assert!(
             (CONSOLE_LOG_MAX..CONSOLE_LOG_MAX + 200).contains(&size),

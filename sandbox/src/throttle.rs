@@ -76,6 +76,9 @@ pub struct Limits {
     /// Kernel panics and oopses seen on the console: 10 at once, then one
     /// a second.
     pub console: Throttle,
+    /// Symlinks made in shares that point out of them: 200 at once, then
+    /// 20 a second.
+    pub leaving_links: Throttle,
 }
 
 impl Limits {
@@ -84,6 +87,7 @@ impl Limits {
             refusals: Throttle::new(20, 200),
             guest_events: Throttle::new(100, 1000),
             console: Throttle::new(1, 10),
+            leaving_links: Throttle::new(20, 200),
         })
     }
 
@@ -93,6 +97,7 @@ impl Limits {
             ("fs refusals", &self.refusals),
             ("guest events", &self.guest_events),
             ("console reports", &self.console),
+            ("leaving symlinks", &self.leaving_links),
         ] {
             let n = t.take_dropped();
             if n > 0 {

@@ -359,3 +359,54 @@ fn host_edits_reach_a_caching_guest() {
     );
     host.ok(&["stop", "e"]);
 }
+
+/// The guest resolves symlinks in its own tree, but the host user's tools
+/// follow them on the host: a link out of the share is recorded, and
+/// refused where a `links = "leaving"` rule says so.
+#[test]
+fn symlinks_leaving_the_share_are_recorded_or_refused() {
+    let host = Host::new();
+    let ws = host.dir.path().join("project");
+    std::fs::create_dir(&ws).unwrap();
+    host.ok_in(&ws, &["start", "--name", "l"]);
+    let out = host.sh("l", "ln -s /etc/passwd out && ln -s inside in && echo made");
+    assert_eq!(text(&out.stdout), "made\n", "{}", text(&out.stderr));
+    host.ok(&["stop", "l"]);
+    let records = host.events("l");
+    let leaving: Vec<_> = records
+        .iter()
+        .filter(|r| r["action"] == "symlink_out")
+        .collect();
+    assert_eq!(leaving.len(), 1, "{records:?}");
+    assert_eq!(leaving[0]["resource"], "/workspace/out");
+    assert_eq!(leaving[0]["details"]["target"], "/etc/passwd");
+
+    let policy = host.dir.path().join("links.toml");
+    std::fs::write(
+        &policy,
+        "[[fs]]\nid = \"no-leaving-links\"\naction = \"deny\"\npaths = [\"**\"]\nlinks = \"leaving\"\n",
+    )
+    .unwrap();
+    let p = policy.to_str().unwrap();
+    host.ok_in(&ws, &["start", "--name", "r", "--policy", p]);
+    let out = host.sh(
+        "r",
+        "ln -s ../../etc/shadow up; ln -s ok fine && echo fine made",
+    );
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "fine made\n");
+    assert!(ws.join("up").symlink_metadata().is_err());
+    assert!(ws.join("fine").symlink_metadata().is_ok());
+    host.ok(&["stop", "r"]);
+    let refused = host
+        .events("r")
+        .into_iter()
+        .find(|r| r["action"] == "symlink" && r["decision"] == "deny")
+        .expect("the refusal is recorded");
+    assert_eq!(refused["rule_id"], "no-leaving-links");
+    assert_eq!(refused["resource"], "/workspace/up");
+}

@@ -19,6 +19,32 @@ const RENAME_WALK_LIMIT: usize = 20_000;
 
 pub(super) const SETID: u32 = libc::S_ISUID | libc::S_ISGID;
 
+/// Whether a symlink at `link` (a path inside the mount) to `target`
+/// points out of the mount: an absolute target always does (a host tool
+/// resolves it from the host's root), a relative one when its `..`s climb
+/// above the mount's root. The guest resolves links in its own tree; this
+/// is about the host's tools, which follow them on the host.
+pub(super) fn leaves_share(link: &[u8], target: &[u8]) -> bool {
+    if target.starts_with(b"/") {
+        return true;
+    }
+    // The directory the link is in, as a depth below the root.
+    let mut depth = link.split(|&b| b == b'/').filter(|c| !c.is_empty()).count() as isize - 1;
+    for c in target.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
 pub(super) fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
@@ -148,5 +174,32 @@ impl Guard {
         }
         let path = format!("{dir}/{}", String::from_utf8_lossy(name));
         self.supervisor.check(&path, FsAccess::Read).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leaves_share;
+
+    #[test]
+    fn links_that_leave_the_share() {
+        for (link, target, leaves) in [
+            ("l", "/etc/passwd", true),
+            ("l", "/workspace/x", true),
+            ("l", "x", false),
+            ("l", "../x", true),
+            ("d/l", "../x", false),
+            ("d/l", "../../x", true),
+            ("d/l", "a/../../x", false),
+            ("d/l", "a/../../../x", true),
+            ("d/e/l", "./../.././x", false),
+            ("l", "", false),
+        ] {
+            assert_eq!(
+                leaves_share(link.as_bytes(), target.as_bytes()),
+                leaves,
+                "{link} -> {target}"
+            );
+        }
     }
 }

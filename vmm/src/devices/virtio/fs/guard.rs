@@ -41,7 +41,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::PassthroughFs;
 
 use super::beneath;
-use super::checks::{err, file_type, squash, writes, SETID};
+use super::checks::{err, file_type, leaves_share, squash, writes, SETID};
 use super::host_watch::{self, HostChanges, HostWatch};
 use super::listing::{Listings, Offer};
 use super::nodes::Nodes;
@@ -75,7 +75,7 @@ pub struct Guard {
 impl Guard {
     pub fn new(inner: PassthroughFs<()>, config: &FsConfig) -> Self {
         let watch = match config.cache {
-            FsCache::Auto => match HostWatch::new(&config.host_dir) {
+            FsCache::Auto => match HostWatch::new(&config.host_dir, config.watches.clone()) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::warn!(
@@ -167,13 +167,6 @@ impl Guard {
 
     pub(super) fn watches_host(&self) -> bool {
         self.watch.is_some()
-    }
-
-    #[cfg(test)]
-    pub(super) fn limit_watches(&mut self, n: usize) {
-        if let Some(w) = &mut self.watch {
-            w.limit(n);
-        }
     }
 
     fn created(&self, parent: u64, name: &CStr, path: &str, e: Entry) -> Entry {
@@ -300,8 +293,16 @@ impl FileSystem for Guard {
         parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
-        let path = self.child("symlink", parent, name)?;
+        let rel = self.child_rel("symlink", parent, name)?;
+        let path = self.guest_path(&rel);
         self.check("symlink", &path, FsAccess::Write)?;
+        if leaves_share(&rel, linkname.to_bytes()) {
+            let target = String::from_utf8_lossy(linkname.to_bytes());
+            if let Some(refusal) = self.supervisor.leaving_link(&path, &target) {
+                self.supervisor.denied("symlink", &path, &refusal);
+                return Err(err(libc::EACCES));
+            }
+        }
         let _echo = self.own(parent, name.to_bytes());
         let e = self.inner.symlink(&squash(ctx), linkname, parent, name)?;
         Ok(self.created(parent, name, &path, e))

@@ -14,8 +14,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::beneath::{cstr, open_beneath, open_root};
@@ -59,9 +59,10 @@ const QUIET: Duration = Duration::from_millis(20);
 const BATCH: Duration = Duration::from_millis(100);
 /// How long events are left to gather after a wake-up.
 const GATHER: Duration = Duration::from_millis(10);
-/// Watches one device may hold at most, and at most half the host user's
-/// allowance (`fs.inotify.max_user_watches`, which the user's editor and
-/// other tools share): a guest that walks a huge tree must not use it up.
+/// Watches a session's shares may hold together at most, and at most half
+/// the host user's allowance (`fs.inotify.max_user_watches`, which the
+/// user's editor and other tools share): a guest that walks huge trees in
+/// several shares must not use it up.
 const MAX_WATCHES: usize = 256 * 1024;
 /// Where the host user's allowance is read.
 pub const USER_WATCHES: &str = "/proc/sys/fs/inotify/max_user_watches";
@@ -73,9 +74,41 @@ pub fn user_watches() -> Option<usize> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// Watches one share may hold when the user may hold `user`.
+/// Watches a session's shares may hold together when the user may hold
+/// `user`.
 pub fn share_watches(user: usize) -> usize {
     (user / 2).min(MAX_WATCHES)
+}
+
+/// The inotify watches a session's shares may still take, shared by all of
+/// them: each watched directory takes one, each forgotten one gives it back.
+#[derive(Debug)]
+pub struct WatchBudget(AtomicUsize);
+
+impl WatchBudget {
+    /// [`share_watches`] of this user's allowance.
+    pub fn for_this_user() -> Arc<WatchBudget> {
+        WatchBudget::new(user_watches().map_or(MAX_WATCHES, share_watches))
+    }
+
+    pub fn new(watches: usize) -> Arc<WatchBudget> {
+        Arc::new(WatchBudget(AtomicUsize::new(watches)))
+    }
+
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.0.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// What is left.
+    pub fn left(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// Paths per batch; past it the whole mount is reported instead.
@@ -125,11 +158,19 @@ pub(super) struct HostWatch {
     /// A directory could not be watched (the watch limit): the
     /// guard must not promise long timeouts any more.
     incomplete: AtomicBool,
-    max_watches: usize,
+    budget: Arc<WatchBudget>,
+}
+
+impl Drop for HostWatch {
+    /// Closing the inotify descriptor ends every watch on it.
+    fn drop(&mut self) {
+        let held = self.dirs.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.budget.give_back(held);
+    }
 }
 
 impl HostWatch {
-    pub(super) fn new(root: &Path) -> io::Result<HostWatch> {
+    pub(super) fn new(root: &Path, budget: Arc<WatchBudget>) -> io::Result<HostWatch> {
         // SAFETY: plain syscalls; each descriptor is owned at once.
         let inotify = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if inotify < 0 {
@@ -143,13 +184,8 @@ impl HostWatch {
             dirs: Mutex::new(HashMap::new()),
             own: Mutex::new(HashMap::new()),
             incomplete: AtomicBool::new(false),
-            max_watches: user_watches().map_or(MAX_WATCHES, share_watches),
+            budget,
         })
-    }
-
-    #[cfg(test)]
-    pub(super) fn limit(&mut self, n: usize) {
-        self.max_watches = n;
     }
 
     pub(super) fn fd(&self) -> i32 {
@@ -165,11 +201,11 @@ impl HostWatch {
     /// following any symlink, so a guest racing renames cannot make the
     /// VMM watch, and report on, a directory outside the mount.
     pub(super) fn add(&self, inode: u64, rel: &[u8]) -> Option<i32> {
-        let full = self.dirs.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.max_watches;
-        let wd = if full {
-            Err(io::Error::from_raw_os_error(libc::ENOSPC))
-        } else {
+        let wd = if self.budget.take() {
             self.add_watch(rel)
+                .inspect_err(|_| self.budget.give_back(1))
+        } else {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
         };
         match wd {
             Ok(wd) => {
@@ -184,10 +220,9 @@ impl HostWatch {
                 // watch table means host edits could go unseen.
                 if e.raw_os_error() == Some(libc::ENOSPC) && !self.incomplete() {
                     tracing::warn!(
-                        watches = self.max_watches,
-                        "virtio-fs: no more inotify watches for this share (at most half of \
-                         fs.inotify.max_user_watches); host edits now reach the guest within a \
-                         second instead of at once"
+                        "virtio-fs: no more inotify watches for this session's shares (together \
+                         at most half of fs.inotify.max_user_watches); host edits now reach the \
+                         guest within a second instead of at once"
                     );
                     self.incomplete.store(true, Ordering::Relaxed);
                 } else if e.raw_os_error() != Some(libc::ENOENT) {
@@ -256,10 +291,14 @@ impl HostWatch {
     }
 
     pub(super) fn remove(&self, wd: i32) {
-        self.dirs
+        let held = self
+            .dirs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&wd);
+        if held.is_some() {
+            self.budget.give_back(1);
+        }
         // SAFETY: removes a watch from our own descriptor; a stale wd fails harmlessly.
         unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
     }

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread};
 use crate::vstate::memory::GuestMemory;
 pub use guard::Guard;
-pub use host_watch::{share_watches, user_watches, HostChanges, USER_WATCHES};
+pub use host_watch::{share_watches, user_watches, HostChanges, WatchBudget, USER_WATCHES};
 
 pub const DEVICE_TYPE: u32 = 26;
 /// The high-priority queue (FORGET, INTERRUPT) and one request queue.
@@ -107,6 +107,11 @@ pub trait FsSupervisor: Send + Sync {
     fn denied(&self, op: &str, path: &str, refusal: &Refusal);
     /// The guest changed `path` (for renames, `old -> new`).
     fn changed(&self, change: Change, path: &str);
+    /// The guest is making a symlink at `path` whose `target` leaves the
+    /// share: the refusal if it may not; otherwise the supervisor records it.
+    fn leaving_link(&self, _path: &str, _target: &str) -> Option<Refusal> {
+        None
+    }
     /// The host changed what the guest may have cached (under `auto`):
     /// have the guest revalidate it.
     fn host_changed(&self, _changes: &HostChanges) {}
@@ -165,6 +170,9 @@ pub struct FsConfig {
     pub mount_rule: RuleRef,
     pub cache: FsCache,
     pub supervisor: Arc<dyn FsSupervisor>,
+    /// The inotify watches this share takes from, with the session's other
+    /// shares (under `auto`).
+    pub watches: Arc<WatchBudget>,
 }
 
 impl std::fmt::Debug for FsConfig {

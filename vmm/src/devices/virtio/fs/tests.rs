@@ -20,6 +20,8 @@ struct Recorder {
     denied: Mutex<Vec<(String, String)>>,
     /// The rule each refusal named, in order.
     rules: Mutex<Vec<RuleRef>>,
+    /// Links that leave the share, as `path -> target`.
+    leaving: Mutex<Vec<String>>,
     changed: Mutex<Vec<(Change, String)>>,
 }
 
@@ -45,6 +47,17 @@ impl FsSupervisor for Recorder {
     fn changed(&self, change: Change, path: &str) {
         self.changed.lock().unwrap().push((change, path.into()));
     }
+    /// Links leaving the share are recorded; named `refused-*`, refused.
+    fn leaving_link(&self, path: &str, target: &str) -> Option<Refusal> {
+        self.leaving
+            .lock()
+            .unwrap()
+            .push(format!("{path} -> {target}"));
+        path.contains("/refused-").then(|| Refusal {
+            rule: rule("no-leaving-links", "org", "org.toml:4"),
+            reason: "leaves".into(),
+        })
+    }
 }
 
 struct Fixture {
@@ -64,6 +77,11 @@ fn fixture(read_only: bool) -> Fixture {
 }
 
 fn fixture_cached(read_only: bool, cache: FsCache) -> Fixture {
+    fixture_sharing(read_only, cache, WatchBudget::new(1000))
+}
+
+/// A share whose watches come from `watches`, with the session's others.
+fn fixture_sharing(read_only: bool, cache: FsCache, watches: Arc<WatchBudget>) -> Fixture {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let base = std::env::temp_dir().join(format!(
         "sbx-fs-test-{}-{}",
@@ -90,6 +108,7 @@ fn fixture_cached(read_only: bool, cache: FsCache) -> Fixture {
         mount_rule: rule("m", "project", ".sbx/policy.toml:2"),
         cache,
         supervisor: rec.clone(),
+        watches,
     })
     .unwrap();
     Fixture { root, fs, rec }
@@ -242,6 +261,39 @@ fn refusals_name_the_whole_rule() {
             rule("m", "project", ".sbx/policy.toml:2"),
             RuleRef::guard(),
         ]
+    );
+}
+
+/// The guest resolves symlinks in its own tree, but host tools follow them
+/// on the host: a link out of the share is told to the supervisor, which
+/// may refuse it.
+#[test]
+fn symlinks_that_leave_the_share_are_reported_and_may_be_refused() {
+    let f = fixture(false);
+    let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    f.fs.symlink(&ctx(), &c("file"), ROOT_ID, &c("inside"))
+        .unwrap();
+    f.fs.symlink(&ctx(), &c("../file"), dir.inode, &c("up"))
+        .unwrap();
+    f.fs.symlink(&ctx(), &c("/etc/passwd"), ROOT_ID, &c("abs"))
+        .unwrap();
+    f.fs.symlink(&ctx(), &c("../../x"), dir.inode, &c("out"))
+        .unwrap();
+    assert_eq!(
+        *f.rec.leaving.lock().unwrap(),
+        [
+            "/workspace/abs -> /etc/passwd",
+            "/workspace/dir/out -> ../../x"
+        ]
+    );
+    assert_eq!(
+        code(f.fs.symlink(&ctx(), &c("/etc"), ROOT_ID, &c("refused-link"))),
+        libc::EACCES
+    );
+    assert!(!f.root.join("refused-link").exists());
+    assert_eq!(
+        f.rec.rules.lock().unwrap().last().map(|r| r.id.as_str()),
+        Some("no-leaving-links")
     );
 }
 
@@ -442,16 +494,39 @@ fn a_host_edit_right_after_the_guests_own_is_reported() {
 /// minute: the guest would otherwise miss host edits in it.
 #[test]
 fn an_unwatched_directory_shortens_the_promise() {
-    let mut f = fixture_cached(false, FsCache::Auto);
+    // The root's watch is the one there is room for.
+    let f = fixture_sharing(false, FsCache::Auto, WatchBudget::new(1));
     let e = f.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
     assert_eq!(e.entry_timeout, Duration::from_secs(60));
-    // The root's watch is the one there is room for.
-    f.fs.limit_watches(1);
     let dir = f.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
     assert_eq!(dir.entry_timeout, Duration::from_secs(1));
     assert_eq!(dir.attr_timeout, Duration::from_secs(1));
     let (_, attr_timeout) = f.fs.getattr(&ctx(), e.inode, None).unwrap();
     assert_eq!(attr_timeout, Duration::from_secs(1));
+}
+
+/// A session's shares draw on one budget of watches: one share walking a
+/// big tree leaves none for the others, never more than the budget in all,
+/// and what a share forgets (or a share that goes) gives its watches back.
+#[test]
+fn the_shares_of_a_session_share_one_watch_budget() {
+    let budget = WatchBudget::new(3);
+    let a = fixture_sharing(false, FsCache::Auto, budget.clone());
+    let b = fixture_sharing(false, FsCache::Auto, budget.clone());
+    assert_eq!(budget.left(), 1, "each root takes one");
+    let in_a = a.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    assert_eq!(in_a.entry_timeout, Duration::from_secs(60));
+    assert_eq!(budget.left(), 0);
+    // None left for b: b promises a second, not a minute.
+    let in_b = b.fs.lookup(&ctx(), ROOT_ID, &c("dir")).unwrap();
+    assert_eq!(in_b.entry_timeout, Duration::from_secs(1));
+    // a forgets its directory: the watch goes back.
+    a.fs.forget(&ctx(), in_a.inode, 1);
+    assert_eq!(budget.left(), 1);
+    drop(a);
+    assert_eq!(budget.left(), 2, "a's root came back with a");
+    drop(b);
+    assert_eq!(budget.left(), 3);
 }
 
 /// A plus listing read in page-sized replies, as the guest kernel asks for
