@@ -384,7 +384,7 @@ pub fn serve(name: &str, ready: Ready) -> Result<()> {
     // the session's: writes to it fail with EPIPE instead of killing us.
     // SAFETY: sets a signal disposition before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    sys::raise_fd_limit();
+    sys::set_fd_limit();
     let ready = Arc::new(ready);
     let result = (|| {
         let dir = Dir::new(name)?;

@@ -53,15 +53,26 @@ pub fn read_line_within(fd: OwnedFd, timeout: Duration) -> Option<String> {
     (!line.is_empty()).then_some(line)
 }
 
+/// How many descriptors a session may hold: as many as the kernel lets a
+/// process (`fs.nr_open`), at most 1,048,576, and at most an eighth of the
+/// host's system-wide file table (`fs.file-max`), so that a guest opening
+/// files in its shares without end cannot empty that table for every other
+/// host process (it then gets EMFILE, its own problem).
+fn fd_allowance(nr_open: u64, file_max: u64) -> u64 {
+    nr_open.min(1 << 20).min(file_max / 8).max(1024)
+}
+
+fn read_proc(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 /// The file devices hold one descriptor per inode the guest knows (a
-/// `find` over a big tree knows tens of thousands): lift the limit as far as
-/// this process may (root may raise the hard limit up to fs.nr_open).
-pub fn raise_fd_limit() {
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
-        .unwrap_or(0)
-        .min(1 << 20);
+/// `find` over a big tree knows tens of thousands): set the soft limit to
+/// [`fd_allowance`], raising the hard limit to it if this process may.
+pub fn set_fd_limit() {
+    let nr_open = read_proc("/proc/sys/fs/nr_open").unwrap_or(1 << 20);
+    let file_max = read_proc("/proc/sys/fs/file-max").unwrap_or(u64::MAX);
+    let want = fd_allowance(nr_open, file_max) as libc::rlim_t;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -72,14 +83,14 @@ pub fn raise_fd_limit() {
             return;
         }
         let raised = libc::rlimit {
-            rlim_cur: nr_open.max(lim.rlim_max),
-            rlim_max: nr_open.max(lim.rlim_max),
+            rlim_cur: want,
+            rlim_max: lim.rlim_max.max(want),
         };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            lim.rlim_cur = lim.rlim_max;
+            lim.rlim_cur = want.min(lim.rlim_max);
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                 tracing::warn!(
-                    "cannot raise the open-file limit; big shared trees may fail with EMFILE"
+                    "cannot set the open-file limit; big shared trees may fail with EMFILE"
                 );
             }
         }
@@ -91,4 +102,20 @@ pub fn unix_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fd_allowance;
+
+    #[test]
+    fn a_session_takes_an_eighth_of_the_file_table_at_most() {
+        // This machine's numbers: 24 GiB, file-max 2,466,165.
+        assert_eq!(fd_allowance(1 << 20, 2_466_165), 308_270);
+        // A big host: the process limit decides.
+        assert_eq!(fd_allowance(1 << 20, u64::MAX), 1 << 20);
+        assert_eq!(fd_allowance(65_536, u64::MAX), 65_536);
+        // A tiny one still leaves a session room to work.
+        assert_eq!(fd_allowance(1 << 20, 4_000), 1024);
+    }
 }
