@@ -85,6 +85,11 @@ pub struct VmArgs {
     /// edits show at once, but every access asks the host: slowest).
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "never", "always"])]
     fs_cache: String,
+    /// How much the guest may add to files in its shares, in all (512M,
+    /// 10G); past it, writes that grow a file fail with "No space left on
+    /// device". Deleting does not give space back. Default: no quota.
+    #[arg(long, value_name = "SIZE")]
+    share_quota: Option<String>,
     /// Also trust this CA (PEM) for the egress proxy's TLS to upstream
     /// hosts, besides the system roots (a corporate proxy's CA, a local
     /// test server's). Repeatable.
@@ -115,6 +120,10 @@ impl VmArgs {
         spec.mounts = mounts;
         spec.fs_cache = FsCache::parse(&self.fs_cache)
             .with_context(|| format!("--fs-cache {}: not auto, never or always", self.fs_cache))?;
+        spec.share_quota = match &self.share_quota {
+            Some(q) => Some(sandbox::spec::parse_size(q).context("--share-quota")?),
+            None => None,
+        };
         spec.policy = PolicySpec::here(&self.select.selection())?;
         for ca in &self.upstream_ca {
             let ca = std::fs::canonicalize(ca)

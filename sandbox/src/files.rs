@@ -12,7 +12,8 @@ use sbx_audit::{AuditLog, Entry, RuleCite};
 use sbx_policy::{Access, Policy, Surface, Verdict};
 use sbx_protocol::cmdline::{check_guest_path, Share};
 use vmm::devices::virtio::fs::{
-    Change, FsAccess, FsCache, FsConfig, FsSupervisor, HostChanges, Refusal, RuleRef, WatchBudget,
+    Change, FsAccess, FsCache, FsConfig, FsSupervisor, HostChanges, Refusal, RuleRef, ShareQuota,
+    WatchBudget,
 };
 
 use crate::error::{fail, At, Result};
@@ -52,6 +53,7 @@ pub fn devices(
     policy: &Policy,
     log: &AuditLog,
     cache: FsCache,
+    quota: Option<u64>,
     supervisor: Arc<dyn FsSupervisor>,
 ) -> Result<(Vec<FsConfig>, Vec<Share>)> {
     let mut configs = Vec::new();
@@ -59,6 +61,7 @@ pub fn devices(
     // All the session's shares together take at most half the user's
     // inotify watches (under `auto`).
     let watches = WatchBudget::for_this_user();
+    let quota = quota.map(ShareQuota::new);
     for (i, m) in policy.mounts().iter().enumerate() {
         if let Err(e) = check_guest_path(m.guest) {
             fail!(Invalid, "mount {} ({}): {e}", m.rule.id, m.rule.location);
@@ -90,6 +93,7 @@ pub fn devices(
             cache,
             supervisor: supervisor.clone(),
             watches: watches.clone(),
+            quota: quota.clone(),
         });
     }
     Ok((configs, shares))

@@ -296,7 +296,13 @@ fn service(
         .start_reporting(log.clone())
         .at(|| "cannot start the dropped-records thread".into())?;
     let supervisor = FileSupervisor::new(policy.clone(), log.clone(), edits, limits.clone())?;
-    let (fs, shares) = files::devices(&policy, log, spec.fs_cache, supervisor.clone())?;
+    let (fs, shares) = files::devices(
+        &policy,
+        log,
+        spec.fs_cache,
+        spec.share_quota,
+        supervisor.clone(),
+    )?;
 
     // Egress: the proxy on its vsock port; the guest gets its CA.
     let egress = Egress::start(&spec.name, &spec.egress, policy.clone(), log.clone(), &host)?;

@@ -29,6 +29,10 @@ pub struct SessionSpec {
     pub mounts: Vec<MountSpec>,
     /// How long the guest may trust what it learnt about shared files.
     pub fs_cache: FsCache,
+    /// Bytes the guest may add to files in its shares, in all (None: as
+    /// much as the host's disk holds).
+    #[serde(default)]
+    pub share_quota: Option<u64>,
     pub policy: PolicySpec,
     #[serde(default)]
     pub egress: EgressSpec,
@@ -219,6 +223,41 @@ pub struct EgressSpec {
     pub resolve: Vec<Pin>,
 }
 
+/// Reads a size: bytes, or a number with K, M, G or T (powers of 1,024;
+/// `KiB`, `MB` and the like mean the same).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let shift = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => fail!(
+            Invalid,
+            "`{text}` is not a size: write bytes, or a number with K, M, G or T (512M, 10G)"
+        ),
+    };
+    match n
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+    {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => fail!(
+            Invalid,
+            "`{text}` is not a size: write bytes, or a number with K, M, G or T (512M, 10G)"
+        ),
+    }
+}
+
 impl SessionSpec {
     /// A session named `name` with the defaults `sbx start` uses: the
     /// [`VmSpec`] defaults, no shares, `auto` caching, the policy sbx finds
@@ -230,6 +269,7 @@ impl SessionSpec {
             vm: VmSpec::default(),
             mounts: Vec::new(),
             fs_cache: FsCache::Auto,
+            share_quota: None,
             policy: PolicySpec::here(&Selection::default())?,
             egress: EgressSpec::default(),
             env: Vec::new(),
@@ -328,6 +368,17 @@ mod tests {
         }
         let e = MountSpec::parse("/etc/hostname:/x").unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1 gb").unwrap(), 1 << 30);
+        for bad in ["", "0", "M", "1.5G", "12X", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

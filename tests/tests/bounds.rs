@@ -76,3 +76,38 @@ fn floods_of_refusals_and_console_reports_are_bounded_and_counted() {
         "{reports} reports recorded in {oopsing:.1} s"
     );
 }
+
+/// A guest writing without end into its workspace stops at the session's
+/// share quota: the host's disk keeps what the quota allows, rewriting
+/// inside a file still works, and the session keeps answering.
+#[test]
+fn a_share_quota_stops_a_guest_filling_the_host_disk() {
+    let host = Host::new();
+    let ws = host.dir.path().join("project");
+    std::fs::create_dir(&ws).unwrap();
+    host.ok_in(&ws, &["start", "--name", "q", "--share-quota", "4M"]);
+    let out = host.sh("q", "head -c 10485760 /dev/zero > big; echo $?");
+    assert!(
+        text(&out.stderr).contains("No space left on device"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_ne!(text(&out.stdout), "0\n");
+    let size = std::fs::metadata(ws.join("big")).unwrap().len();
+    eprintln!("10 MiB written under a 4 MiB share quota: {size} bytes reached the host");
+    assert!(size <= 4 << 20, "{size} bytes on the host");
+    let out = host.sh(
+        "q",
+        "printf x | dd of=big bs=1 seek=10 conv=notrunc 2>/dev/null && echo rewrote",
+    );
+    assert_eq!(text(&out.stdout), "rewrote\n", "{}", text(&out.stderr));
+    assert_eq!(host.ok(&["exec", "q", "--", "echo", "alive"]), "alive\n");
+    host.ok(&["stop", "q"]);
+    let refused = host
+        .events("q")
+        .into_iter()
+        .find(|r| r["rule_id"] == "share-quota")
+        .expect("the refusal is recorded");
+    assert_eq!(refused["decision"], "deny");
+    assert_eq!(refused["resource"], "/workspace/big");
+}

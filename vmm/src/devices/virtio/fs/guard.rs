@@ -45,7 +45,7 @@ use super::checks::{err, file_type, leaves_share, squash, writes, SETID};
 use super::host_watch::{self, HostChanges, HostWatch};
 use super::listing::{Listings, Offer};
 use super::nodes::Nodes;
-use super::{Change, FsAccess, FsCache, FsConfig, FsSupervisor, Refusal, RuleRef};
+use super::{Change, FsAccess, FsCache, FsConfig, FsSupervisor, Refusal, RuleRef, ShareQuota};
 
 /// What `auto` promises when host edits cannot be watched: a name or an
 /// attribute is trusted for a second, then asked for again.
@@ -63,6 +63,7 @@ pub struct Guard {
     pub(super) watch: Option<HostWatch>,
     /// How long the guest may trust names, their absence and attributes.
     cache: FsCache,
+    quota: Option<Arc<ShareQuota>>,
     pub(super) nodes: Nodes,
     /// Handles that have been written through since they were opened, so a
     /// file's change is reported once per open, not once per write.
@@ -98,6 +99,7 @@ impl Guard {
             mount_rule: config.mount_rule.clone(),
             watch,
             cache: config.cache,
+            quota: config.quota.clone(),
             nodes: Nodes::new(root_watch),
             written: Mutex::new(HashSet::new()),
             // Without it, the passthrough lists directories itself.
@@ -167,6 +169,47 @@ impl Guard {
 
     pub(super) fn watches_host(&self) -> bool {
         self.watch.is_some()
+    }
+
+    /// Under a share quota: the file's size before a write or allocation
+    /// that reaches `end`, or ENOSPC (reported) if its growth would not
+    /// fit. None without a quota.
+    fn grows(&self, ctx: &Context, inode: u64, handle: u64, end: u64) -> io::Result<Option<u64>> {
+        let Some(q) = &self.quota else {
+            return Ok(None);
+        };
+        let (st, _) = self.inner.getattr(ctx, inode, Some(handle))?;
+        let before = st.st_size.max(0) as u64;
+        if !q.fits(end.saturating_sub(before)) {
+            let path = self
+                .path_of(inode)
+                .unwrap_or_else(|_| self.guest_root.clone());
+            let refusal = Refusal {
+                rule: RuleRef {
+                    id: "share-quota".into(),
+                    layer: "session".into(),
+                    location: None,
+                },
+                reason: format!(
+                    "the session's shares may grow by {} bytes in all, and {} are used",
+                    q.limit(),
+                    q.used()
+                ),
+            };
+            self.supervisor.denied("write", &path, &refusal);
+            return Err(err(libc::ENOSPC));
+        }
+        Ok(Some(before))
+    }
+
+    /// Counts what a write or allocation added, measured on the host.
+    fn grew(&self, ctx: &Context, inode: u64, handle: u64, before: Option<u64>) {
+        let (Some(q), Some(before)) = (&self.quota, before) else {
+            return;
+        };
+        if let Ok((st, _)) = self.inner.getattr(ctx, inode, Some(handle)) {
+            q.add((st.st_size.max(0) as u64).saturating_sub(before));
+        }
     }
 
     fn created(&self, parent: u64, name: &CStr, path: &str, e: Entry) -> Entry {
@@ -530,6 +573,7 @@ impl FileSystem for Guard {
             return Err(err(libc::EROFS));
         }
         let _echo = self.own_inode(inode);
+        let before = self.grows(ctx, inode, handle, offset.saturating_add(size.into()))?;
         let n = self.inner.write(
             &squash(ctx),
             inode,
@@ -542,6 +586,7 @@ impl FileSystem for Guard {
             flags,
             fuse_flags,
         )?;
+        self.grew(ctx, inode, handle, before);
         let first = self
             .written
             .lock()
@@ -579,8 +624,11 @@ impl FileSystem for Guard {
             return Err(err(libc::EROFS));
         }
         let _echo = self.own_inode(inode);
+        let before = self.grows(ctx, inode, handle, offset.saturating_add(length))?;
         self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
+            .fallocate(ctx, inode, handle, mode, offset, length)?;
+        self.grew(ctx, inode, handle, before);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -20,6 +20,7 @@ mod tests;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,6 +118,44 @@ pub trait FsSupervisor: Send + Sync {
     fn host_changed(&self, _changes: &HostChanges) {}
 }
 
+/// The bytes the guest may add to files in a session's shares, shared by
+/// all of them: growth past a file's end (by writing or allocating) is
+/// counted; past the quota, writes that would grow a file fail with
+/// ENOSPC. Deleting gives nothing back, so the count is what the guest
+/// wrote new during the session.
+#[derive(Debug)]
+pub struct ShareQuota {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl ShareQuota {
+    pub fn new(limit: u64) -> Arc<ShareQuota> {
+        Arc::new(ShareQuota {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes added so far.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Whether `growth` more bytes fit.
+    fn fits(&self, growth: u64) -> bool {
+        self.used().saturating_add(growth) <= self.limit
+    }
+
+    fn add(&self, growth: u64) {
+        self.used.fetch_add(growth, Ordering::AcqRel);
+    }
+}
+
 /// How much of the host directory the guest kernel may cache.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,6 +212,8 @@ pub struct FsConfig {
     /// The inotify watches this share takes from, with the session's other
     /// shares (under `auto`).
     pub watches: Arc<WatchBudget>,
+    /// The bytes the guest may add, with the session's other shares.
+    pub quota: Option<Arc<ShareQuota>>,
 }
 
 impl std::fmt::Debug for FsConfig {

@@ -80,8 +80,22 @@ fn fixture_cached(read_only: bool, cache: FsCache) -> Fixture {
     fixture_sharing(read_only, cache, WatchBudget::new(1000))
 }
 
-/// A share whose watches come from `watches`, with the session's others.
+fn fixture_quota(quota: Arc<ShareQuota>) -> Fixture {
+    fixture_with(false, FsCache::Never, WatchBudget::new(1000), Some(quota))
+}
+
 fn fixture_sharing(read_only: bool, cache: FsCache, watches: Arc<WatchBudget>) -> Fixture {
+    fixture_with(read_only, cache, watches, None)
+}
+
+/// A share whose watches (and bytes, under a quota) come from budgets it
+/// shares with the session's others.
+fn fixture_with(
+    read_only: bool,
+    cache: FsCache,
+    watches: Arc<WatchBudget>,
+    quota: Option<Arc<ShareQuota>>,
+) -> Fixture {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let base = std::env::temp_dir().join(format!(
         "sbx-fs-test-{}-{}",
@@ -109,6 +123,7 @@ fn fixture_sharing(read_only: bool, cache: FsCache, watches: Arc<WatchBudget>) -
         cache,
         supervisor: rec.clone(),
         watches,
+        quota,
     })
     .unwrap();
     Fixture { root, fs, rec }
@@ -527,6 +542,41 @@ fn the_shares_of_a_session_share_one_watch_budget() {
     assert_eq!(budget.left(), 2, "a's root came back with a");
     drop(b);
     assert_eq!(budget.left(), 3);
+}
+
+/// A session's shares grow by at most their quota, in all: growth past a
+/// file's end is counted, rewriting within it is not, and what would pass
+/// the quota fails with ENOSPC, naming it.
+#[test]
+fn shares_grow_within_their_quota() {
+    let quota = ShareQuota::new(1000);
+    let a = fixture_quota(quota.clone());
+    let b = fixture_quota(quota.clone());
+    let e = a.fs.lookup(&ctx(), ROOT_ID, &c("file")).unwrap();
+    let (h, ..) = a.fs.open(&ctx(), e.inode, libc::O_RDWR as u32, 0).unwrap();
+    let h = h.unwrap();
+    // "hello" is 5 bytes: growing it to 600 adds 595.
+    a.fs.fallocate(&ctx(), e.inode, h, 0, 0, 600).unwrap();
+    assert_eq!(quota.used(), 595);
+    // Within the file's end: nothing added.
+    a.fs.fallocate(&ctx(), e.inode, h, 0, 100, 400).unwrap();
+    assert_eq!(quota.used(), 595);
+    // The other share draws on the same quota.
+    let (entry, h2, ..) =
+        b.fs.create(&ctx(), ROOT_ID, &c("new"), create_in(0o644))
+            .unwrap();
+    let h2 = h2.unwrap();
+    b.fs.fallocate(&ctx(), entry.inode, h2, 0, 0, 400).unwrap();
+    assert_eq!(quota.used(), 995);
+    assert_eq!(
+        code(a.fs.fallocate(&ctx(), e.inode, h, 0, 0, 2000)),
+        libc::ENOSPC
+    );
+    assert_eq!(std::fs::metadata(a.root.join("file")).unwrap().len(), 600);
+    assert_eq!(
+        a.rec.rules.lock().unwrap().last().map(|r| r.id.as_str()),
+        Some("share-quota")
+    );
 }
 
 /// A plus listing read in page-sized replies, as the guest kernel asks for
