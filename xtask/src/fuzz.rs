@@ -1,5 +1,7 @@
-//! `cargo xtask fuzz`: runs the policy fuzz targets with cargo-fuzz on the
-//! nightly toolchain (installing cargo-fuzz from crates.io if it is missing).
+//! `cargo xtask fuzz`: runs the fuzz targets (the policy's parser and
+//! matcher, the egress proxy's request heads and ClientHellos, the agent
+//! protocol's frames) with cargo-fuzz on the nightly toolchain (installing
+//! cargo-fuzz from crates.io if it is missing).
 
 use std::process::Command;
 
@@ -7,14 +9,21 @@ use anyhow::bail;
 
 use crate::{paths, proc};
 
-pub const TARGETS: [&str; 2] = ["parse", "decide"];
+/// Each target and the crate whose `fuzz/` folder holds it.
+pub const TARGETS: [(&str, &str); 5] = [
+    ("policy", "parse"),
+    ("policy", "decide"),
+    ("egress", "head"),
+    ("egress", "client_hello"),
+    ("protocol", "frames"),
+];
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Seconds per target.
     #[arg(long, default_value_t = 600)]
     seconds: u64,
-    /// Only this target (parse or decide).
+    /// Only this target (parse, decide, head, client_hello or frames).
     #[arg(long)]
     target: Option<String>,
 }
@@ -32,13 +41,13 @@ fn ensure_cargo_fuzz() -> anyhow::Result<()> {
 }
 
 /// Runs each target for `seconds`; a crash fails with the artifact's path.
-pub fn run_targets(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
+pub fn run_targets(targets: &[(&str, &str)], seconds: u64) -> anyhow::Result<()> {
     if !has_nightly() {
         bail!("cargo fuzz needs the nightly toolchain: `rustup toolchain install nightly`");
     }
     ensure_cargo_fuzz()?;
-    let dir = paths::workspace().join("policy");
-    for t in targets {
+    for (krate, t) in targets {
+        let dir = paths::workspace().join(krate);
         proc::step(&format!("fuzzing {t} for {seconds} s"));
         let corpus = dir.join("fuzz/corpus").join(t);
         proc::run(
@@ -58,12 +67,17 @@ pub fn run_targets(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<u8> {
-    let targets: Vec<&str> = match &args.target {
-        Some(t) if TARGETS.contains(&t.as_str()) => vec![t.as_str()],
-        Some(t) => bail!(
-            "unknown fuzz target `{t}`: the targets are {}",
-            TARGETS.join(", ")
-        ),
+    let targets: Vec<(&str, &str)> = match &args.target {
+        Some(t) => match TARGETS.iter().find(|(_, name)| name == t) {
+            Some(target) => vec![*target],
+            None => {
+                let names: Vec<&str> = TARGETS.iter().map(|(_, n)| *n).collect();
+                bail!(
+                    "unknown fuzz target `{t}`: the targets are {}",
+                    names.join(", ")
+                )
+            }
+        },
         None => TARGETS.to_vec(),
     };
     run_targets(&targets, args.seconds)?;
