@@ -25,12 +25,12 @@ fn record(log: &AuditLog, report: GuestReport, resource: &str, details: Value) {
 /// `on_ready` at every `agent_ready`. One connection is read at a time: a
 /// new one (the agent reconnecting, or root in the guest taking over)
 /// replaces the last, whose descriptor is closed at once, so connecting
-/// again and again holds nothing on the host. Records pass `throttle`.
+/// again and again holds nothing on the host. Records stay within `limits`.
 pub fn serve_events(
     conns: Receiver<UnixStream>,
     log: Arc<AuditLog>,
     session: String,
-    throttle: Arc<Limits>,
+    limits: Arc<Limits>,
     on_ready: Arc<dyn Fn() + Send + Sync>,
 ) {
     let mut current: Option<UnixStream> = None;
@@ -43,7 +43,7 @@ pub fn serve_events(
         let (log, session, limits, on_ready) = (
             log.clone(),
             session.clone(),
-            throttle.clone(),
+            limits.clone(),
             on_ready.clone(),
         );
         let read = move || read_events(conn, &log, &session, &limits, &*on_ready);
