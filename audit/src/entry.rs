@@ -196,6 +196,12 @@ impl Entry {
         }
     }
 
+    /// The session process confined itself (Landlock): how far the kernel
+    /// enforces it (`full`, `partial`, `none`), at which ABI, and to what.
+    pub fn confined(how: &str, details: Value) -> Entry {
+        session("confined", how, details)
+    }
+
     /// A credential rule grants a secret that was never stored.
     pub fn secret_missing(secret: &str, rule: &RuleInfo) -> Entry {
         Entry {

@@ -70,6 +70,27 @@ fn file_watches() -> Check {
     }
 }
 
+/// Sessions confine themselves with Landlock, as far as the kernel can.
+/// Not a failure without it: sessions then run unconfined.
+fn landlock() -> Check {
+    let (detail, fix) = match sandbox::confine::abi() {
+        Some(abi) => (
+            format!("Landlock ABI {abi}: sessions confine themselves to their state, audit log and shares"),
+            None,
+        ),
+        None => (
+            "no Landlock in this kernel: sessions run unconfined on the host's file systems".to_string(),
+            Some("use a kernel with Landlock enabled (Linux 5.13 or newer, `lsm=landlock,...`)".to_string()),
+        ),
+    };
+    Check {
+        name: "Landlock",
+        ok: true,
+        detail,
+        fix,
+    }
+}
+
 fn checks(kvm_path: &Path) -> (Vec<Check>, host::HostKvm) {
     let h = host::probe(kvm_path);
     let mut out = Vec::new();
@@ -144,6 +165,7 @@ fn checks(kvm_path: &Path) -> (Vec<Check>, host::HostKvm) {
         fix: None,
     });
     out.push(file_watches());
+    out.push(landlock());
     out.push(artifact(
         "guest kernel",
         &paths::default_kernel(),

@@ -8,6 +8,7 @@
 //! plane all drive sessions through this crate, not through the CLI.
 
 pub mod attach;
+pub mod confine;
 mod control;
 mod egress;
 mod error;

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use crate::guest::{self, ConsoleWatch};
 use crate::spec::{SessionSpec, VmSpec};
 use crate::state::{self, Dir, Info, Phase};
 use crate::throttle::Limits;
-use crate::{control, host_edits, paths, sys};
+use crate::{confine, control, host_edits, paths, sys};
 
 /// How long an audit record may wait in the page cache before it is synced.
 pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -304,6 +305,9 @@ fn service(
         supervisor.clone(),
     )?;
 
+    // From here on the guest can reach the session: confine it first.
+    confine(spec, &dir, &fs, log)?;
+
     // Egress: the proxy on its vsock port; the guest gets its CA.
     let egress = Egress::start(&spec.name, &spec.egress, policy.clone(), log.clone(), &host)?;
     let boot = Boot {
@@ -377,6 +381,59 @@ fn service(
         );
     }
     Ok(outcome)
+}
+
+/// Confines the session process to what it needs from here on (see
+/// [`confine`](crate::confine)) and records to what, and how far the kernel
+/// enforces it. `SBX_CONFINE_PROBE=PATH` (for tests) has it try to read
+/// PATH afterwards and record whether it could.
+fn confine(
+    spec: &SessionSpec,
+    dir: &Dir,
+    shares: &[vmm::devices::virtio::fs::FsConfig],
+    log: &AuditLog,
+) -> Result<()> {
+    let mut allowed = confine::Allowed::default();
+    allowed
+        .read
+        .extend(confine::SYSTEM.iter().map(PathBuf::from));
+    allowed.read.extend([
+        spec.vm.kernel.clone(),
+        spec.vm.initrd.clone(),
+        PathBuf::from("/dev/null"),
+        PathBuf::from("/dev/urandom"),
+        // The secret store, read as egress starts.
+        paths::config_dir(),
+        paths::state_dir().join("secrets"),
+    ]);
+    allowed.read.extend(spec.egress.upstream_ca.iter().cloned());
+    allowed
+        .read_write
+        .extend([spec.vm.kvm.clone(), dir.path.clone(), paths::audit_dir()]);
+    for s in shares {
+        let list = if s.read_only {
+            &mut allowed.read
+        } else {
+            &mut allowed.read_write
+        };
+        list.push(s.host_dir.clone());
+    }
+    let how = confine::restrict(&allowed)?;
+    let mut details = serde_json::json!({
+        "landlock_abi": confine::abi(),
+        "read": allowed.read,
+        "read_write": allowed.read_write,
+    });
+    if let Some(probe) = std::env::var_os("SBX_CONFINE_PROBE") {
+        let probe = PathBuf::from(probe);
+        let outcome = match confine::can_read(&probe) {
+            Ok(()) => "readable".to_string(),
+            Err(e) => e.to_string(),
+        };
+        details["probe"] = serde_json::json!({ "path": probe, "outcome": outcome });
+    }
+    log.record(Entry::confined(how.as_str(), details))?;
+    Ok(())
 }
 
 /// The session process (`sbx __session NAME`): serves session `name` from
