@@ -45,6 +45,22 @@ fn boots_with_1_2_and_4_vcpus_and_the_guest_sees_them() {
     }
 }
 
+/// The guest is told of the TSC-deadline timer KVM emulates, so its kernel
+/// uses it instead of calibrating the local APIC timer at boot.
+#[test]
+fn the_guest_sees_the_tsc_deadline_timer() {
+    require_real_kvm();
+    let out = sbx(&[
+        "boot",
+        "--",
+        "grep",
+        "-c",
+        "tsc_deadline_timer",
+        "/proc/cpuinfo",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
 #[test]
 fn guest_exit_status_and_output_come_back() {
     require_real_kvm();

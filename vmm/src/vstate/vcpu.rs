@@ -33,7 +33,14 @@ pub enum VcpuError {
 
 /// KVM's supported CPUID, fetched once per VM and then normalised per vCPU.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    // KVM emulates the TSC-deadline timer whenever it has the capability but
+    // leaves it out of the supported CPUID; without it the guest kernel
+    // calibrates its local APIC timer at boot (about 200 ms).
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        cpuid::advertise_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
 }
 
 pub struct Vcpu {

@@ -13,6 +13,7 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -57,6 +58,16 @@ fn id_bits(count: u32) -> u32 {
         .checked_ilog2()
         .map_or(0, |b| b + 1)
         .max(u32::from(count > 1))
+}
+
+/// Advertises the TSC-deadline timer (CPUID.1:ECX[24]), for a KVM that
+/// emulates it.
+pub fn advertise_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            e.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
 }
 
 /// Rewrites `cpuid` in place for vCPU `apic_id` of `count`.
