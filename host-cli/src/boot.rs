@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::bail;
 use sandbox::session::{Front, OneCommand};
 use sandbox::terminal::RawMode;
-use sandbox::{PolicySpec, SessionSpec};
+use sandbox::SessionSpec;
 use sbx_protocol::cmdline;
 use vmm::{BootTimings, Console, Mark, VmOutcome};
 
@@ -94,9 +94,8 @@ fn open_console(args: &Args, raw: &mut Option<RawMode>) -> sandbox::Result<Conso
 
 pub fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let name = format!("boot-{}-{}", std::process::id(), sandbox::sys::unix_secs());
-    let mut spec = SessionSpec::new(&name)?;
+    let mut spec = SessionSpec::new(&name, &args.select.selection())?;
     spec.vm = args.machine.vm_spec();
-    spec.policy = PolicySpec::here(&args.select.selection())?;
     let mut raw = None;
     let result = sandbox::session::run(
         &spec,

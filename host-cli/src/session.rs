@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sandbox::attach::{self, Request};
 use sandbox::state::{self, Dir, Phase};
-use sandbox::{launch, MountSpec, Pin, PolicySpec, SessionSpec, VmSpec};
+use sandbox::{launch, MountSpec, Pin, SessionSpec, VmSpec};
 use vmm::devices::virtio::fs::FsCache;
 
 use crate::policy_cmd;
@@ -115,7 +115,7 @@ impl VmArgs {
         for m in &self.mounts {
             mounts.push(MountSpec::parse(m)?);
         }
-        let mut spec = SessionSpec::new(name)?;
+        let mut spec = SessionSpec::new(name, &self.select.selection())?;
         spec.vm = self.machine.vm_spec();
         spec.mounts = mounts;
         spec.fs_cache = FsCache::parse(&self.fs_cache)
@@ -124,7 +124,6 @@ impl VmArgs {
             Some(q) => Some(sandbox::spec::parse_size(q).context("--share-quota")?),
             None => None,
         };
-        spec.policy = PolicySpec::here(&self.select.selection())?;
         for ca in &self.upstream_ca {
             let ca = std::fs::canonicalize(ca)
                 .with_context(|| format!("--upstream-ca {}: cannot read it", ca.display()))?;

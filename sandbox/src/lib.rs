@@ -26,6 +26,7 @@ pub mod terminal;
 mod throttle;
 
 pub use error::{Error, Result};
+pub use sbx_policy::Selection;
 pub use spec::{EgressSpec, MountSpec, Pin, PolicySpec, SessionSpec, VmSpec, WORKSPACE};
 
 /// Exit status for failures of sbx itself (as opposed to the guest

@@ -129,7 +129,7 @@ impl Status {
 
 /// Checks that this host can boot guests and that the guest kernel and
 /// initramfs exist.
-pub fn check_images(vm: &VmSpec) -> Result<()> {
+fn check_images(vm: &VmSpec) -> Result<()> {
     // The host first: on a host that cannot boot guests, nothing else matters.
     vmm::host::probe(&vm.kvm).check_bootable()?;
     if !vm.kernel.exists() {
@@ -150,7 +150,7 @@ pub fn check_images(vm: &VmSpec) -> Result<()> {
 }
 
 /// Records a decision and turns a denial into an error naming the rule.
-pub fn admit(
+fn admit(
     log: &AuditLog,
     surface: Surface,
     action: &str,

@@ -259,10 +259,11 @@ pub fn parse_size(text: &str) -> Result<u64> {
 }
 
 impl SessionSpec {
-    /// A session named `name` with the defaults `sbx start` uses: the
-    /// [`VmSpec`] defaults, no shares, `auto` caching, the policy sbx finds
-    /// from the current directory, no egress settings, no extra env.
-    pub fn new(name: &str) -> Result<SessionSpec> {
+    /// A session named `name` under the policy `selection` names, as seen
+    /// from the current directory, with the defaults `sbx start` uses: the
+    /// [`VmSpec`] defaults, no shares, `auto` caching, no egress settings,
+    /// no extra env.
+    pub fn new(name: &str, selection: &Selection) -> Result<SessionSpec> {
         state::check_name(name)?;
         Ok(SessionSpec {
             name: name.to_string(),
@@ -270,7 +271,7 @@ impl SessionSpec {
             mounts: Vec::new(),
             fs_cache: FsCache::Auto,
             share_quota: None,
-            policy: PolicySpec::here(&Selection::default())?,
+            policy: PolicySpec::here(selection)?,
             egress: EgressSpec::default(),
             env: Vec::new(),
         })
@@ -401,7 +402,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let share = dir.path().join("share");
         std::fs::create_dir(&share).unwrap();
-        let mut spec = SessionSpec::new("from-code").unwrap();
+        let mut spec = SessionSpec::new("from-code", &Selection::default()).unwrap();
         spec.vm.vcpus = 2;
         spec.vm.mem_mib = 512;
         spec.mounts.push(MountSpec::workspace(&share).unwrap());
@@ -435,7 +436,7 @@ mod tests {
         let mut none = spec.clone();
         none.vm.vcpus = 0;
         assert!(none.validate().is_err());
-        assert!(SessionSpec::new("../escape").is_err());
+        assert!(SessionSpec::new("../escape", &Selection::default()).is_err());
         // A spec edited on disk into nonsense is refused when read.
         std::fs::write(&path, "{\"name\": 3}").unwrap();
         let e = SessionSpec::read(&path).unwrap_err().to_string();

@@ -2,7 +2,7 @@
 //! the MCP gateway and the control plane will drive them: a spec built in
 //! code, started without the CLI, and then used like any other session.
 
-use sandbox::{launch, MountSpec, SessionSpec};
+use sandbox::{launch, MountSpec, Selection, SessionSpec};
 use sbx_tests::{sbx_bin, text, Host};
 
 #[test]
@@ -14,7 +14,7 @@ fn a_session_starts_from_a_spec_built_in_code() {
     let reference = tempfile::tempdir().unwrap();
     std::fs::write(reference.path().join("ref"), "read only\n").unwrap();
 
-    let mut spec = SessionSpec::new("from-code").unwrap();
+    let mut spec = SessionSpec::new("from-code", &Selection::default()).unwrap();
     spec.vm.vcpus = 2;
     spec.vm.mem_mib = 320;
     spec.mounts.push(MountSpec::workspace(ws.path()).unwrap());
