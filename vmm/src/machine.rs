@@ -22,6 +22,7 @@ use crate::devices::legacy::debug_port::{self, DebugPort};
 use crate::devices::legacy::i8042::{ResetLine, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialConsole, COM1_BASE, COM1_IRQ, COM1_LEN};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
 use crate::devices::virtio::fs::{Fs, FsConfig, FsError};
 use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
@@ -53,6 +54,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// One virtio-fs device per shared directory.
     pub fs: Vec<FsConfig>,
+    /// One virtio-blk device per disk image (the guest tells them apart by serial).
+    pub block: Vec<BlockConfig>,
 }
 
 /// The smallest memory a guest may be given; the kernel check gives a precise figure.
@@ -83,6 +86,8 @@ pub enum VmmError {
     },
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
     #[error("cannot start vCPU thread {index}: {source}")]
     Thread { index: u8, source: std::io::Error },
 }
@@ -140,6 +145,9 @@ pub fn run(
     }
     for fs in &config.fs {
         virtio.add(&vm, &mem, Box::new(Fs::new(fs)?))?;
+    }
+    for disk in &config.block {
+        virtio.add(&vm, &mem, Box::new(Block::new(disk)?))?;
     }
     let cmdline = virtio.cmdline(&config.cmdline);
     let entry = boot::load(

@@ -3,10 +3,14 @@
 //! it is ready, activated with its queues, which a worker thread of the
 //! device's own then serves.
 
+pub mod block;
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
+
+#[cfg(test)]
+pub(crate) mod test_ring;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -74,6 +78,63 @@ impl WorkerThread {
     pub(crate) fn stop(self) {
         let _ = self.stop.write(1);
         let _ = self.handle.join();
+    }
+}
+
+/// A device worker's loop over its queues: serves each queue once
+/// (requests may have been queued before the driver said it was ready),
+/// then each queue whose kick fires, until `stop` is readable. `device`
+/// names it in the log line if the loop itself fails.
+pub(crate) fn serve_kicks(
+    device: &str,
+    kicks: &[EventFd],
+    stop: &EventFd,
+    mut serve: impl FnMut(usize),
+) {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+    let epoll = Epoll::new().and_then(|epoll| {
+        for (i, k) in kicks.iter().enumerate() {
+            let ev = EpollEvent::new(EventSet::IN, i as u64);
+            epoll.ctl(ControlOperation::Add, k.as_raw_fd(), ev)?;
+        }
+        let ev = EpollEvent::new(EventSet::IN, u64::MAX);
+        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), ev)?;
+        Ok(epoll)
+    });
+    let epoll = match epoll {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "{device}: cannot wait for the driver; the device stops");
+            return;
+        }
+    };
+    for q in 0..kicks.len() {
+        serve(q);
+    }
+    let mut events = vec![EpollEvent::default(); kicks.len() + 1];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "{device}: epoll failed; the device stops");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match usize::try_from(ev.data()).ok().filter(|q| *q < kicks.len()) {
+                Some(q) => {
+                    let _ = kicks[q].read();
+                    serve(q);
+                }
+                None => {
+                    let _ = stop.read();
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -337,16 +337,9 @@ impl VirtioDevice for Fs {
             });
         }
         let (stop, worker_stop) = WorkerThread::stop_fds()?;
-        let worker = worker::Worker::new(
-            mem,
-            queues,
-            kicks,
-            interrupt,
-            worker_stop,
-            self.server.clone(),
-        )
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerThread::start("sbx-fs", stop, move || worker.run())?);
+        let worker = worker::Worker::new(mem, queues, interrupt, self.server.clone());
+        let run = move || worker.run(kicks, worker_stop);
+        self.worker = Some(WorkerThread::start("sbx-fs", stop, run)?);
         Ok(())
     }
 

@@ -1,91 +1,43 @@
 //! The device's thread: waits for queue notifications and answers each
 //! request chain through the FUSE server.
 
-use std::io::ErrorKind;
 use std::sync::Arc;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Guard;
 use crate::devices::virtio::interrupt::{Interrupt, INT_VRING};
+use crate::devices::virtio::serve_kicks;
 use crate::vstate::memory::GuestMemory;
 
 pub struct Worker {
     mem: GuestMemory,
     queues: Vec<Queue>,
-    kicks: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
-    stop: EventFd,
     server: Arc<Server<Arc<Guard>>>,
-    epoll: Epoll,
 }
 
 impl Worker {
     pub fn new(
         mem: GuestMemory,
         queues: Vec<Queue>,
-        kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
-        stop: EventFd,
         server: Arc<Server<Arc<Guard>>>,
-    ) -> std::io::Result<Self> {
-        let epoll = Epoll::new()?;
-        for (i, k) in kicks.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                std::os::fd::AsRawFd::as_raw_fd(k),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            std::os::fd::AsRawFd::as_raw_fd(&stop),
-            EpollEvent::new(EventSet::IN, u64::MAX),
-        )?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             mem,
             queues,
-            kicks,
             interrupt,
-            stop,
             server,
-            epoll,
-        })
+        }
     }
 
-    pub fn run(mut self) {
-        let mut events = vec![EpollEvent::default(); 4];
-        // Requests may have been queued before the driver said it was ready.
-        for q in 0..self.queues.len() {
-            self.serve(q);
-        }
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, "virtio-fs: epoll failed; the device stops");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    u64::MAX => {
-                        let _ = self.stop.read();
-                        return;
-                    }
-                    q => {
-                        let q = q as usize;
-                        let _ = self.kicks[q].read();
-                        self.serve(q);
-                    }
-                }
-            }
-        }
+    /// Serves the queues until `stop` is readable.
+    pub fn run(mut self, kicks: Vec<EventFd>, stop: EventFd) {
+        serve_kicks("virtio-fs", &kicks, &stop, |q| self.serve(q));
     }
 
     /// Answers every request in queue `q`, then interrupts once.
