@@ -36,6 +36,24 @@ struct User {
     name: String,
 }
 
+/// The user's groups from /etc/group, the primary one first (what a
+/// login gives, so `agent` is in `sudo` as the image says).
+fn groups_of(user: &User) -> Vec<libc::gid_t> {
+    let mut groups = vec![user.gid];
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 4 && f[3].split(',').any(|m| m == user.name) {
+            if let Ok(gid) = f[2].parse() {
+                if !groups.contains(&gid) {
+                    groups.push(gid);
+                }
+            }
+        }
+    }
+    groups
+}
+
 /// A user name from /etc/passwd, or a numeric uid (gid = uid) for users the
 /// image does not list.
 fn resolve_user(spec: &str) -> Result<User, String> {
@@ -144,10 +162,23 @@ pub fn spawn(req: &ExecRequest) -> Result<Process, SpawnError> {
         .current_dir(cwd.as_str());
     if let Some(spec) = &req.user {
         let user = resolve_user(spec).map_err(|m| fail(m, 126))?;
-        cmd.uid(user.uid)
-            .gid(user.gid)
-            .env("HOME", &user.home)
-            .env("USER", &user.name);
+        let groups = groups_of(&user);
+        let (uid, gid) = (user.uid, user.gid);
+        // std's `uid` would drop every supplementary group; set them here.
+        // SAFETY: only async-signal-safe calls between fork and exec, on
+        // memory prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.env("HOME", &user.home).env("USER", &user.name);
     }
     for (k, v) in DEFAULT_ENV.get().into_iter().flatten() {
         cmd.env(k, v);

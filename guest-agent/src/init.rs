@@ -12,7 +12,7 @@ pub fn shares() -> &'static [String] {
 }
 
 /// True if `fstype` is mounted on `target` (now or already).
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> bool {
+pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> bool {
     let _ = std::fs::create_dir_all(target);
     let c = |s: &str| CString::new(s).unwrap_or_default();
     let (src, tgt, fs, d) = (c(source), c(target), c(fstype), c(data));
@@ -112,6 +112,9 @@ fn widen_readahead(target: &str) {
         eprintln!("sbx-guest-agent: cannot widen read-ahead of {target} ({bdi}): {e}");
     }
 }
+
+/// The guest's host name.
+pub const HOSTNAME: &str = "sbx";
 
 pub fn set_hostname(name: &str) {
     // SAFETY: passes a valid buffer and its length.

@@ -14,6 +14,7 @@ mod init;
 mod reaper;
 mod refresh;
 mod report;
+mod root;
 mod run;
 mod session;
 mod vsock;
@@ -22,7 +23,7 @@ fn main() {
     let is_init = std::process::id() == 1;
     if is_init {
         init::mount_pseudo_filesystems();
-        init::set_hostname("sbx");
+        init::set_hostname(init::HOSTNAME);
     }
     report::send(sbx_protocol::debug_port::Report::AgentStarted);
 
@@ -38,6 +39,15 @@ fn main() {
         boot
     });
     if let Some(b) = &boot {
+        if let (true, Some(root)) = (is_init, &b.root) {
+            // Asked for an image, a session in the initramfs would be a
+            // different machine than asked for: stop instead.
+            if let Err(e) = root::switch(root) {
+                eprintln!("sbx-guest-agent: cannot make the image the root: {e}");
+                init::drain_console();
+                init::reboot();
+            }
+        }
         if is_init {
             init::mount_shares(&b.shares);
         }

@@ -18,6 +18,10 @@ pub const SESSION: &str = "sbx.session";
 pub const SHARE: &str = "sbx.fs";
 /// Where commands start when a request names no directory.
 pub const WORKDIR: &str = "sbx.workdir";
+/// The root file system from disks: `sbx.root=IMAGE[,LAYER]`, each the
+/// serial of a virtio-blk device: IMAGE read-only, LAYER the writable layer
+/// joined over it (a RAM-backed layer when absent).
+pub const ROOT: &str = "sbx.root";
 /// The session CA (its PEM body: the base64 of the DER, no line breaks);
 /// present only when the session has egress.
 pub const EGRESS_CA: &str = "sbx.egress";
@@ -26,6 +30,8 @@ pub const EGRESS_CA: &str = "sbx.egress";
 pub enum CmdlineError {
     #[error("guest command argument {0:?} contains a double quote, which the kernel command line cannot carry")]
     Quote(String),
+    #[error("the disk serial {0:?} is not 1 to 20 letters, digits, '-', '_' or '.'")]
+    Serial(String),
     #[error(
         "the guest path {path:?} contains {found:?}; use letters, digits, '/', '-', '_' and '.'"
     )]
@@ -40,6 +46,14 @@ pub struct Share {
     pub read_only: bool,
 }
 
+/// The disks the guest's root is made of, by serial (at most 20 bytes:
+/// letters, digits, `-`, `_`, `.`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Root {
+    pub image: String,
+    pub layer: Option<String>,
+}
+
 /// Everything the host says at boot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Boot {
@@ -47,6 +61,8 @@ pub struct Boot {
     pub session: bool,
     pub shares: Vec<Share>,
     pub workdir: Option<String>,
+    /// A root from disks ([`ROOT`]); the initramfs stays the root when None.
+    pub root: Option<Root>,
     /// The session CA's PEM body ([`EGRESS_CA`]).
     pub egress_ca: Option<String>,
     /// The command after `--`; None when there is no `--`.
@@ -64,6 +80,20 @@ pub fn check_guest_path(path: &str) -> Result<(), CmdlineError> {
             found,
         }),
         None => Ok(()),
+    }
+}
+
+/// Disk serials travel in `sbx.root=` and are what the guest finds its
+/// disks by; the device holds 20 bytes.
+pub fn check_serial(serial: &str) -> Result<(), CmdlineError> {
+    let ok = (1..=20).contains(&serial.len())
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(CmdlineError::Serial(serial.to_string()))
     }
 }
 
@@ -101,6 +131,17 @@ impl Boot {
         if let Some(w) = &self.workdir {
             check_guest_path(w)?;
             words.push(format!("{WORKDIR}={w}"));
+        }
+        if let Some(root) = &self.root {
+            let mut word = format!("{ROOT}={}", root.image);
+            if let Some(layer) = &root.layer {
+                word.push(',');
+                word.push_str(layer);
+            }
+            for serial in std::iter::once(&root.image).chain(&root.layer) {
+                check_serial(serial)?;
+            }
+            words.push(word);
         }
         if let Some(ca) = &self.egress_ca {
             words.push(format!("{EGRESS_CA}={ca}"));
@@ -146,10 +187,25 @@ impl Boot {
                 }
             })
             .collect();
+        let root = value(ROOT).into_iter().filter_map(|spec| {
+            let mut parts = spec.split(',');
+            let image = parts.next().unwrap_or_default().to_string();
+            let layer = parts.next().map(str::to_string);
+            let all_ok = std::iter::once(&image)
+                .chain(&layer)
+                .all(|s| check_serial(s).is_ok());
+            if !all_ok || parts.next().is_some() {
+                bad.push(format!("{ROOT}={spec}"));
+                return None;
+            }
+            Some(Root { image, layer })
+        });
+        let root = root.last();
         let boot = Boot {
             session: params.iter().any(|w| w == SESSION),
             shares,
             workdir: value(WORKDIR).pop().map(str::to_string),
+            root,
             egress_ca: value(EGRESS_CA).pop().map(str::to_string),
             command: at.map(|i| words[i + 1..].to_vec()),
         };
@@ -209,6 +265,10 @@ mod tests {
                 },
             ],
             workdir: Some("/workspace".into()),
+            root: Some(Root {
+                image: "sbx-image".into(),
+                layer: Some("sbx-layer".into()),
+            }),
             egress_ca: Some("QUJD".into()),
             command: None,
         };
@@ -216,7 +276,8 @@ mod tests {
         assert_eq!(
             line,
             "console=ttyS0 reboot=k panic=-1 quiet noxsave sbx.session \
-             sbx.fs=sbx0,/workspace,rw sbx.fs=sbx1,/ref,ro sbx.workdir=/workspace sbx.egress=QUJD"
+             sbx.fs=sbx0,/workspace,rw sbx.fs=sbx1,/ref,ro sbx.workdir=/workspace \
+             sbx.root=sbx-image,sbx-layer sbx.egress=QUJD"
         );
         assert_eq!(Boot::parse(&line), (boot, Vec::new()));
     }
@@ -262,5 +323,26 @@ mod tests {
         let (b, bad) = Boot::parse("sbx.fs=onlytag sbx.fs=t,/ok,ro");
         assert_eq!(bad, ["sbx.fs=onlytag"]);
         assert_eq!(b.shares.len(), 1);
+        let (b, bad) = Boot::parse("sbx.root=a/b sbx.root=a,b,c");
+        assert_eq!(bad, ["sbx.root=a/b", "sbx.root=a,b,c"]);
+        assert_eq!(b.root, None);
+        assert_eq!(
+            Boot::parse("sbx.root=img").0.root,
+            Some(Root {
+                image: "img".into(),
+                layer: None
+            })
+        );
+        let long = Boot {
+            root: Some(Root {
+                image: "x".repeat(21),
+                layer: None,
+            }),
+            ..Boot::default()
+        };
+        assert!(matches!(
+            long.encode("x", &[]),
+            Err(CmdlineError::Serial(_))
+        ));
     }
 }
