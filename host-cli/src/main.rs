@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod audit_cmd;
 mod boot;
 mod doctor;
+mod image_cmd;
 mod policy_cmd;
 mod secret_cmd;
 mod session;
@@ -55,6 +56,8 @@ enum Command {
     Rm(session::RmArgs),
     /// Run one command in a fresh session that is removed afterwards.
     Run(session::RunArgs),
+    /// Pull, import, list and remove the images sessions boot from.
+    Image(image_cmd::Args),
     /// Boot a guest kernel directly and run one command in it (low level).
     Boot(boot::Args),
     /// Check, explain and show policy; sign organisation bundles.
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Run(args) => session::run(args),
         Command::Session(args) => session::serve(args),
         Command::Boot(args) => boot::run(args, start),
+        Command::Image(args) => image_cmd::run(args),
         Command::Policy(args) => policy_cmd::run(args),
         Command::Secret(args) => secret_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(args),

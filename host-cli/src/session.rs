@@ -22,7 +22,11 @@ Examples:
 
 The session runs in the background until `sbx stop`. The policy (see `sbx
 policy show`) must allow its vCPUs and memory; every decision and guest
-event goes to its audit log (`sbx events NAME`).")]
+event goes to its audit log (`sbx events NAME`).
+
+`sbx start NAME` on a stopped session starts it again as it was first
+started; booted from an image (--image), it keeps its disk, so what was
+written in it is still there. `sbx rm NAME` deletes the session and its disk.")]
 pub struct StartArgs {
     /// Session name (letters, digits, '-', '_', '.'); default: s1, s2, ...
     #[arg(long)]
@@ -100,6 +104,16 @@ pub struct VmArgs {
     /// loopback one needs a network rule that names it.
     #[arg(long, value_name = "NAME:ADDR")]
     resolve: Vec<String>,
+    /// Boot from this image (see `sbx image ls`; `NAME@sha256:…` pins its
+    /// digest) instead of the built-in initramfs. Writes go to the
+    /// session's own disk, joined over the read-only image.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+    /// Size of the session's disk with --image (sparse: only what the guest
+    /// writes takes host space; past it the guest gets "No space left on
+    /// device"). Default: 8G.
+    #[arg(long, value_name = "SIZE", requires = "image")]
+    disk: Option<String>,
     #[command(flatten)]
     select: policy_cmd::Select,
 }
@@ -131,6 +145,13 @@ impl VmArgs {
         }
         for r in &self.resolve {
             spec.egress.resolve.push(Pin::parse(r)?);
+        }
+        if let Some(image) = &self.image {
+            let size = match &self.disk {
+                Some(d) => Some(sandbox::spec::parse_size(d).context("--disk")?),
+                None => None,
+            };
+            spec.root = Some(sandbox::disks::resolve(image, size)?);
         }
         Ok(spec)
     }
@@ -242,6 +263,9 @@ Examples:
 Starts a session, runs the command in it, stops and removes the session,
 and exits with the command's status.")]
 pub struct RunArgs {
+    /// Session name while it runs (default: run-PID-TIME).
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     vm: VmArgs,
     #[command(flatten)]
@@ -291,8 +315,30 @@ fn start_session(spec: &SessionSpec, quiet: bool) -> anyhow::Result<Dir> {
 }
 
 pub fn start(a: StartArgs) -> anyhow::Result<u8> {
+    if let Some(name) = &a.name {
+        if let Ok((_, info)) = Dir::existing(name) {
+            if !matches!(info.state, Phase::Running | Phase::Starting) {
+                return restart(name);
+            }
+        }
+    }
     let name = a.name.clone().unwrap_or_else(launch::first_free_name);
     start_session(&a.vm.spec(&name)?, false)?;
+    println!("{name}");
+    Ok(0)
+}
+
+/// `sbx start NAME` on a stopped session: the same session again.
+fn restart(name: &str) -> anyhow::Result<u8> {
+    let sbx = std::env::current_exe().context("cannot find the sbx binary")?;
+    let started = std::time::Instant::now();
+    launch::restart(name, &sbx, || {
+        eprintln!("sbx: starting stopped session `{name}` again, as it was started (with its disk, if it has one)...");
+    })?;
+    eprintln!(
+        "sbx: session `{name}` is ready ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     println!("{name}");
     Ok(0)
 }
@@ -326,15 +372,31 @@ fn uptime(info: &state::Info) -> String {
     }
 }
 
+/// A session's image (from its spec) and the host bytes its disk takes.
+fn image_and_disk(dir: &Dir) -> (Option<String>, Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    let image = SessionSpec::read(&dir.spec_path())
+        .ok()
+        .and_then(|s| s.root)
+        .map(|r| r.image);
+    let disk = std::fs::metadata(sandbox::disks::layer_path(&dir.name))
+        .ok()
+        .map(|m| m.blocks() * 512);
+    (image, disk)
+}
+
 pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
-    let sessions: Vec<state::Info> = state::all()
+    let sessions: Vec<(state::Info, Option<String>, Option<u64>)> = state::all()
         .iter()
-        .filter_map(|d| d.status().ok())
+        .filter_map(|d| {
+            let (image, disk) = image_and_disk(d);
+            d.status().ok().map(|i| (i, image, disk))
+        })
         .collect();
     if a.json {
         let docs: Vec<serde_json::Value> = sessions
             .iter()
-            .map(|i| {
+            .map(|(i, image, disk)| {
                 let mut v = serde_json::to_value(i).unwrap_or_default();
                 v["uptime_s"] = match i.state {
                     Phase::Running | Phase::Starting => {
@@ -342,6 +404,8 @@ pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
                     }
                     _ => serde_json::Value::Null,
                 };
+                v["image"] = image.clone().into();
+                v["disk_bytes"] = (*disk).into();
                 v
             })
             .collect();
@@ -349,18 +413,20 @@ pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
     println!(
-        "{:<20} {:<9} {:>8} {:>5} {:>8} {:>8}",
-        "NAME", "STATE", "UPTIME", "VCPUS", "MEM", "PID"
+        "{:<20} {:<9} {:>8} {:>5} {:>8} {:>8}  {:<16} {:>9}",
+        "NAME", "STATE", "UPTIME", "VCPUS", "MEM", "PID", "IMAGE", "DISK"
     );
-    for i in &sessions {
+    for (i, image, disk) in &sessions {
         println!(
-            "{:<20} {:<9} {:>8} {:>5} {:>7}M {:>8}",
+            "{:<20} {:<9} {:>8} {:>5} {:>7}M {:>8}  {:<16} {:>9}",
             i.name,
             i.state,
             uptime(i),
             i.vcpus,
             i.mem_mib,
-            i.pid
+            i.pid,
+            image.as_deref().unwrap_or("(initramfs)"),
+            disk.map_or("-".into(), sbx_image::store::human)
         );
     }
     Ok(0)
@@ -385,15 +451,17 @@ pub fn rm(a: RmArgs) -> anyhow::Result<u8> {
             }
             launch::stop(&dir, info.pid, Duration::from_secs(10));
         }
-        std::fs::remove_dir_all(&dir.path)
-            .with_context(|| format!("cannot remove {}", dir.path.display()))?;
+        launch::remove(&dir)?;
         eprintln!("sbx: removed session `{name}`");
     }
     Ok(0)
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<u8> {
-    let name = format!("run-{}-{}", std::process::id(), sandbox::sys::unix_secs());
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("run-{}-{}", std::process::id(), sandbox::sys::unix_secs()));
     let dir = start_session(&a.vm.spec(&name)?, true)?;
     let result = a
         .opts
@@ -403,6 +471,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
     if let Ok(info) = dir.read_info() {
         launch::end_process(&dir, info.pid, Duration::from_secs(10));
     }
-    let _ = std::fs::remove_dir_all(&dir.path);
+    if let Err(e) = launch::remove(&dir) {
+        eprintln!("sbx: {e}");
+    }
     result
 }

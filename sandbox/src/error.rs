@@ -22,6 +22,8 @@ pub enum Error {
     Vmm(#[from] vmm::VmmError),
     #[error(transparent)]
     Host(#[from] vmm::host::HostError),
+    #[error(transparent)]
+    Image(sbx_image::ImageError),
     /// A session did not come up, or is not in a state to do what was asked.
     #[error("{0}")]
     Session(String),

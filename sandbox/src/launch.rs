@@ -57,11 +57,31 @@ pub fn start(spec: &SessionSpec, sbx: &Path, starting: impl FnOnce()) -> Result<
         }
         return Err(e).at(|| format!("cannot create {}", dir.path.display()));
     }
+    // A disk the session had before (see `disks`) is kept whatever happens;
+    // one this start made goes with a failed start.
+    let had_disk = crate::disks::layer_path(name).exists();
     let result = spawn(spec, &dir, sbx, starting);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir.path);
+        if !had_disk {
+            let _ = crate::disks::remove_layer(name);
+        }
     }
     result.map(|()| dir)
+}
+
+/// Starts a stopped (or dead) session again from the spec it was started
+/// with: a session booted from an image comes back with its disk, and so
+/// with everything written to it.
+pub fn restart(name: &str, sbx: &Path, starting: impl FnOnce()) -> Result<Dir> {
+    let (dir, info) = Dir::existing(name)?;
+    if matches!(info.state, Phase::Running | Phase::Starting) {
+        fail!(Invalid, "session `{name}` is already {}", info.state);
+    }
+    let spec = SessionSpec::read(&dir.spec_path())?;
+    spec.validate()?;
+    spawn(&spec, &dir, sbx, starting)?;
+    Ok(dir)
 }
 
 fn spawn(spec: &SessionSpec, dir: &Dir, sbx: &Path, starting: impl FnOnce()) -> Result<()> {
@@ -181,4 +201,10 @@ fn mark_stopped(dir: &Dir, why: &str) {
     for p in [dir.ctl_path(), dir.vsock_path()] {
         let _ = std::fs::remove_file(p);
     }
+}
+
+/// Removes a session that is not running: its directory and its disk.
+pub fn remove(dir: &Dir) -> Result<()> {
+    std::fs::remove_dir_all(&dir.path).at(|| format!("cannot remove {}", dir.path.display()))?;
+    crate::disks::remove_layer(&dir.name)
 }

@@ -10,6 +10,7 @@
 pub mod attach;
 pub mod confine;
 mod control;
+pub mod disks;
 mod egress;
 mod error;
 mod files;
@@ -27,7 +28,7 @@ mod throttle;
 
 pub use error::{Error, Result};
 pub use sbx_policy::Selection;
-pub use spec::{EgressSpec, MountSpec, Pin, PolicySpec, SessionSpec, VmSpec, WORKSPACE};
+pub use spec::{EgressSpec, MountSpec, Pin, PolicySpec, RootSpec, SessionSpec, VmSpec, WORKSPACE};
 
 /// Exit status for failures of sbx itself (as opposed to the guest
 /// command's own status), following `docker run`'s convention.

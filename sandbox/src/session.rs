@@ -31,7 +31,7 @@ use crate::guest::{self, ConsoleWatch};
 use crate::spec::{SessionSpec, VmSpec};
 use crate::state::{self, Dir, Info, Phase};
 use crate::throttle::Limits;
-use crate::{confine, control, host_edits, paths, sys};
+use crate::{confine, control, disks, host_edits, paths, sys};
 
 /// How long an audit record may wait in the page cache before it is synced.
 pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -185,6 +185,7 @@ fn vm_config(
     base: &str,
     vsock: Option<VsockConfig>,
     fs: Vec<vmm::devices::virtio::fs::FsConfig>,
+    block: Vec<vmm::devices::virtio::block::BlockConfig>,
 ) -> Result<VmConfig> {
     // TCG does not intercept a nested guest's XSETBV.
     let quirks: &[&str] = if vmm::host::nested_under_tcg() {
@@ -206,6 +207,7 @@ fn vm_config(
         lifetime: policy.lifetime().map(|(d, _)| d),
         vsock,
         fs,
+        block,
     })
 }
 
@@ -273,7 +275,15 @@ fn one_command(
         command: (!c.command.is_empty()).then(|| c.command.clone()),
         ..Boot::default()
     };
-    let config = vm_config(spec, policy, &boot, &c.cmdline, None, Vec::new())?;
+    let config = vm_config(
+        spec,
+        policy,
+        &boot,
+        &c.cmdline,
+        None,
+        Vec::new(),
+        Vec::new(),
+    )?;
     let console = (c.console)()?;
     Ok(vmm::run(&config, console, c.timings)?)
 }
@@ -305,8 +315,17 @@ fn service(
         supervisor.clone(),
     )?;
 
+    // The root from an image: its disk and the session's writable layer.
+    let (block, root) = match &spec.root {
+        Some(r) => {
+            let (disks, root) = disks::devices(&spec.name, r)?;
+            (disks, Some(root))
+        }
+        None => (Vec::new(), None),
+    };
+
     // From here on the guest can reach the session: confine it first.
-    confine(spec, &dir, &fs, log)?;
+    confine(spec, &dir, &fs, &block, log)?;
 
     // Egress: the proxy on its vsock port; the guest gets its CA.
     let egress = Egress::start(&spec.name, &spec.egress, policy.clone(), log.clone(), &host)?;
@@ -314,10 +333,18 @@ fn service(
         session: true,
         shares,
         workdir: spec.workdir().map(str::to_string),
+        root,
         egress_ca: Some(egress.ca_body()),
         command: None,
     };
-    let mut env = spec.env.clone();
+    let mut env: Vec<(String, String)> = spec
+        .root
+        .iter()
+        .flat_map(|r| &r.env)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.extend(spec.env.iter().cloned());
     env.extend(egress.guest_env());
 
     // The guest's reports: its first `agent_ready` makes the session running.
@@ -350,7 +377,7 @@ fn service(
         reserved_ports: vec![AGENT_PORT],
         host,
     };
-    let config = vm_config(spec, &policy, &boot, cmdline::BASE, Some(vsock), fs)?;
+    let config = vm_config(spec, &policy, &boot, cmdline::BASE, Some(vsock), fs, block)?;
     let file = File::create(dir.console_path())
         .at(|| format!("cannot create {}", dir.console_path().display()))?;
     let console = Console {
@@ -391,6 +418,7 @@ fn confine(
     spec: &SessionSpec,
     dir: &Dir,
     shares: &[vmm::devices::virtio::fs::FsConfig],
+    disks: &[vmm::devices::virtio::block::BlockConfig],
     log: &AuditLog,
 ) -> Result<()> {
     let mut allowed = confine::Allowed::default();
@@ -417,6 +445,14 @@ fn confine(
             &mut allowed.read_write
         };
         list.push(s.host_dir.clone());
+    }
+    for d in disks {
+        let list = if d.read_only {
+            &mut allowed.read
+        } else {
+            &mut allowed.read_write
+        };
+        list.push(d.path.clone());
     }
     let how = confine::restrict(&allowed)?;
     let mut details = serde_json::json!({

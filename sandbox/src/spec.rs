@@ -40,6 +40,26 @@ pub struct SessionSpec {
     /// placeholders and the caller's own.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// The guest's root from an image; None keeps the initramfs as root.
+    #[serde(default)]
+    pub root: Option<RootSpec>,
+}
+
+/// A root file system from an image, with the session's writable layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSpec {
+    /// The image's name in the store, and its manifest digest when the
+    /// spec was made.
+    pub image: String,
+    pub digest: String,
+    /// The image's read-only root file system.
+    pub path: PathBuf,
+    /// The writable layer's size in bytes (sparse: only what is written
+    /// takes host disk).
+    pub layer_size: u64,
+    /// The image's own environment (`NAME=VALUE`).
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +294,7 @@ impl SessionSpec {
             policy: PolicySpec::here(selection)?,
             egress: EgressSpec::default(),
             env: Vec::new(),
+            root: None,
         })
     }
 

@@ -157,7 +157,7 @@ impl Dir {
             Phase::Starting => fail!(Session, "session `{name}` is still starting; try again in a moment"),
             state => fail!(
                 Session,
-                "session `{name}` is not running (it is {state}); `sbx rm {name}` removes it, `sbx start --name {name}` starts a new one after that"
+                "session `{name}` is not running (it is {state}); `sbx start --name {name}` starts it again, `sbx rm {name}` removes it"
             ),
         }
     }
