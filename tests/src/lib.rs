@@ -106,9 +106,18 @@ pub fn read_until(
 }
 
 /// A private runtime and state directory, so that tests cannot see each
-/// other's sessions; every session left running is killed on drop.
+/// other's sessions; every session left running is killed on drop. Its
+/// image store is the suite's (`$SBX_TEST_IMAGES`, where `cargo xtask
+/// test` imported the base image), read-only in the nested test host.
 pub struct Host {
     pub dir: tempfile::TempDir,
+}
+
+/// The image store `cargo xtask test` prepared, holding `base`.
+pub fn test_images() -> PathBuf {
+    PathBuf::from(std::env::var_os("SBX_TEST_IMAGES").expect(
+        "SBX_TEST_IMAGES names the image store with the base image; run the suite with `cargo xtask test`",
+    ))
 }
 
 impl Default for Host {
@@ -130,12 +139,16 @@ impl Host {
     }
 
     /// The directories sbx is pointed at, as environment variables.
-    pub fn env(&self) -> [(&'static str, PathBuf); 3] {
-        [
+    pub fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut env = vec![
             ("SBX_RUNTIME_DIR", self.runtime()),
             ("SBX_STATE_DIR", self.dir.path().join("state")),
             ("SBX_CONFIG_DIR", self.dir.path().join("config")),
-        ]
+        ];
+        if let Some(images) = std::env::var_os("SBX_TEST_IMAGES") {
+            env.push(("SBX_CACHE_DIR", PathBuf::from(images)));
+        }
+        env
     }
 
     /// Points this test process itself at the host's directories, for

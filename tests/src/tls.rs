@@ -68,13 +68,30 @@ pub type Seen = Arc<Mutex<Vec<String>>>;
 /// An HTTPS server on `bind` that records each request head and answers
 /// 200 with [`BODY`]. Connections that never send a head are not recorded.
 pub fn https_server(bind: &str, cfg: Arc<ServerConfig>) -> (SocketAddr, Seen) {
+    https_server_with(
+        bind,
+        cfg,
+        Arc::new(|_: &str| (200, BODY.as_bytes().to_vec())),
+    )
+}
+
+/// What a test server answers to a request head: status and body.
+pub type Responder = Arc<dyn Fn(&str) -> (u16, Vec<u8>) + Send + Sync>;
+
+/// An HTTPS server on `bind` that records each request head and answers
+/// with `respond` (one request per connection).
+pub fn https_server_with(
+    bind: &str,
+    cfg: Arc<ServerConfig>,
+    respond: Responder,
+) -> (SocketAddr, Seen) {
     let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
     let addr = listener.local_addr().unwrap();
     let seen: Seen = Arc::default();
     let s2 = seen.clone();
     std::thread::spawn(move || {
         for c in listener.incoming().flatten() {
-            let (cfg, seen) = (cfg.clone(), s2.clone());
+            let (cfg, seen, respond) = (cfg.clone(), s2.clone(), respond.clone());
             std::thread::spawn(move || {
                 let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), c);
                 let mut r = BufReader::new(&mut s);
@@ -89,12 +106,14 @@ pub fn https_server(bind: &str, cfg: Arc<ServerConfig>) -> (SocketAddr, Seen) {
                 if head.is_empty() {
                     return;
                 }
-                seen.lock().unwrap().push(head);
+                seen.lock().unwrap().push(head.clone());
+                let (status, body) = respond(&head);
                 let _ = write!(
                     s,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
-                    BODY.len()
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
                 );
+                let _ = s.write_all(&body);
                 let _ = s.flush();
                 s.conn.send_close_notify();
                 let _ = s.flush();

@@ -38,6 +38,7 @@ fn repeated_boots_leak_no_threads_or_fds() {
         lifetime: None,
         vsock: None,
         fs: Vec::new(),
+        block: Vec::new(),
     };
     let boot = || {
         let console = Console {

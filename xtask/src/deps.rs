@@ -19,6 +19,8 @@ pub const KERNEL_BUILD: &[&str] = &[
 ];
 pub const ROOTFS: &[&str] = &["busybox-static", "git", "curl", "ca-certificates"];
 pub const NESTED: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
+/// Building and converting guest images.
+pub const IMAGES: &[&str] = &["mmdebstrap", "e2fsprogs", "curl"];
 /// What the real-guest tests drive sbx with (`sbx shell` runs under tmux).
 pub const TESTS: &[&str] = &["tmux"];
 

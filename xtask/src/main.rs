@@ -10,6 +10,7 @@ mod cpio;
 mod demo;
 mod deps;
 mod fuzz;
+mod image;
 mod kernel;
 mod nested;
 mod paths;
@@ -30,6 +31,8 @@ enum Command {
     Kernel,
     /// Build the guest initramfs: the static guest agent as /init plus busybox.
     Rootfs,
+    /// Build a guest image (`base`: Debian, Python, build tools, Node.js 22, user `agent`).
+    Image(image::Args),
     /// Run a command inside the nested test host (a QEMU VM with a real /dev/kvm).
     Nested(nested::Args),
     /// Install what is missing, build everything and run `uname -a` in a sandbox.
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
             println!("{}", p.display());
             0
         }),
+        Command::Image(args) => image::run(args),
         Command::Nested(args) => nested::run(args),
         Command::Demo => demo::run(),
         Command::Test(args) => test::run(args),

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
-use crate::{demo, fuzz, kernel, paths, proc, rootfs};
+use crate::{demo, fuzz, image, kernel, paths, proc, rootfs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -192,6 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     );
     let initrd = rootfs::build()?;
     let sbx = demo::build_sbx()?;
+    let images = image::test_store(&sbx)?;
     crate::deps::ensure(crate::deps::TESTS)?;
     proc::step("building real-guest tests");
     let bins = build_guest_tests()?;
@@ -210,10 +211,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         "sh".into(),
         "-c".into(),
         format!(
-            "export SBX_BIN='{}' SBX_KERNEL='{}' SBX_INITRD='{}'\nrc=0\n{script}exit $rc",
+            "export SBX_BIN='{}' SBX_KERNEL='{}' SBX_INITRD='{}' SBX_TEST_IMAGES='{}'\nrc=0\n{script}exit $rc",
             sbx.display(),
             vmlinux.display(),
-            initrd.display()
+            initrd.display(),
+            images.display()
         ),
     ];
     let mut guest = Command::new(std::env::current_exe()?);

@@ -1,0 +1,360 @@
+//! Images against real guests: sessions booted from the base image
+//! (`cargo xtask image base`, imported by `cargo xtask test` into the
+//! suite's store), their disks, and packages fetched through the egress
+//! proxy. And `sbx image` itself, with bad input.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use sbx_tests::tls::{https_server_with, TestCa};
+use sbx_tests::{text, Host};
+use sha2::Digest as _;
+
+#[test]
+fn the_base_image_is_a_normal_userland_with_an_agent_user() {
+    let host = Host::new();
+    let out = host.ok(&[
+        "run",
+        "--image",
+        "base",
+        "--no-workspace",
+        "--mem",
+        "512",
+        "--",
+        "sh",
+        "-c",
+        "python3 -c 'print(6*7)'; node -e 'console.log(40+2)'; git --version; npm --version; id -u",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "42", "{out}");
+    assert_eq!(lines[1], "42", "{out}");
+    assert!(lines[2].starts_with("git version "), "{out}");
+    assert!(lines[3].starts_with("12."), "npm: {out}");
+    assert_eq!(lines[4], "0", "{out}");
+    let node: u32 = host
+        .ok(&[
+            "run",
+            "--image",
+            "base",
+            "--no-workspace",
+            "--",
+            "node",
+            "-p",
+            "process.versions.node.split('.')[0]",
+        ])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(node >= 22, "node {node}");
+
+    // As the agent user: its own uid, its groups (sudo among them), and sudo.
+    let out = host.ok(&[
+        "run",
+        "--image",
+        "base",
+        "--no-workspace",
+        "--user",
+        "agent",
+        "--",
+        "sh",
+        "-c",
+        "id; sudo -n id -u; echo $HOME",
+    ]);
+    assert!(out.starts_with("uid=1000(agent) gid=1000(agent)"), "{out}");
+    assert!(out.contains("(sudo)"), "{out}");
+    assert!(out.contains("\n0\n/home/agent\n"), "{out}");
+}
+
+#[test]
+fn image_sessions_keep_apart_keep_their_disks_and_stay_within_them() {
+    let host = Host::new();
+    let start = |name: &str| {
+        host.ok(&[
+            "start",
+            "--name",
+            name,
+            "--image",
+            "base",
+            "--disk",
+            "300M",
+            "--no-workspace",
+        ])
+    };
+    start("one");
+    start("two");
+    host.ok(&[
+        "exec",
+        "one",
+        "--",
+        "sh",
+        "-c",
+        "echo mine > /root/mine && sync",
+    ]);
+    let out = host.sh("two", "cat /root/mine");
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "two sees one's file: {}",
+        text(&out.stdout)
+    );
+
+    // Stopped and started again, the session has its disk back.
+    host.ok(&["stop", "one"]);
+    host.ok(&["start", "--name", "one"]);
+    assert_eq!(
+        host.ok(&["exec", "one", "--", "cat", "/root/mine"]),
+        "mine\n"
+    );
+    let ls: serde_json::Value = serde_json::from_str(&host.ok(&["ls", "--json"])).unwrap();
+    let one = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "one")
+        .unwrap();
+    assert_eq!(one["image"], "base");
+    assert!(one["disk_bytes"].as_u64().unwrap() > 0);
+
+    // Filling the disk: ENOSPC in the guest, and the host file stays its size.
+    let out = host.sh(
+        "two",
+        "dd if=/dev/zero of=/root/fill bs=1M count=400 2>&1; echo rc=$?",
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("No space left on device") && said.contains("rc=1"),
+        "{said}"
+    );
+    let disk = host.dir.path().join("state/disks/two.ext4");
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), 300 << 20);
+    assert!(
+        meta.blocks() * 512 <= 300 << 20,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    // The session still works once full, and deleting frees the space.
+    assert_eq!(
+        text(&host.sh("two", "rm /root/fill && echo ok").stdout),
+        "ok\n"
+    );
+
+    // `sbx rm` deletes a session's disk.
+    host.ok(&["stop", "one"]);
+    let one_disk = host.dir.path().join("state/disks/one.ext4");
+    assert!(one_disk.exists());
+    host.ok(&["rm", "one"]);
+    assert!(!one_disk.exists());
+    host.ok(&["rm", "--force", "two"]);
+    assert!(!disk.exists());
+}
+
+/// A package as the npm registry serves it: the tarball and its integrity.
+fn npm_package(name: &str, version: &str) -> (Vec<u8>, String) {
+    let mut tgz = Vec::new();
+    {
+        let enc = flate2::write::GzEncoder::new(&mut tgz, flate2::Compression::fast());
+        let mut b = tar::Builder::new(enc);
+        let files = [
+            (
+                "package/package.json",
+                format!(r#"{{"name":"{name}","version":"{version}","main":"index.js"}}"#),
+            ),
+            (
+                "package/index.js",
+                "module.exports = 'hello from the test registry';\n".into(),
+            ),
+        ];
+        for (path, body) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, body.as_bytes()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let integrity = format!(
+        "sha512-{}",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(&tgz))
+    );
+    (tgz, integrity)
+}
+
+const REGISTRY_ADDR: &str = "127.0.0.3";
+
+/// A policy on `preset` that names the test registry's address (loopback
+/// addresses always need a rule) and lends npm a token for the registry,
+/// which makes the proxy intercept its TLS (and so trust the test CA).
+fn npm_policy(preset: &str) -> String {
+    format!(
+        r#"
+version = 1
+preset = "{preset}"
+
+[[exec]]
+action = "allow"
+commands = ["**"]
+
+[[network]]
+id = "test-registry-address"
+action = "allow"
+to = ["{REGISTRY_ADDR}"]
+ports = [443]
+
+[[credential]]
+id = "npm-token"
+action = "allow"
+secret = "NPM_TOKEN"
+hosts = ["registry.npmjs.org"]
+header = "Authorization"
+format = "Bearer {{secret}}"
+"#
+    )
+}
+
+#[test]
+fn npm_install_goes_through_the_egress_policy() {
+    let host = Host::new();
+    let dir = host.dir.path();
+    let (tgz, integrity) = npm_package("sbx-tiny", "1.0.0");
+    let packument = format!(
+        r#"{{"name":"sbx-tiny","dist-tags":{{"latest":"1.0.0"}},"versions":{{"1.0.0":{{"name":"sbx-tiny","version":"1.0.0","dist":{{"tarball":"https://registry.npmjs.org/sbx-tiny/-/sbx-tiny-1.0.0.tgz","integrity":"{integrity}"}}}}}}}}"#
+    );
+    let ca = TestCa::new();
+    std::fs::write(dir.join("test-ca.pem"), ca.pem()).unwrap();
+    let respond = Arc::new(move |head: &str| {
+        let path = head.split_whitespace().nth(1).unwrap_or("");
+        match path {
+            "/sbx-tiny" => (200, packument.clone().into_bytes()),
+            "/sbx-tiny/-/sbx-tiny-1.0.0.tgz" => (200, tgz.clone()),
+            _ => (404, b"{}".to_vec()),
+        }
+    });
+    let (_, seen) = https_server_with(
+        &format!("{REGISTRY_ADDR}:443"),
+        ca.server_config(&["registry.npmjs.org"]),
+        respond,
+    );
+    let mut set = host.cmd(&["secret", "set", "NPM_TOKEN"]);
+    set.stdin(std::process::Stdio::piped());
+    let mut child = set.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"npm-test-token")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let session = |name: &str, preset: &str| {
+        let policy = dir.join(format!("{preset}.toml"));
+        std::fs::write(&policy, npm_policy(preset)).unwrap();
+        let ca = dir.join("test-ca.pem");
+        host.ok(&[
+            "start",
+            "--name",
+            name,
+            "--image",
+            "base",
+            "--no-workspace",
+            "--mem",
+            "512",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--upstream-ca",
+            ca.to_str().unwrap(),
+            "--resolve",
+            &format!("registry.npmjs.org:{REGISTRY_ADDR}"),
+        ]);
+    };
+    let install = "mkdir -p /tmp/p && cd /tmp/p && npm init -y >/dev/null && \
+        npm install --no-audit --no-fund --no-update-notifier sbx-tiny 2>&1; echo rc=$?; \
+        node -e \"console.log(require('/tmp/p/node_modules/sbx-tiny'))\" 2>&1";
+
+    session("bal", "balanced");
+    let out = text(&host.sh("bal", install).stdout);
+    assert!(
+        out.contains("rc=0") && out.contains("hello from the test registry"),
+        "{out}"
+    );
+    let heads = seen.lock().unwrap().clone();
+    assert!(
+        heads
+            .iter()
+            .any(|h| h.starts_with("GET /sbx-tiny/-/sbx-tiny-1.0.0.tgz")),
+        "{heads:?}"
+    );
+    // The token reached the registry; the guest only ever held a placeholder.
+    assert!(
+        heads.iter().all(|h| h.contains("Bearer npm-test-token")),
+        "{heads:?}"
+    );
+    let env = text(&host.sh("bal", "env").stdout);
+    assert!(!env.contains("npm-test-token"), "{env}");
+
+    session("locked", "locked-down");
+    let before = seen.lock().unwrap().len();
+    let out = text(&host.sh("locked", install).stdout);
+    assert!(!out.contains("rc=0"), "{out}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        before,
+        "the registry was reached"
+    );
+    let refused = host.events("locked").into_iter().any(|e| {
+        e["decision"] == "deny"
+            && e["resource"]
+                .as_str()
+                .unwrap_or("")
+                .contains("registry.npmjs.org")
+    });
+    assert!(refused, "no refusal of registry.npmjs.org in the audit log");
+}
+
+/// `sbx image` with bad input says what is wrong in one line and leaves
+/// the store as it was. (No guest needed.)
+#[test]
+fn bad_image_input_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(sbx_tests::sbx_bin())
+            .args(args)
+            .env("SBX_CACHE_DIR", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out.stderr))
+    };
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, vec![7u8; 3000]).unwrap();
+    for (args, want) in [
+        (
+            vec!["image", "import", junk.to_str().unwrap()],
+            "not a readable image archive",
+        ),
+        (
+            vec!["image", "import", "/no/such.tar"],
+            "cannot open /no/such.tar",
+        ),
+        (vec!["image", "inspect", "nope"], "no image named nope"),
+        (
+            vec!["run", "--image", "nope", "--", "true"],
+            "no image named nope",
+        ),
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(125), "{args:?}: {err}");
+        // Progress lines, then the error: one line naming the problem.
+        let mut lines: Vec<&str> = err.trim_end().lines().collect();
+        let last = lines.pop().unwrap_or_default();
+        assert!(last.contains(want), "{args:?}: {err}");
+        assert!(
+            lines.iter().all(|l| l.starts_with("sbx: reading")),
+            "{args:?}: {err}"
+        );
+    }
+    let tmp = dir.path().join("cache/images/tmp");
+    assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
+}
