@@ -23,6 +23,9 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Cmd {
+    /// Pull an image from a registry (credentials from `docker login`'s file;
+    /// registries on the loopback are spoken to over plain HTTP).
+    Pull(PullArgs),
     /// Import an image from a tarball (OCI image layout, or `docker save`; may be gzipped).
     Import(ImportArgs),
     /// List images: name, digest, size, source.
@@ -31,6 +34,15 @@ enum Cmd {
     Inspect(NameArgs),
     /// Remove images (refused while a session runs from one).
     Rm(RmArgs),
+}
+
+#[derive(clap::Args)]
+struct PullArgs {
+    /// REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]; a digest pins the image.
+    reference: String,
+    /// Name to give the image (default: the reference).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -67,6 +79,17 @@ fn progress(line: &str) {
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let store = sandbox::disks::image_store()?;
     match a.command {
+        Cmd::Pull(p) => {
+            let started = std::time::Instant::now();
+            let rec = sbx_image::pull::pull(&store, &p.reference, p.name.as_deref(), &progress)?;
+            eprintln!(
+                "sbx: pulled {} ({}, {:.1} s)",
+                rec.name,
+                rec.digest,
+                started.elapsed().as_secs_f64()
+            );
+            println!("{}", rec.name);
+        }
         Cmd::Import(i) => {
             let started = std::time::Instant::now();
             let rec = archive::import(&store, &i.file, i.name.as_deref(), &progress)

@@ -358,3 +358,213 @@ fn bad_image_input_is_one_clear_line() {
     let tmp = dir.path().join("cache/images/tmp");
     assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
 }
+
+/// A Debian `docker-registry` on the loopback, stopped on drop.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    storage: std::path::PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &std::path::Path) -> Registry {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let storage = dir.join("registry");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("registry.log")).unwrap())
+            .spawn()
+            .expect(
+                "docker-registry (Debian package docker-registry; `cargo xtask test` installs it)",
+            );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            port,
+            storage,
+        }
+    }
+
+    /// The file the registry keeps blob `hex` in.
+    fn blob(&self, hex: &str) -> std::path::PathBuf {
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small image: static busybox as /bin/sh, and an /etc/passwd.
+fn busybox_archive(dir: &std::path::Path) -> std::path::PathBuf {
+    let layer = dir.join("bb-layer.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&layer).unwrap());
+    let bb = std::fs::read("/bin/busybox").unwrap();
+    let mut add = |path: &str, et: tar::EntryType, mode: u32, body: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(et);
+        h.set_mode(mode);
+        h.set_size(body.len() as u64);
+        match link {
+            Some(l) => b.append_link(&mut h, path, l).unwrap(),
+            None => b.append_data(&mut h, path, body).unwrap(),
+        }
+    };
+    add("bin/", tar::EntryType::Directory, 0o755, b"", None);
+    add("etc/", tar::EntryType::Directory, 0o755, b"", None);
+    add("bin/busybox", tar::EntryType::Regular, 0o755, &bb, None);
+    add(
+        "bin/sh",
+        tar::EntryType::Symlink,
+        0o777,
+        b"",
+        Some("busybox"),
+    );
+    add(
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        None,
+    );
+    b.finish().unwrap();
+    drop(b);
+    let archive = dir.join("bb.oci.tar");
+    sbx_image::layout::write_archive(
+        &archive,
+        "bb",
+        &[&layer],
+        sbx_image::manifest::RunConfig::default(),
+        &dir.join("scratch"),
+    )
+    .unwrap();
+    archive
+}
+
+#[test]
+fn images_are_pulled_from_a_real_registry_and_checked() {
+    let host = Host::new();
+    let dir = host.dir.path();
+    let registry = Registry::start(dir);
+    let archive = busybox_archive(dir);
+    let reference = format!("127.0.0.1:{}/test/bb:1", registry.port);
+    let pushed = std::process::Command::new("skopeo")
+        // Its scratch space (/var/tmp by default is read-only in the nested host).
+        .arg("--tmpdir")
+        .arg(dir)
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "skopeo: {}", text(&pushed.stderr));
+
+    // A store of this test's own (the suite's is read-only here).
+    let cache = dir.join("cache");
+    let sbx = |args: &[&str]| {
+        let mut c = host.cmd(args);
+        c.env("SBX_CACHE_DIR", &cache);
+        sbx_tests::output_within(&mut c, sbx_tests::SBX_TIMEOUT)
+    };
+    let out = sbx(&["image", "pull", &reference]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("pulling layer 1/1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sbx(&[
+        "run",
+        "--image",
+        &reference,
+        "--no-workspace",
+        "--",
+        "/bin/busybox",
+        "echo",
+        "pulled",
+    ]);
+    assert_eq!(text(&out.stdout), "pulled\n", "{}", text(&out.stderr));
+
+    // Pinned by digest: the right one is accepted, another refused.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&sbx(&["image", "inspect", &reference]).stdout).unwrap();
+    let digest = rec["digest"].as_str().unwrap().to_string();
+    let pinned = format!("127.0.0.1:{}/test/bb@{digest}", registry.port);
+    let out = sbx(&["image", "pull", &pinned, "--name", "pinned"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // An unknown tag and an unreachable registry: one line each.
+    for (bad, want) in [
+        (
+            format!("127.0.0.1:{}/test/bb:nope", registry.port),
+            "cannot pull",
+        ),
+        ("127.0.0.1:1/test/bb:1".to_string(), "cannot pull"),
+    ] {
+        let out = sbx(&["image", "pull", &bad]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{bad}: {err}");
+        let last = err
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        assert!(last.contains(want) && last.contains(&bad), "{bad}: {err}");
+        assert!(
+            err.trim_end().lines().all(|l| l.starts_with("sbx: ")),
+            "{bad}: {err}"
+        );
+    }
+
+    // A layer altered in the registry's storage is refused, naming it.
+    let layer = rec["layers"][0].as_str().unwrap().to_string();
+    let hex = layer.trim_start_matches("sha256:");
+    let blob = registry.blob(hex);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    assert_eq!(
+        sbx(&["image", "rm", &reference, "pinned"]).status.code(),
+        Some(0)
+    );
+    let out = sbx(&["image", "pull", &reference]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains(hex), "{err}");
+    let tmp = cache.join("images/tmp");
+    assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0, "left in tmp");
+    let ls: serde_json::Value =
+        serde_json::from_slice(&sbx(&["image", "ls", "--json"]).stdout).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 0, "{ls}");
+}
