@@ -15,7 +15,9 @@
 //! what the guest itself costs on the machine, apart from the sharing. Guest
 //! times are measured on the host around `sbx exec` minus the median cost
 //! of `sbx exec -- true`. The metadata workloads run under each cache mode
-//! (`--fs-cache`). Run it with `cargo xtask bench fs`.
+//! (`--fs-cache`), and under `clone`: the repository cloned onto the
+//! session's own disk (`--workspace clone`, from an image), where the
+//! target is within 1.5x of host-native. Run it with `cargo xtask bench fs`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ mod images;
 mod stats;
 
 const BB: &str = "/bin/busybox";
+/// Where a clone session (an image without busybox) gets the host's.
+const BB_SHARED: &str = "/run/hostbin/busybox";
 const TREE_DIRS: usize = 200;
 const TREE_FILES: usize = 100;
 
@@ -40,9 +44,13 @@ struct Args {
     /// MiB written and read sequentially.
     #[arg(long, default_value_t = 1024)]
     mib: u64,
-    /// Cache modes to measure the metadata workloads under.
+    /// Cache modes to measure the metadata workloads under; `clone` is
+    /// the clone workspace instead of a shared one.
     #[arg(long, value_delimiter = ',', default_value = "auto,never,always")]
     modes: Vec<String>,
+    /// The image clone sessions boot from (a store in $SBX_CACHE_DIR).
+    #[arg(long, default_value = "base")]
+    image: String,
     #[command(flatten)]
     images: Images,
 }
@@ -50,6 +58,8 @@ struct Args {
 struct Session<'a> {
     args: &'a Args,
     state: PathBuf,
+    /// The busybox the guest's scripts run.
+    bb: &'static str,
 }
 
 impl Session<'_> {
@@ -67,9 +77,20 @@ impl Session<'_> {
         work: &Path,
         mode: &str,
     ) -> anyhow::Result<Session<'a>> {
-        let s = Session { args, state };
-        let out = s
-            .cmd(&["start", "--name", "fsb", "--mem", "512", "--fs-cache", mode])
+        let clone = mode == "clone";
+        let s = Session {
+            args,
+            state,
+            bb: if clone { BB_SHARED } else { BB },
+        };
+        let mut cmd = s.cmd(&["start", "--name", "fsb", "--mem", "512"]);
+        if clone {
+            cmd.args(["--workspace", "clone", "--image", &args.image])
+                .args(["--mount", "/bin:/run/hostbin:ro"]);
+        } else {
+            cmd.args(["--fs-cache", mode]);
+        }
+        let out = cmd
             .args(args.images.boot_args())
             .current_dir(work)
             .output()?;
@@ -187,20 +208,20 @@ fn make_tree(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_script(mib: u64) -> String {
-    format!("{BB} dd if=/dev/zero of=big bs=1048576 count={mib} 2>/dev/null")
+fn write_script(bb: &str, mib: u64) -> String {
+    format!("{bb} dd if=/dev/zero of=big bs=1048576 count={mib} 2>/dev/null")
 }
 
-fn read_script() -> String {
-    format!("{BB} dd if=big of=/dev/null bs=1048576 2>/dev/null")
+fn read_script(bb: &str) -> String {
+    format!("{bb} dd if=big of=/dev/null bs=1048576 2>/dev/null")
 }
 
-fn find_script() -> String {
-    format!("{BB} find tree -type f -exec {BB} stat -c '%s %Y' {{}} + >/dev/null")
+fn find_script(bb: &str) -> String {
+    format!("{bb} find tree -type f -exec {bb} stat -c '%s %Y' {{}} + >/dev/null")
 }
 
-fn churn_script() -> String {
-    format!("mkdir c && cd c && i=0; while [ $i -lt 10000 ]; do echo x > f$i; i=$((i+1)); done; cd .. && {BB} rm -r c")
+fn churn_script(bb: &str) -> String {
+    format!("mkdir c && cd c && i=0; while [ $i -lt 10000 ]; do echo x > f$i; i=$((i+1)); done; cd .. && {bb} rm -r c")
 }
 
 /// Debian's git on both sides (the guest's rootfs carries the same one).
@@ -265,12 +286,12 @@ fn main() -> anyhow::Result<()> {
     println!("# the same busybox commands on both sides; guest times exclude the exec round trip");
 
     // Host-native figures.
-    let h_write = host_time(&host_dir, &write_script(mib))?;
-    let h_read = host_time(&host_dir, &read_script())?;
+    let h_write = host_time(&host_dir, &write_script(BB, mib))?;
+    let h_read = host_time(&host_dir, &read_script(BB))?;
     std::fs::remove_file(host_dir.join("big"))?;
-    let h_find = host_time(&host_dir, &find_script())?;
-    let h_find_warm = host_time(&host_dir, &find_script())?;
-    let h_churn = host_time(&host_dir, &churn_script())?;
+    let h_find = host_time(&host_dir, &find_script(BB))?;
+    let h_find_warm = host_time(&host_dir, &find_script(BB))?;
+    let h_churn = host_time(&host_dir, &churn_script(BB))?;
     // A repository over the tree on both sides, committed on the host.
     git_commit(&host_dir)?;
     git_commit(&work)?;
@@ -284,10 +305,11 @@ fn main() -> anyhow::Result<()> {
         let s = Session::start(&args, base.join(format!("state-{mode}")), &work, mode)
             .with_context(|| format!("cache mode {mode}"))?;
         let overhead = s.exec_overhead()?;
-        if i == 0 {
-            let w = s.time(&write_script(mib), overhead)?;
+        let bb = s.bb;
+        if i == 0 && mode != "clone" {
+            let w = s.time(&write_script(bb, mib), overhead)?;
             s.drop_caches()?;
-            let r = s.time(&read_script(), overhead)?;
+            let r = s.time(&read_script(bb), overhead)?;
             s.time("rm big", overhead)?;
             let rate = |secs: f64| mib as f64 * 1.048576 / secs.max(1e-6);
             println!(
@@ -303,8 +325,8 @@ fn main() -> anyhow::Result<()> {
             // guest costs on this machine, apart from sharing the directory.
             let dir = "/tmp/sbx-bench-local";
             s.time(&guest_tree_script(dir), overhead)?;
-            let find = s.time(&format!("cd {dir} && {}", find_script()), overhead)?;
-            let churn = s.time(&format!("cd {dir} && {}", churn_script()), overhead)?;
+            let find = s.time(&format!("cd {dir} && {}", find_script(bb)), overhead)?;
+            let churn = s.time(&format!("cd {dir} && {}", churn_script(bb)), overhead)?;
             s.time(&format!("rm -rf {dir}"), overhead)?;
             println!(
                 "# in the guest's own memory, no sharing: find+stat {:.2} s, create+delete {:.2} s",
@@ -312,9 +334,9 @@ fn main() -> anyhow::Result<()> {
             );
         }
         s.drop_caches()?;
-        let cold = s.time(&find_script(), overhead)?;
-        let warm = s.time(&find_script(), overhead)?;
-        let churn = s.time(&churn_script(), overhead)?;
+        let cold = s.time(&find_script(bb), overhead)?;
+        let warm = s.time(&find_script(bb), overhead)?;
+        let churn = s.time(&churn_script(bb), overhead)?;
         // The first status in the guest refreshes the index (the host's
         // inode numbers and devices are not the guest's); then it is the
         // metadata walk an agent repeats all day.
@@ -340,7 +362,9 @@ fn main() -> anyhow::Result<()> {
             "# exec round trip subtracted under {mode}: {:.0} ms",
             overhead * 1000.0
         );
-        if mode == "always" {
+        if mode == "clone" {
+            println!("# --workspace clone: host edits do not reach the clone; `sbx fetch` brings its commits back");
+        } else if mode == "always" {
             println!("# --fs-cache always: host edits are not watched (they show within 60 s)");
         } else {
             match s.edit_latency(&work)? {
@@ -352,7 +376,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("# target: metadata-heavy work within 3x of host-native");
+    println!("# target: metadata-heavy work within 3x of host-native shared, 1.5x in a clone");
     let _ = std::fs::remove_dir_all(&base);
     Ok(())
 }

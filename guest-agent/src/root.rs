@@ -7,7 +7,7 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use sbx_protocol::cmdline::Root;
+use sbx_protocol::cmdline::{Root, LAYER_VIEW};
 
 use crate::init::mount;
 
@@ -71,6 +71,7 @@ pub fn switch(root: &Root) -> Result<(), String> {
         let _ = std::fs::create_dir_all(&target);
         move_mount(m, &target)?;
     }
+    show_layer(&format!("{NEW_ROOT}{LAYER_VIEW}"));
     std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
     move_mount(".", "/")?;
     let dot = CString::new(".").unwrap_or_default();
@@ -102,6 +103,16 @@ fn resolve_own_name() {
         if let Err(e) = added {
             eprintln!("sbx-guest-agent: cannot add the host name to /etc/hosts: {e}");
         }
+    }
+}
+
+/// A read-only view of the writable layer inside the new root (under the
+/// carried /run), for saving a session's changes as an image layer.
+fn show_layer(target: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+    if !mount(LAYER, target, "", libc::MS_BIND, "") || !mount("", target, "", ro, "") {
+        eprintln!("sbx-guest-agent: cannot show the writable layer at {LAYER_VIEW}");
     }
 }
 

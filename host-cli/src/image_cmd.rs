@@ -72,7 +72,7 @@ struct RmArgs {
     names: Vec<String>,
 }
 
-fn progress(line: &str) {
+pub fn progress(line: &str) {
     eprintln!("sbx: {line}");
 }
 

@@ -12,6 +12,7 @@ mod image_cmd;
 mod policy_cmd;
 mod secret_cmd;
 mod session;
+mod template_cmd;
 
 use sandbox::EXIT_SBX_ERROR;
 
@@ -54,10 +55,14 @@ enum Command {
     Stop(session::StopArgs),
     /// Remove stopped or dead sessions' state.
     Rm(session::RmArgs),
+    /// Bring a clone workspace's branches (--workspace clone) to the host repository.
+    Fetch(session::FetchArgs),
     /// Run one command in a fresh session that is removed afterwards.
     Run(session::RunArgs),
     /// Pull, import, list and remove the images sessions boot from.
     Image(image_cmd::Args),
+    /// Agent templates: list, show, build (claude-code, codex, gemini, shell).
+    Template(template_cmd::Args),
     /// Boot a guest kernel directly and run one command in it (low level).
     Boot(boot::Args),
     /// Check, explain and show policy; sign organisation bundles.
@@ -94,9 +99,11 @@ fn main() -> ExitCode {
         Command::Stop(args) => session::stop(args),
         Command::Rm(args) => session::rm(args),
         Command::Run(args) => session::run(args),
+        Command::Fetch(args) => session::fetch(args),
         Command::Session(args) => session::serve(args),
         Command::Boot(args) => boot::run(args, start),
         Command::Image(args) => image_cmd::run(args),
+        Command::Template(args) => template_cmd::run(args),
         Command::Policy(args) => policy_cmd::run(args),
         Command::Secret(args) => secret_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(args),

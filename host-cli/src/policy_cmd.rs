@@ -40,6 +40,7 @@ impl Select {
             files: self.policy.clone(),
             preset: self.preset.clone(),
             trusted_keys: self.trusted_key.clone(),
+            texts: Vec::new(),
         }
     }
 

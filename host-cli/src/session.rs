@@ -80,6 +80,13 @@ pub struct VmArgs {
     /// commands then start).
     #[arg(long)]
     no_workspace: bool,
+    /// How /workspace is made: `shared` (the current directory itself,
+    /// read-write over virtio-fs: edits show on both sides at once) or
+    /// `clone` (the current git repository cloned onto the session's own
+    /// disk: git, npm and builds at local-disk speed; bring commits back
+    /// with `sbx fetch NAME`).
+    #[arg(long, value_name = "MODE", default_value = "shared", value_parser = ["shared", "clone"])]
+    workspace: String,
     /// How long the guest may trust what it learnt about shared files:
     /// auto (names, attributes and data for 60 s, and the host watched: a
     /// host edit reaches the guest in about 50 ms, repeated scans such as
@@ -107,12 +114,17 @@ pub struct VmArgs {
     /// Boot from this image (see `sbx image ls`; `NAME@sha256:…` pins its
     /// digest) instead of the built-in initramfs. Writes go to the
     /// session's own disk, joined over the read-only image.
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", conflicts_with = "template")]
     image: Option<String>,
-    /// Size of the session's disk with --image (sparse: only what the guest
-    /// writes takes host space; past it the guest gets "No space left on
-    /// device"). Default: 8G.
-    #[arg(long, value_name = "SIZE", requires = "image")]
+    /// Run an agent template (`sbx template ls`): its image (built on first
+    /// use), its user, environment and policy rules. Commands run as the
+    /// template's user unless --user says otherwise.
+    #[arg(long, value_name = "TEMPLATE")]
+    template: Option<String>,
+    /// Size of the session's disk with --image or --template (sparse: only
+    /// what the guest writes takes host space; past it the guest gets "No
+    /// space left on device"). Default: 8G.
+    #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
     #[command(flatten)]
     select: policy_cmd::Select,
@@ -122,7 +134,15 @@ impl VmArgs {
     /// The session these flags describe (`launch::start` checks it).
     fn spec(&self, name: &str) -> anyhow::Result<SessionSpec> {
         let mut mounts = Vec::new();
-        if !self.no_workspace {
+        let clone = !self.no_workspace && self.workspace == "clone";
+        if clone {
+            let cwd = std::env::current_dir().context("cannot read the current directory")?;
+            mounts.push(MountSpec {
+                host: sandbox::workspace::repository(&cwd)?,
+                guest: sandbox::workspace::ORIGIN.into(),
+                read_only: true,
+            });
+        } else if !self.no_workspace {
             let cwd = std::env::current_dir().context("cannot read the current directory")?;
             mounts.push(MountSpec::workspace(&cwd)?);
         }
@@ -132,6 +152,7 @@ impl VmArgs {
         let mut spec = SessionSpec::new(name, &self.select.selection())?;
         spec.vm = self.machine.vm_spec();
         spec.mounts = mounts;
+        spec.clone_workspace = clone;
         spec.fs_cache = FsCache::parse(&self.fs_cache)
             .with_context(|| format!("--fs-cache {}: not auto, never or always", self.fs_cache))?;
         spec.share_quota = match &self.share_quota {
@@ -146,14 +167,34 @@ impl VmArgs {
         for r in &self.resolve {
             spec.egress.resolve.push(Pin::parse(r)?);
         }
+        let size = match &self.disk {
+            Some(d) => Some(sandbox::spec::parse_size(d).context("--disk")?),
+            None => None,
+        };
         if let Some(image) = &self.image {
-            let size = match &self.disk {
-                Some(d) => Some(sandbox::spec::parse_size(d).context("--disk")?),
-                None => None,
-            };
             spec.root = Some(sandbox::disks::resolve(image, size)?);
+        } else if let Some(name) = &self.template {
+            let t = self.template()?.context("no template")?;
+            let sbx = std::env::current_exe().context("cannot find the sbx binary")?;
+            let built = sbx_template::build(&t, &sbx, &crate::image_cmd::progress)
+                .with_context(|| format!("cannot build template {name}"))?;
+            spec.root = Some(sandbox::disks::resolve(&built.name, size)?);
+            spec.user = t.user.clone();
+            spec.policy.selection.texts.extend(t.policy_text());
+        } else if size.is_some() {
+            bail!(
+                "--disk sizes the disk of a session from an image: give --image or --template too"
+            );
         }
         Ok(spec)
+    }
+
+    /// The template --template names, if any.
+    fn template(&self) -> anyhow::Result<Option<sbx_template::Template>> {
+        Ok(match &self.template {
+            Some(name) => Some(sbx_template::find(name)?),
+            None => None,
+        })
     }
 }
 
@@ -230,6 +271,18 @@ pub struct ShellArgs {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "\
+Example:
+  sbx start --name w --workspace clone --image base
+  sbx exec w -- sh -c 'echo fix >> README.md && git commit -qam fix'
+  sbx fetch w                     # the branches arrive as sbx/w/<branch>
+  git merge sbx/w/main")]
+pub struct FetchArgs {
+    /// A session started with --workspace clone.
+    name: String,
+}
+
+#[derive(clap::Args)]
 pub struct LsArgs {
     /// One JSON object per session, in an array.
     #[arg(long)]
@@ -270,8 +323,9 @@ pub struct RunArgs {
     vm: VmArgs,
     #[command(flatten)]
     opts: CommandArgs,
-    /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    /// The command and its arguments (with --template, default: the
+    /// template's command, on a terminal when this is one).
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -340,6 +394,24 @@ fn restart(name: &str) -> anyhow::Result<u8> {
         started.elapsed().as_secs_f64()
     );
     println!("{name}");
+    Ok(0)
+}
+
+pub fn fetch(a: FetchArgs) -> anyhow::Result<u8> {
+    let dir = Dir::running(&a.name)?;
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let repo = sandbox::workspace::repository(&cwd)?;
+    let refs = sandbox::workspace::fetch(&dir, &repo)?;
+    for r in &refs {
+        println!("{r}");
+    }
+    eprintln!(
+        "sbx: fetched {} branch(es) of session `{}` into {}; merge one with `git merge {}`",
+        refs.len(),
+        a.name,
+        repo.display(),
+        refs.first().map_or("sbx/NAME/BRANCH", String::as_str)
+    );
     Ok(0)
 }
 
@@ -462,10 +534,21 @@ pub fn run(a: RunArgs) -> anyhow::Result<u8> {
         .name
         .clone()
         .unwrap_or_else(|| format!("run-{}-{}", std::process::id(), sandbox::sys::unix_secs()));
+    let mut command = a.command.clone();
+    let mut opts = a.opts;
+    if command.is_empty() {
+        match a.vm.template()? {
+            Some(t) if !t.command.is_empty() => {
+                command = t.command.clone();
+                // SAFETY: isatty only inspects the descriptor.
+                opts.tty |= unsafe { libc::isatty(0) } == 1;
+            }
+            _ => bail!("give the command to run after `--` (sbx run -- uname -a)"),
+        }
+    }
     let dir = start_session(&a.vm.spec(&name)?, true)?;
-    let result = a
-        .opts
-        .request(a.command)
+    let result = opts
+        .request(command)
         .and_then(|req| Ok(attach::exec(&dir, req)?));
     // Ephemeral: nothing in the guest is worth a graceful shutdown.
     if let Ok(info) = dir.read_info() {

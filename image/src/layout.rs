@@ -32,26 +32,7 @@ pub fn write_archive(
     let mut diff_ids = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let gz_path = scratch.join(format!("layer-{i}.tar.gz"));
-        let mut input =
-            Hashing::new(File::open(layer).at(|| format!("cannot open {}", layer.display()))?);
-        let gz = File::create(&gz_path).at(|| format!("cannot create {}", gz_path.display()))?;
-        let mut enc = Hashing::new(GzEncoder::new(gz, flate2::Compression::fast()));
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = input
-                .read(&mut buf)
-                .at(|| format!("cannot read {}", layer.display()))?;
-            if n == 0 {
-                break;
-            }
-            enc.write_all(&buf[..n])
-                .at(|| format!("cannot write {}", gz_path.display()))?;
-        }
-        let (_, diff_id) = input.finish();
-        let (enc, _) = enc.finish();
-        enc.finish()
-            .at(|| format!("cannot write {}", gz_path.display()))?;
-        let (digest, size) = hash_file(&gz_path)?;
+        let (digest, size, diff_id) = compress_layer(layer, &gz_path)?;
         descs.push(descriptor(LAYER_TYPE, &digest, size));
         diff_ids.push(diff_id);
         layer_files.push((digest, gz_path));
@@ -121,7 +102,35 @@ pub fn write_archive(
     Ok(manifest_digest)
 }
 
-fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
+/// Gzips the layer tar at `input` into `out`; returns the compressed
+/// blob's digest and size, and the uncompressed tar's digest (its diff_id).
+pub fn compress_layer(input: &Path, out: &Path) -> Result<(Digest, u64, Digest)> {
+    let mut src =
+        Hashing::new(File::open(input).at(|| format!("cannot open {}", input.display()))?);
+    let gz = File::create(out).at(|| format!("cannot create {}", out.display()))?;
+    let mut enc = Hashing::new(GzEncoder::new(gz, flate2::Compression::fast()));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src
+            .read(&mut buf)
+            .at(|| format!("cannot read {}", input.display()))?;
+        if n == 0 {
+            break;
+        }
+        enc.write_all(&buf[..n])
+            .at(|| format!("cannot write {}", out.display()))?;
+    }
+    let (_, diff_id) = src.finish();
+    let (enc, _) = enc.finish();
+    enc.finish()
+        .at(|| format!("cannot write {}", out.display()))?;
+    let (digest, size) = hash_file(out)?;
+    Ok((digest, size, diff_id))
+}
+
+pub(crate) const LAYER_MEDIA_TYPE: &str = LAYER_TYPE;
+
+pub(crate) fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
     Descriptor {
         media_type: media_type.into(),
         digest: digest.clone(),

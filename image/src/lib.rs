@@ -8,6 +8,7 @@ pub mod error;
 pub mod ext4;
 pub mod layout;
 pub mod manifest;
+pub mod overlay;
 pub mod pull;
 pub mod store;
 pub mod unpack;

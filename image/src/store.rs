@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, Hashing};
 use crate::error::{malformed, At, ImageError, Result};
-use crate::manifest::{Config, Manifest};
+use crate::manifest::{Config, Document, Manifest};
 use crate::{ext4, unpack};
 
 /// What the store knows of one named image.
@@ -53,6 +53,16 @@ pub struct ImageRecord {
 #[derive(Default, Serialize, Deserialize)]
 struct Index {
     images: Vec<ImageRecord>,
+}
+
+/// What an image made from another is called and runs with.
+pub struct Derived {
+    pub name: String,
+    /// `NAME=VALUE`, each replacing the base's value of that name.
+    pub env: Vec<String>,
+    pub user: Option<String>,
+    /// Where it came from, for `sbx image ls`.
+    pub source: String,
 }
 
 /// Progress lines for long work (`pulling layer 2/5 …`).
@@ -93,7 +103,7 @@ impl Store {
     }
 
     /// A fresh path in `tmp/`, unique to this process.
-    pub(crate) fn tmp(&self, what: &str) -> PathBuf {
+    pub fn tmp(&self, what: &str) -> PathBuf {
         let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
         self.root
             .join("tmp")
@@ -296,6 +306,73 @@ impl Store {
         })();
         let _ = fs::remove_dir_all(&work);
         result
+    }
+
+    /// A new image: `base` with one more layer (an uncompressed tar at
+    /// `layer`) on top, named and set up as `new` says.
+    pub fn derive(
+        &self,
+        base: &ImageRecord,
+        layer: &Path,
+        new: &Derived,
+        progress: Progress<'_>,
+    ) -> Result<ImageRecord> {
+        let (name, env, user, source) = (&new.name, &new.env, new.user.as_deref(), &new.source);
+        let gz = self.tmp("layer");
+        let compressed = crate::layout::compress_layer(layer, &gz);
+        let stored = compressed.and_then(|(digest, size, diff_id)| {
+            let mut f = File::open(&gz).at(|| format!("cannot read {}", gz.display()))?;
+            self.put_blob(&mut f, Some(&digest))?;
+            Ok((digest, size, diff_id))
+        });
+        let _ = fs::remove_file(&gz);
+        let (digest, size, diff_id) = stored?;
+
+        let mut config: serde_json::Value = serde_json::from_slice(&self.read_blob(&base.config)?)
+            .map_err(|e| ImageError::Malformed(format!("image {}: its config: {e}", base.name)))?;
+        let diff_ids = &mut config["rootfs"]["diff_ids"];
+        match diff_ids.as_array_mut() {
+            Some(ids) => ids.push(diff_id.to_string().into()),
+            None => *diff_ids = serde_json::json!([diff_id.to_string()]),
+        }
+        let mut vars: Vec<String> = config["config"]["Env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for kv in env {
+            let key = kv.split('=').next().unwrap_or_default();
+            vars.retain(|v| v.split('=').next() != Some(key));
+            vars.push(kv.clone());
+        }
+        config["config"]["Env"] = vars.into();
+        if let Some(u) = user {
+            config["config"]["User"] = u.into();
+        }
+        let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
+        let (config_digest, config_size) = self.put_blob(&mut &config_bytes[..], None)?;
+
+        let base_manifest = self.read_blob(&base.digest)?;
+        let Document::Manifest(mut manifest) =
+            Document::parse(&base_manifest, &format!("manifest {}", base.digest))?
+        else {
+            malformed!("image {}: its manifest is an index", base.name);
+        };
+        manifest.config.digest = config_digest;
+        manifest.config.size = config_size;
+        manifest.layers.push(crate::layout::descriptor(
+            crate::layout::LAYER_MEDIA_TYPE,
+            &digest,
+            size,
+        ));
+        let mut doc = serde_json::to_value(&manifest).unwrap_or_default();
+        doc["schemaVersion"] = 2.into();
+        let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+        let (manifest_digest, _) = self.put_blob(&mut &bytes[..], None)?;
+        self.install(name, &manifest_digest, &manifest, source, progress)
     }
 
     /// Forgets `name`; its root file system and blobs go when no other

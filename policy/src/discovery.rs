@@ -92,6 +92,11 @@ pub struct Selection {
     /// Public keys to trust for signed bundles, besides the system's.
     #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
+    /// Rule sets given as text (name, text) on top of the files: what an
+    /// agent template needs (its API host, its credential). Named in
+    /// errors and audit records by their name.
+    #[serde(default)]
+    pub texts: Vec<(String, String)>,
 }
 
 impl Selection {
@@ -112,6 +117,7 @@ impl Selection {
             files: self.files.iter().map(anchor).collect(),
             preset: self.preset.clone(),
             trusted_keys: self.trusted_keys.iter().map(anchor).collect(),
+            texts: self.texts.clone(),
         }
     }
 
@@ -150,6 +156,9 @@ impl Selection {
         }
         for f in files {
             b.add_file(f)?;
+        }
+        for (name, text) in &self.texts {
+            b.add_text(name, text)?;
         }
         b.build()
     }

@@ -22,6 +22,10 @@ pub const WORKDIR: &str = "sbx.workdir";
 /// serial of a virtio-blk device: IMAGE read-only, LAYER the writable layer
 /// joined over it (a RAM-backed layer when absent).
 pub const ROOT: &str = "sbx.root";
+/// Where the guest shows its writable layer (read-only): `upper/` holds
+/// what the session changed in the image, in overlayfs's form, which is
+/// how a template build saves its work.
+pub const LAYER_VIEW: &str = "/run/sbx/layer";
 /// The session CA (its PEM body: the base64 of the DER, no line breaks);
 /// present only when the session has egress.
 pub const EGRESS_CA: &str = "sbx.egress";

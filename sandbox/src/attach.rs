@@ -125,8 +125,54 @@ fn pump_stdin(w: Writer, credit: Arc<(Mutex<u32>, Condvar)>) {
     }
 }
 
-/// Runs `req` in the session and returns its exit status.
+/// Where a command's streams go on this side.
+#[derive(Clone, Copy, Debug)]
+pub struct Io {
+    /// Forward this process's standard input (else the command's is closed).
+    pub stdin: bool,
+    /// Descriptors the command's output and errors are written to.
+    pub stdout: i32,
+    pub stderr: i32,
+}
+
+impl Default for Io {
+    /// This process's own standard input, output and error.
+    fn default() -> Io {
+        Io {
+            stdin: true,
+            stdout: 1,
+            stderr: 2,
+        }
+    }
+}
+
+/// Runs `req` in the session with this process's stdio and returns its
+/// exit status.
 pub fn exec(dir: &Dir, req: Request) -> Result<u8> {
+    exec_with(dir, req, Io::default())
+}
+
+/// Runs the shell `script` in the session as `user` (None: the session's
+/// default), from `/`, with its standard input closed, its output written
+/// to `stdout` and its errors to this process's; returns its status.
+pub fn script(dir: &Dir, script: &str, user: Option<&str>, stdout: i32) -> Result<u8> {
+    let req = Request {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        cwd: Some("/".into()),
+        user: user.map(str::to_string),
+        tty: false,
+    };
+    let io = Io {
+        stdin: false,
+        stdout,
+        stderr: 2,
+    };
+    exec_with(dir, req, io)
+}
+
+/// Runs `req` in the session with its streams as `io` says.
+pub fn exec_with(dir: &Dir, req: Request, io: Io) -> Result<u8> {
     let stream = UnixStream::connect(dir.ctl_path()).at(|| {
         format!(
             "cannot reach session `{}` at {} (is it still running? `sbx ls`)",
@@ -167,9 +213,12 @@ pub fn exec(dir: &Dir, req: Request) -> Result<u8> {
         std::thread::spawn(move || relay_signals(set, w));
     }
     let credit = Arc::new((Mutex::new(INITIAL_CREDIT), Condvar::new()));
-    {
+    if io.stdin {
         let (w, credit) = (w.clone(), credit.clone());
         std::thread::spawn(move || pump_stdin(w, credit));
+    } else {
+        send(&w, &Frame::Control(Control::CloseStdin { id: 1 }))
+            .at(|| "cannot send the command".into())?;
     }
     let raw = if req.tty {
         RawMode::enter_fully(0)
@@ -186,7 +235,11 @@ pub fn exec(dir: &Dir, req: Request) -> Result<u8> {
         };
         match frame {
             Frame::Data { stream, bytes, .. } => {
-                let fd = if stream == Stream::Stderr { 2 } else { 1 };
+                let fd = if stream == Stream::Stderr {
+                    io.stderr
+                } else {
+                    io.stdout
+                };
                 write_fd(fd, &bytes).at(|| "cannot write the command's output".into())?;
             }
             Frame::Control(Control::Credit {

@@ -15,13 +15,21 @@ use vmm::devices::virtio::vsock::VsockHost;
 use crate::error::{At, Result};
 use crate::EXIT_SBX_ERROR;
 
+/// What every exec gets unless the request says otherwise.
+pub struct ExecDefaults {
+    /// Environment before the request's own.
+    pub env: Vec<(String, String)>,
+    /// The user commands run as when the request names none (an agent
+    /// template's non-root user); None: root.
+    pub user: Option<String>,
+}
+
 /// What every request is served with.
 struct Served {
     policy: Arc<Policy>,
     log: Arc<AuditLog>,
     host: VsockHost,
-    /// Every exec's environment before the request's own.
-    env: Vec<(String, String)>,
+    defaults: ExecDefaults,
 }
 
 /// Serves `listener` on a thread of its own, a thread per connection.
@@ -30,13 +38,13 @@ pub fn serve(
     policy: Arc<Policy>,
     log: Arc<AuditLog>,
     host: VsockHost,
-    env: Vec<(String, String)>,
+    defaults: ExecDefaults,
 ) -> Result<()> {
     let served = Arc::new(Served {
         policy,
         log,
         host,
-        env,
+        defaults,
     });
     std::thread::Builder::new()
         .name("control".into())
@@ -67,7 +75,10 @@ fn request(mut conn: UnixStream, s: &Served) {
     match frames.read_frame() {
         Ok(Some(Frame::Control(Control::Exec(mut req)))) => {
             // The caller's own -e settings come after, and win.
-            req.env.splice(0..0, s.env.iter().cloned());
+            req.env.splice(0..0, s.defaults.env.iter().cloned());
+            if req.user.is_none() {
+                req.user.clone_from(&s.defaults.user);
+            }
             let argv0 = req.argv.first().cloned().unwrap_or_default();
             let d = s.policy.decide_exec(&argv0);
             let refusal = match s

@@ -60,7 +60,16 @@ pub fn start(spec: &SessionSpec, sbx: &Path, starting: impl FnOnce()) -> Result<
     // A disk the session had before (see `disks`) is kept whatever happens;
     // one this start made goes with a failed start.
     let had_disk = crate::disks::layer_path(name).exists();
-    let result = spawn(spec, &dir, sbx, starting);
+    let result = spawn(spec, &dir, sbx, starting).and_then(|()| {
+        if spec.clone_workspace {
+            crate::workspace::clone_into(&dir).inspect_err(|_| {
+                if let Ok(info) = dir.read_info() {
+                    end_process(&dir, info.pid, Duration::from_secs(5));
+                }
+            })?;
+        }
+        Ok(())
+    });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&dir.path);
         if !had_disk {

@@ -25,6 +25,7 @@ pub mod state;
 pub mod sys;
 pub mod terminal;
 mod throttle;
+pub mod workspace;
 
 pub use error::{Error, Result};
 pub use sbx_policy::Selection;

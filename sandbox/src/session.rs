@@ -1,6 +1,7 @@
 //! The one place a session is assembled, in the order data flows: the
 //! host and the guest's images, then the policy, then the audit log, then
-//! the shares, then egress, then the VM's configuration, then the VM.
+//! the shares, then the disks (when the root is an image), then egress,
+//! then the VM's configuration, then the VM.
 //!
 //! A running session's threads: the VMM's (vCPUs, the vsock and virtio-fs
 //! workers, the event loop on the calling thread), `events` (the guest
@@ -369,7 +370,11 @@ fn service(
     let _ = std::fs::remove_file(dir.ctl_path());
     let ctl = UnixListener::bind(dir.ctl_path())
         .at(|| format!("cannot listen on {}", dir.ctl_path().display()))?;
-    control::serve(ctl, policy.clone(), log.clone(), host.clone(), env)?;
+    let defaults = control::ExecDefaults {
+        env,
+        user: spec.user.clone(),
+    };
+    control::serve(ctl, policy.clone(), log.clone(), host.clone(), defaults)?;
 
     let vsock = VsockConfig {
         guest_cid: GUEST_CID,

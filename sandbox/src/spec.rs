@@ -43,6 +43,14 @@ pub struct SessionSpec {
     /// The guest's root from an image; None keeps the initramfs as root.
     #[serde(default)]
     pub root: Option<RootSpec>,
+    /// Who commands run as when a request names no user (None: root).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The workspace is a clone of the repository shared read-only at
+    /// [`workspace::ORIGIN`](crate::workspace::ORIGIN), made on the
+    /// session's own disk when it starts.
+    #[serde(default)]
+    pub clone_workspace: bool,
 }
 
 /// A root file system from an image, with the session's writable layer.
@@ -295,15 +303,15 @@ impl SessionSpec {
             egress: EgressSpec::default(),
             env: Vec::new(),
             root: None,
+            user: None,
+            clone_workspace: false,
         })
     }
 
     /// Where commands start when a request names no directory: the
     /// workspace, when one is shared.
     pub fn workdir(&self) -> Option<&str> {
-        self.mounts
-            .iter()
-            .any(|m| m.guest == WORKSPACE)
+        (self.clone_workspace || self.mounts.iter().any(|m| m.guest == WORKSPACE))
             .then_some(WORKSPACE)
     }
 

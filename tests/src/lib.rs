@@ -113,6 +113,13 @@ pub struct Host {
     pub dir: tempfile::TempDir,
 }
 
+/// The standard output of a host command that must succeed.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
 /// The image store `cargo xtask test` prepared, holding `base`.
 pub fn test_images() -> PathBuf {
     PathBuf::from(std::env::var_os("SBX_TEST_IMAGES").expect(

@@ -5,15 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use sbx_tests::{sha256, text, Host};
+use sbx_tests::{run, sha256, text, Host};
 
 const MIB_100: u64 = 100 * 1024 * 1024;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {}", text(&out.stderr));
-    text(&out.stdout)
-}
 
 #[test]
 fn data_metadata_and_git_round_trip() {

@@ -568,3 +568,215 @@ fn images_are_pulled_from_a_real_registry_and_checked() {
         serde_json::from_slice(&sbx(&["image", "ls", "--json"]).stdout).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 0, "{ls}");
 }
+
+/// The agent templates `cargo xtask test` built: the agent runs, as the
+/// template's user, and its API key is a placeholder in the guest.
+#[test]
+fn agent_templates_run_their_agents_with_placeholder_keys() {
+    let host = Host::new();
+    const KEY: &str = "sk-ant-test-key-that-stays-on-the-host";
+    let mut set = host.cmd(&["secret", "set", "ANTHROPIC_API_KEY"]);
+    set.stdin(std::process::Stdio::piped());
+    let mut child = set.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(KEY.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let out = host.ok(&[
+        "run",
+        "--template",
+        "claude-code",
+        "--no-workspace",
+        "--mem",
+        "1024",
+        "--",
+        "sh",
+        "-c",
+        "id -un; claude --version; echo KEY=$ANTHROPIC_API_KEY",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"agent"), "{out}");
+    assert!(
+        lines.iter().any(|l| l.contains("2.1.332")),
+        "claude --version: {out}"
+    );
+    let key = lines.iter().find(|l| l.starts_with("KEY=")).unwrap();
+    assert!(
+        key.starts_with("KEY=sbx-secret-ANTHROPIC_API_KEY-"),
+        "{out}"
+    );
+    assert!(!out.contains(KEY), "{out}");
+
+    let out = host.ok(&[
+        "run",
+        "--template",
+        "codex",
+        "--no-workspace",
+        "--mem",
+        "1024",
+        "--",
+        "codex",
+        "--version",
+    ]);
+    assert!(out.contains("0.171.0"), "codex --version: {out}");
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    sbx_tests::run(
+        std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@sbx.test"])
+            .args(args)
+            .current_dir(dir),
+    )
+}
+
+/// `--workspace clone`: the repository is cloned onto the session's disk;
+/// the host's files stay as they were; `sbx fetch` brings commits back.
+#[test]
+fn a_clone_workspace_keeps_to_itself_and_its_commits_come_back() {
+    let host = Host::new();
+    let repo = host.dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("a.txt"), "one\n").unwrap();
+    git(&repo, &["add", "a.txt"]);
+    git(&repo, &["commit", "-qm", "one"]);
+
+    host.ok_in(
+        &repo,
+        &[
+            "start",
+            "--name",
+            "c",
+            "--image",
+            "base",
+            "--workspace",
+            "clone",
+        ],
+    );
+    assert_eq!(host.ok(&["exec", "c", "--", "cat", "a.txt"]), "one\n");
+    let out = host.sh(
+        "c",
+        "echo two >> a.txt && git -c user.name=a -c user.email=a@sbx.test commit -qam two && echo done",
+    );
+    assert_eq!(text(&out.stdout), "done\n", "{}", text(&out.stderr));
+    // The host's working tree is untouched (the share is read-only anyway).
+    assert_eq!(
+        std::fs::read_to_string(repo.join("a.txt")).unwrap(),
+        "one\n"
+    );
+
+    let fetched = host.ok_in(&repo, &["fetch", "c"]);
+    assert_eq!(fetched.trim(), "sbx/c/main", "{fetched}");
+    assert_eq!(
+        git(&repo, &["log", "-1", "--format=%s", "sbx/c/main"]),
+        "two\n"
+    );
+
+    // Stopped and started again: the same clone, not a fresh one.
+    host.ok(&["stop", "c"]);
+    host.ok_in(&repo, &["start", "--name", "c"]);
+    assert_eq!(
+        host.ok(&["exec", "c", "--", "git", "log", "-1", "--format=%s"]),
+        "two\n"
+    );
+}
+
+/// A user who is not root converts an image whose files belong to other
+/// users, devices and setuid programs, and the file system image says so.
+/// (No guest needed; the suite runs as root and drops to `nobody`.)
+#[test]
+fn a_normal_user_converts_images_with_their_owners_intact() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "this test drops from root to nobody; run the suite as root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&layer).unwrap());
+    let mut add = |path: &str, et: tar::EntryType, mode: u32, uid: u64, body: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(et);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(uid);
+        h.set_size(body.len() as u64);
+        if et == tar::EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        b.append_data(&mut h, path, body).unwrap();
+    };
+    add("home/agent/", tar::EntryType::Directory, 0o700, 1000, b"");
+    add(
+        "home/agent/notes",
+        tar::EntryType::Regular,
+        0o600,
+        1000,
+        b"mine",
+    );
+    add("usr/bin/su", tar::EntryType::Regular, 0o4755, 0, b"elf");
+    add("dev/null", tar::EntryType::Char, 0o666, 0, b"");
+    b.finish().unwrap();
+    drop(b);
+    let archive = dir.path().join("owners.oci.tar");
+    sbx_image::layout::write_archive(
+        &archive,
+        "owners",
+        &[&layer],
+        sbx_image::manifest::RunConfig::default(),
+        &dir.path().join("scratch"),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    for p in [dir.path(), &cache, &archive] {
+        sbx_tests::run(std::process::Command::new("chmod").arg("a+rwx").arg(p));
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(sbx_tests::sbx_bin())
+        .args(["image", "import"])
+        .arg(&archive)
+        .env("SBX_CACHE_DIR", &cache)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "as nobody: {}", text(&out.stderr));
+    let roots = cache.join("images/roots");
+    let root = std::fs::read_dir(&roots)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // Made by nobody, owned as the layer says.
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&root).unwrap()),
+        65534
+    );
+    let stat = |p: &str| {
+        sbx_tests::run(
+            std::process::Command::new("debugfs")
+                .args(["-R", &format!("stat {p}")])
+                .arg(&root),
+        )
+    };
+    let notes = stat("/home/agent/notes");
+    assert!(
+        notes.contains("User:  1000") && notes.contains("Mode:  0600"),
+        "{notes}"
+    );
+    let su = stat("/usr/bin/su");
+    assert!(
+        su.contains("User:     0") && su.contains("Mode:  04755"),
+        "{su}"
+    );
+    assert!(stat("/dev/null").contains("Type: character special"));
+}

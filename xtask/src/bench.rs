@@ -23,8 +23,12 @@ pub enum Which {
     /// loopback, then a real guest fetching through it.
     Net,
     /// Shared-directory throughput and metadata speed against the host's own
-    /// file system (boots real guests, one per cache mode).
+    /// file system (boots real guests, one per cache mode, and a clone
+    /// workspace on the base image).
     Fs,
+    /// Images: time to agent-ready from the base image against the
+    /// initramfs, and converting the base image.
+    Images,
 }
 
 #[derive(clap::Args)]
@@ -108,8 +112,29 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         argv.extend(images.iter().cloned());
         script.push(argv);
     }
+    if matches!(args.which, Which::All | Which::Fs | Which::Images) {
+        // The clone workspace and image rows boot the base image.
+        let store = crate::image::test_store(&release.join("sbx"))?;
+        script.push(vec![
+            "export".into(),
+            format!("SBX_CACHE_DIR={}", store.display()),
+        ]);
+    }
+    if matches!(args.which, Which::All | Which::Images) {
+        let mut argv = vec![
+            path(&release.join("sbx-bench-images")),
+            "--archive".into(),
+            path(&crate::image::build_base()?),
+        ];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
+    }
     if matches!(args.which, Which::All | Which::Fs) {
-        let mut argv = vec![path(&release.join("sbx-bench-fs"))];
+        let mut argv = vec![
+            path(&release.join("sbx-bench-fs")),
+            "--modes".into(),
+            "auto,never,always,clone".into(),
+        ];
         argv.extend(images.iter().cloned());
         script.push(argv);
     }

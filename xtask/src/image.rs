@@ -61,6 +61,9 @@ const ENV: &[&str] = &[
     "LANG=C.UTF-8",
 ];
 pub const BASE_NAME: &str = "base";
+/// Bump when `sbx_image::layout` changes what it writes: the cached
+/// archive is then rebuilt.
+const LAYOUT_VERSION: &str = "1";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -91,8 +94,7 @@ fn recipe_key() -> String {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    // The layout writer is part of the recipe too.
-    h.update(include_bytes!("../../image/src/layout.rs"));
+    h.update(LAYOUT_VERSION.as_bytes());
     format!("{:x}", h.finalize())[..16].to_string()
 }
 
@@ -261,4 +263,70 @@ pub fn test_store(sbx: &Path) -> anyhow::Result<PathBuf> {
         )?;
     }
     Ok(store)
+}
+
+/// The agent templates the real-guest tests run.
+const TEST_TEMPLATES: [&str; 2] = ["claude-code", "codex"];
+
+/// Builds the test templates into the tests' image store where their
+/// current recipe is not built yet. Building runs their install steps in
+/// sbx sessions that fetch from the npm registry, so where this host cannot
+/// boot guests it happens in the nested test host, given a network.
+pub fn test_templates(sbx: &Path, store: &Path, env: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let ls = Command::new(sbx)
+        .args(["template", "ls", "--json"])
+        .env("SBX_CACHE_DIR", store)
+        .output()
+        .context("cannot run sbx template ls")?;
+    let listed: serde_json::Value = serde_json::from_slice(&ls.stdout)
+        .with_context(|| format!("sbx template ls: {}", String::from_utf8_lossy(&ls.stderr)))?;
+    let missing: Vec<&str> = TEST_TEMPLATES
+        .iter()
+        .copied()
+        .filter(|name| {
+            listed
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|t| t["name"] == *name && t["built"].is_null())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    proc::step(&format!(
+        "building agent templates {} (npm registry, through the egress proxy)",
+        missing.join(", ")
+    ));
+    // The build sessions' disks go beside the store (the nested host's own
+    // directories are in memory).
+    let mut argv: Vec<String> = vec![
+        "env".into(),
+        format!("SBX_CACHE_DIR={}", store.display()),
+        format!("SBX_STATE_DIR={}", store.join("build-state").display()),
+    ];
+    for (k, v) in env {
+        argv.push(format!("{k}={}", v.display()));
+    }
+    argv.push(sbx.display().to_string());
+    argv.extend(["template", "build"].map(String::from));
+    argv.extend(missing.iter().map(|s| s.to_string()));
+    let mut cmd = Command::new(std::env::current_exe()?);
+    if crate::demo::host_can_boot(sbx) {
+        cmd.args(&argv);
+    } else {
+        cmd.args([
+            "nested",
+            "--net",
+            "--mem",
+            "4096",
+            "--timeout",
+            "3600",
+            "--rw",
+        ])
+        .arg(store)
+        .arg("--")
+        .args(&argv);
+    }
+    proc::run(&mut cmd)
 }

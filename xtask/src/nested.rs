@@ -20,7 +20,14 @@ use crate::cpio::Archive;
 use crate::{deps, paths, proc, rootfs};
 
 /// Modules the nested host's init loads (dependencies come from modules.dep).
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "kvm_amd",
+    "virtio_net",
+];
 /// Exit status when the command did not finish within the timeout (as timeout(1)).
 pub const EXIT_TIMEOUT: u8 = 124;
 /// Memory of the nested host: room for a few guests at once.
@@ -40,6 +47,10 @@ pub struct Args {
     /// Keep the scratch directory (console log, outputs) after the run.
     #[arg(long)]
     pub keep: bool,
+    /// Give the nested host a network (QEMU's user-mode NAT), for work
+    /// that fetches packages; without it the nested host has only loopback.
+    #[arg(long)]
+    pub net: bool,
     /// Command to run inside the nested host.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -169,11 +180,18 @@ mount -t tmpfs tmpfs /host/dev/shm
 mkdir -p "/host$NESTED_SCRATCH" && mount --bind /scratch "/host$NESTED_SCRATCH"
 i=0
 for d in $NESTED_RW; do
-  mkdir -p "/host$d" && mount -t 9p -o $opts "rw$i" "/host$d" || fail "cannot mount $d"
+  # cache=loose keeps one inode per file, as Landlock's rules need.
+  mkdir -p "/host$d" && mount -t 9p -o $opts,cache=loose "rw$i" "/host$d" || fail "cannot mount $d"
   i=$((i+1))
 done
 # Test servers listen on the loopback.
 ip link set lo up || fail "cannot bring up lo"
+# With --net: QEMU's user-mode NAT (guest 10.0.2.15, gateway 10.0.2.2).
+if [ -n "$NESTED_NET" ]; then
+  modprobe virtio_net || fail "cannot load virtio_net"
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
+    || fail "cannot configure eth0"
+fi
 chroot /host /bin/sh "$NESTED_SCRATCH/run.sh" > /scratch/stdout 2> /scratch/stderr < /dev/null
 echo $? > /scratch/exit.tmp && mv /scratch/exit.tmp /scratch/exit
 sync
@@ -276,9 +294,10 @@ fn write_run_files(scratch: &Path, args: &Args, cwd: &Path) -> anyhow::Result<()
     std::fs::write(
         scratch.join("nested.env"),
         format!(
-            "NESTED_SCRATCH={}\nNESTED_RW={}\n",
+            "NESTED_SCRATCH={}\nNESTED_RW={}\nNESTED_NET={}\n",
             sh_quote(&scratch.to_string_lossy()),
-            sh_quote(&rw.join(" "))
+            sh_quote(&rw.join(" ")),
+            if args.net { "1" } else { "" }
         ),
     )?;
     Ok(())
@@ -333,6 +352,7 @@ impl Args {
             mem: DEFAULT_MEM_MIB,
             rw: vec![],
             keep: false,
+            net: false,
             command,
         }
     }
@@ -374,6 +394,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .args(virtfs("scratch", &scratch, false));
     for (i, d) in args.rw.iter().enumerate() {
         qemu.args(virtfs(&format!("rw{i}"), d, false));
+    }
+    if args.net {
+        qemu.args([
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0",
+        ]);
     }
     qemu.stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -193,6 +193,11 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let initrd = rootfs::build()?;
     let sbx = demo::build_sbx()?;
     let images = image::test_store(&sbx)?;
+    image::test_templates(
+        &sbx,
+        &images,
+        &[("SBX_KERNEL", &vmlinux), ("SBX_INITRD", &initrd)],
+    )?;
     crate::deps::ensure(crate::deps::TESTS)?;
     proc::step("building real-guest tests");
     let bins = build_guest_tests()?;
