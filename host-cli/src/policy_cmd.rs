@@ -350,6 +350,7 @@ fn show(select: &Select, json: bool) -> anyhow::Result<u8> {
     let limits = [
         ("vcpus", &l.vcpus),
         ("memory_mib", &l.memory_mib),
+        ("disk_mib", &l.disk_mib),
         ("lifetime_secs", &l.lifetime_secs),
     ];
     if limits.iter().all(|(_, v)| v.is_none()) {

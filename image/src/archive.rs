@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::digest::Digest;
 use crate::error::{malformed, At, ImageError, Result};
 use crate::manifest::{Descriptor, Document, Manifest, MANIFEST_TYPES};
-use crate::store::{human, ImageRecord, Progress, Store};
+use crate::store::{count, human, ImageRecord, Progress, Store};
 
 /// The small JSON files an archive describes itself with.
 const META_FILES: [&str; 4] = ["index.json", "oci-layout", "manifest.json", "repositories"];
@@ -107,8 +107,8 @@ pub fn import(
         };
         check_present(store, &manifest, &shown.to_string())?;
         progress(&format!(
-            "importing {name} ({} layers)",
-            manifest.layers.len()
+            "importing {name} ({})",
+            count(manifest.layers.len(), "layer")
         ));
         return store.install(&name, &desc.digest, &manifest, &source, progress);
     }
@@ -149,8 +149,8 @@ pub fn import(
         let (digest, _) = store.put_blob(&mut &bytes[..], None)?;
         let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
         progress(&format!(
-            "importing {name} ({} layers, {})",
-            manifest.layers.len(),
+            "importing {name} ({}, {})",
+            count(manifest.layers.len(), "layer"),
             human(total)
         ));
         return store.install(&name, &digest, &manifest, &source, progress);

@@ -157,5 +157,6 @@ pub(crate) struct RawExecRule {
 pub(crate) struct RawLimits {
     pub vcpus: Option<S<i64>>,
     pub memory_mib: Option<S<i64>>,
+    pub disk_mib: Option<S<i64>>,
     pub lifetime: Option<S<String>>,
 }

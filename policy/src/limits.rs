@@ -14,6 +14,8 @@ use crate::PolicyError;
 pub(crate) struct Limits {
     pub vcpus: Option<(u64, RuleIdx)>,
     pub memory_mib: Option<(u64, RuleIdx)>,
+    /// A session's own disk (the writable layer over an image).
+    pub disk_mib: Option<(u64, RuleIdx)>,
     pub lifetime: Option<(Duration, RuleIdx)>,
 }
 
@@ -71,6 +73,10 @@ impl Limits {
         if let Some(v) = &r.memory_mib {
             let (n, rule) = number(v, "memory_mib", 64, 1 << 20, "MiB of memory")?;
             lower(&mut self.memory_mib, n, rule);
+        }
+        if let Some(v) = &r.disk_mib {
+            let (n, rule) = number(v, "disk_mib", 64, 1 << 30, "MiB of disk")?;
+            lower(&mut self.disk_mib, n, rule);
         }
         if let Some(v) = &r.lifetime {
             let d = parse_duration(v.get_ref()).ok_or_else(|| {

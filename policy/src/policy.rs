@@ -227,8 +227,12 @@ pub struct LimitView<'p, T> {
 pub struct LimitsView<'p> {
     pub vcpus: Option<LimitView<'p, u64>>,
     pub memory_mib: Option<LimitView<'p, u64>>,
+    pub disk_mib: Option<LimitView<'p, u64>>,
     pub lifetime_secs: Option<LimitView<'p, u64>>,
 }
+
+/// A limit (its value and rule, if set), what is asked, and its unit.
+type Ask<'a> = (Option<(u64, RuleIdx)>, u64, &'a str);
 
 /// Why a session mount was refused.
 #[derive(Debug)]
@@ -770,12 +774,33 @@ impl Policy {
 
     /// May a session have `vcpus` vCPUs and `memory_mib` MiB?
     pub fn decide_limits(&self, vcpus: u64, memory_mib: u64) -> Decision<'_> {
-        let over = [
-            (self.limits.vcpus, vcpus, "vCPUs"),
-            (self.limits.memory_mib, memory_mib, "MiB of memory"),
-        ]
-        .into_iter()
-        .find_map(|(limit, asked, unit)| match limit {
+        self.within(
+            &[
+                (self.limits.vcpus, vcpus, "vCPUs"),
+                (self.limits.memory_mib, memory_mib, "MiB of memory"),
+            ],
+            format!("{vcpus} vCPUs and {memory_mib} MiB are within the limits"),
+        )
+    }
+
+    /// May a session's own disk be `disk_mib` MiB?
+    pub fn decide_disk(&self, disk_mib: u64) -> Decision<'_> {
+        self.within(
+            &[(self.limits.disk_mib, disk_mib, "MiB of disk")],
+            format!("a {disk_mib} MiB disk is within the limits"),
+        )
+    }
+
+    /// The largest disk a session may have, and the rule that says so.
+    pub fn disk_limit(&self) -> Option<(u64, &RuleInfo)> {
+        self.limits
+            .disk_mib
+            .map(|(n, r)| (n, &self.rules[r as usize]))
+    }
+
+    /// Denied by the first limit an ask goes over, else allowed (`fine`).
+    fn within(&self, asks: &[Ask<'_>], fine: String) -> Decision<'_> {
+        let over = asks.iter().find_map(|&(limit, asked, unit)| match limit {
             Some((max, rule)) if asked > max => {
                 Some((rule, format!("{asked} {unit} asked, at most {max} allowed")))
             }
@@ -797,9 +822,7 @@ impl Policy {
             None => Decision {
                 verdict: Verdict::Allow,
                 rule: &self.within_limits,
-                reason: Cow::Owned(format!(
-                    "{vcpus} vCPUs and {memory_mib} MiB are within the limits"
-                )),
+                reason: Cow::Owned(fine),
                 matched: Vec::new(),
             },
         }
@@ -822,6 +845,7 @@ impl Policy {
         LimitsView {
             vcpus: view(self.limits.vcpus),
             memory_mib: view(self.limits.memory_mib),
+            disk_mib: view(self.limits.disk_mib),
             lifetime_secs: view(self.limits.lifetime.map(|(d, r)| (d.as_secs(), r))),
         }
     }

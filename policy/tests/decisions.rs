@@ -63,6 +63,7 @@ fn decide<'p>(p: &'p Policy, surface: &str, q: &str) -> Decision<'p> {
             let (v, m) = q.split_once(' ').unwrap();
             p.decide_limits(v.parse().unwrap(), m.parse().unwrap())
         }
+        "disk" => p.decide_disk(q.parse().unwrap()),
         other => panic!("unknown surface {other}"),
     }
 }
@@ -236,6 +237,9 @@ limits | 4 4096 | allow | within-limits | builtin
 limits | 5 1024 | deny | limits.vcpus | team
 limits | 9 1024 | deny | limits.vcpus | team
 limits | 2 4097 | deny | limits.memory_mib | project
+disk | 8192 | allow | within-limits | builtin
+disk | 20480 | allow | within-limits | builtin
+disk | 20481 | deny | limits.disk_mib | org
 "#;
 
 const PRESETS: &[(&str, &str)] = &[

@@ -35,7 +35,7 @@ pub fn resolve(name: &str, layer_size: Option<u64>) -> Result<RootSpec> {
         image: record.name.clone(),
         digest: record.digest.to_string(),
         path: store.root_path(&record),
-        layer_size: layer_size.unwrap_or(DEFAULT_LAYER_SIZE),
+        layer_size,
         env: record.env.clone(),
     })
 }
@@ -93,8 +93,18 @@ fn ensure_layer(path: &Path, size: u64) -> Result<()> {
     made
 }
 
-/// The block devices for `root` and what the guest is told of them.
-pub fn devices(name: &str, root: &RootSpec) -> Result<(Vec<BlockConfig>, Root)> {
+/// The writable layer's size: as asked, else the default within the
+/// policy's `disk_mib` (whether an asked size is within it, the session
+/// asks the policy).
+pub fn layer_size(root: &RootSpec, policy: &sbx_policy::Policy) -> u64 {
+    let limit = policy.disk_limit().map(|(mib, _)| mib << 20);
+    root.layer_size
+        .unwrap_or_else(|| limit.map_or(DEFAULT_LAYER_SIZE, |l| l.min(DEFAULT_LAYER_SIZE)))
+}
+
+/// The block devices for `root` (its layer `size` bytes) and what the
+/// guest is told of them.
+pub fn devices(name: &str, root: &RootSpec, size: u64) -> Result<(Vec<BlockConfig>, Root)> {
     if !root.path.is_file() {
         fail!(
             Invalid,
@@ -104,7 +114,7 @@ pub fn devices(name: &str, root: &RootSpec) -> Result<(Vec<BlockConfig>, Root)> 
         );
     }
     let layer = layer_path(name);
-    ensure_layer(&layer, root.layer_size)?;
+    ensure_layer(&layer, size)?;
     let disks = vec![
         BlockConfig {
             path: root.path.clone(),

@@ -319,7 +319,16 @@ fn service(
     // The root from an image: its disk and the session's writable layer.
     let (block, root) = match &spec.root {
         Some(r) => {
-            let (disks, root) = disks::devices(&spec.name, r)?;
+            let size = disks::layer_size(r, &policy);
+            let asked = format!("a {} MiB disk", size >> 20);
+            admit(
+                log,
+                Surface::Limits,
+                "disk",
+                &asked,
+                &policy.decide_disk(size >> 20),
+            )?;
+            let (disks, root) = disks::devices(&spec.name, r, size)?;
             (disks, Some(root))
         }
         None => (Vec::new(), None),

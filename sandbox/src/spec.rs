@@ -63,8 +63,9 @@ pub struct RootSpec {
     /// The image's read-only root file system.
     pub path: PathBuf,
     /// The writable layer's size in bytes (sparse: only what is written
-    /// takes host disk).
-    pub layer_size: u64,
+    /// takes host disk); None: 8 GiB, or the policy's `disk_mib` if less.
+    #[serde(default)]
+    pub layer_size: Option<u64>,
     /// The image's own environment (`NAME=VALUE`).
     #[serde(default)]
     pub env: Vec<String>,

@@ -16,7 +16,7 @@ use crate::spec::WORKSPACE;
 use crate::state::Dir;
 
 /// Where the host repository appears in the guest (read-only).
-pub const ORIGIN: &str = "/run/sbx/origin";
+pub const ORIGIN: &str = "/mnt/sbx-origin";
 
 /// The top of the git repository `dir` is in.
 pub fn repository(dir: &Path) -> Result<PathBuf> {

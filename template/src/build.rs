@@ -69,10 +69,10 @@ pub fn build(t: &Template, sbx: &Path, progress: Progress<'_>) -> Result<ImageRe
     spec.env = t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
 
     progress(&format!(
-        "building template {} on {} ({} steps)",
+        "building template {} on {} ({})",
         t.name,
         base.name,
-        t.build.steps.len()
+        sbx_image::store::count(t.build.steps.len(), "step")
     ));
     let dir = launch::start(&spec, sbx, || {})?;
     let work = store.tmp("template");
