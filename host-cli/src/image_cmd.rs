@@ -76,31 +76,30 @@ pub fn progress(line: &str) {
     eprintln!("sbx: {line}");
 }
 
+/// Says what was added (stderr) and prints its name (stdout, for scripts).
+fn added(how: &str, rec: &ImageRecord, started: std::time::Instant) {
+    eprintln!(
+        "sbx: {how} {} ({}, {:.1} s)",
+        rec.name,
+        rec.digest,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", rec.name);
+}
+
 pub fn run(a: Args) -> anyhow::Result<u8> {
     let store = sandbox::disks::image_store()?;
     match a.command {
         Cmd::Pull(p) => {
             let started = std::time::Instant::now();
             let rec = sbx_image::pull::pull(&store, &p.reference, p.name.as_deref(), &progress)?;
-            eprintln!(
-                "sbx: pulled {} ({}, {:.1} s)",
-                rec.name,
-                rec.digest,
-                started.elapsed().as_secs_f64()
-            );
-            println!("{}", rec.name);
+            added("pulled", &rec, started);
         }
         Cmd::Import(i) => {
             let started = std::time::Instant::now();
             let rec = archive::import(&store, &i.file, i.name.as_deref(), &progress)
                 .with_context(|| format!("cannot import {}", i.file.display()))?;
-            eprintln!(
-                "sbx: imported {} ({}, {:.1} s)",
-                rec.name,
-                rec.digest,
-                started.elapsed().as_secs_f64()
-            );
-            println!("{}", rec.name);
+            added("imported", &rec, started);
         }
         Cmd::Ls(o) => {
             let images = store.list()?;

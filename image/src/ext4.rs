@@ -192,46 +192,19 @@ fn quote(s: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::debugfs;
     use crate::unpack::staged_mode;
-
-    fn debugfs(image: &Path, cmd: &str) -> String {
-        let out = Command::new("debugfs")
-            .args(["-R", cmd])
-            .arg(image)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
 
     #[test]
     fn the_image_has_the_layers_owners_modes_and_devices() {
         let dir = tempfile::tempdir().unwrap();
         let mut t = Tree::new(&dir.path().join("root")).unwrap();
-        let mut b = tar::Builder::new(Vec::new());
-        let mut add = |path: &str, et: tar::EntryType, mode: u32, uid: u64, body: &[u8]| {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(et);
-            h.set_mode(mode);
-            h.set_uid(uid);
-            h.set_gid(uid);
-            h.set_size(body.len() as u64);
-            if et == tar::EntryType::Char {
-                h.set_device_major(1).unwrap();
-                h.set_device_minor(3).unwrap();
-            }
-            b.append_data(&mut h, path, body).unwrap();
-        };
-        add("home/agent/", tar::EntryType::Directory, 0o750, 1000, b"");
-        add(
-            "home/agent/a",
-            tar::EntryType::Regular,
-            0o640,
-            1000,
-            b"hello",
-        );
-        add("bin/su", tar::EntryType::Regular, 0o4755, 0, b"elf");
-        add("dev/null", tar::EntryType::Char, 0o666, 0, b"");
-        let tar = b.into_inner().unwrap();
+        let tar = crate::testing::Layer::new()
+            .dir("home/agent/", 0o750, 1000)
+            .file("home/agent/a", 0o640, 1000, b"hello")
+            .file("bin/su", 0o4755, 0, b"elf")
+            .char_dev("dev/null", 0o666, 1, 3)
+            .bytes();
         t.apply(&tar[..], "l").unwrap();
         // Staged without its setuid bit: only the image gets that.
         let su = t.meta_for_test("/bin/su");

@@ -11,6 +11,8 @@ pub mod manifest;
 pub mod overlay;
 pub mod pull;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod unpack;
 
 pub use digest::Digest;

@@ -2,44 +2,21 @@
 //! debugfs; what lands in the store is read back from the file system image.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sbx_image::manifest::RunConfig;
+use sbx_image::testing::debugfs;
 use sbx_image::{archive, layout, ImageError, Store};
 
 fn layer(dir: &Path) -> PathBuf {
     let path = dir.join("layer.tar");
-    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
-    let mut add = |p: &str, et: tar::EntryType, mode: u32, uid: u64, body: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(et);
-        h.set_mode(mode);
-        h.set_uid(uid);
-        h.set_gid(uid);
-        h.set_size(body.len() as u64);
-        b.append_data(&mut h, p, body).unwrap();
-    };
-    add("etc/", tar::EntryType::Directory, 0o755, 0, b"");
-    add("etc/hostname", tar::EntryType::Regular, 0o644, 0, b"sbx\n");
-    add("home/agent/", tar::EntryType::Directory, 0o755, 1000, b"");
-    add(
-        "home/agent/.profile",
-        tar::EntryType::Regular,
-        0o644,
-        1000,
-        b"# hi\n",
-    );
-    b.finish().unwrap();
-    path
-}
-
-fn debugfs(image: &Path, cmd: &str) -> String {
-    let out = Command::new("debugfs")
-        .args(["-R", cmd])
-        .arg(image)
-        .output()
+    sbx_image::testing::Layer::new()
+        .dir("etc/", 0o755, 0)
+        .file("etc/hostname", 0o644, 0, b"sbx\n")
+        .dir("home/agent/", 0o755, 1000)
+        .file("home/agent/.profile", 0o644, 1000, b"# hi\n")
+        .write(&path)
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    path
 }
 
 fn quiet(_: &str) {}

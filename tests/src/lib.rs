@@ -216,6 +216,21 @@ impl Host {
             .collect()
     }
 
+    /// `sbx secret set NAME` with `value` on its standard input.
+    pub fn secret(&self, name: &str, value: &str) {
+        use std::io::Write;
+        let mut set = self.cmd(&["secret", "set", name]);
+        set.stdin(std::process::Stdio::piped());
+        let mut child = set.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(value.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "sbx secret set {name}");
+    }
+
     pub fn start(&self, name: &str) {
         self.ok(&["start", "--name", name]);
     }

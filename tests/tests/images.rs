@@ -3,7 +3,6 @@
 //! suite's store), their disks, and packages fetched through the egress
 //! proxy. And `sbx image` itself, with bad input.
 
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
@@ -238,16 +237,7 @@ fn npm_install_goes_through_the_egress_policy() {
         ca.server_config(&["registry.npmjs.org"]),
         respond,
     );
-    let mut set = host.cmd(&["secret", "set", "NPM_TOKEN"]);
-    set.stdin(std::process::Stdio::piped());
-    let mut child = set.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"npm-test-token")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    host.secret("NPM_TOKEN", "npm-test-token");
 
     let session = |name: &str, preset: &str| {
         let policy = dir.join(format!("{preset}.toml"));
@@ -427,37 +417,15 @@ impl Drop for Registry {
 /// A small image: static busybox as /bin/sh, and an /etc/passwd.
 fn busybox_archive(dir: &std::path::Path) -> std::path::PathBuf {
     let layer = dir.join("bb-layer.tar");
-    let mut b = tar::Builder::new(std::fs::File::create(&layer).unwrap());
     let bb = std::fs::read("/bin/busybox").unwrap();
-    let mut add = |path: &str, et: tar::EntryType, mode: u32, body: &[u8], link: Option<&str>| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(et);
-        h.set_mode(mode);
-        h.set_size(body.len() as u64);
-        match link {
-            Some(l) => b.append_link(&mut h, path, l).unwrap(),
-            None => b.append_data(&mut h, path, body).unwrap(),
-        }
-    };
-    add("bin/", tar::EntryType::Directory, 0o755, b"", None);
-    add("etc/", tar::EntryType::Directory, 0o755, b"", None);
-    add("bin/busybox", tar::EntryType::Regular, 0o755, &bb, None);
-    add(
-        "bin/sh",
-        tar::EntryType::Symlink,
-        0o777,
-        b"",
-        Some("busybox"),
-    );
-    add(
-        "etc/passwd",
-        tar::EntryType::Regular,
-        0o644,
-        b"root:x:0:0:root:/root:/bin/sh\n",
-        None,
-    );
-    b.finish().unwrap();
-    drop(b);
+    sbx_image::testing::Layer::new()
+        .dir("bin/", 0o755, 0)
+        .dir("etc/", 0o755, 0)
+        .file("bin/busybox", 0o755, 0, &bb)
+        .symlink("bin/sh", "busybox")
+        .file("etc/passwd", 0o644, 0, b"root:x:0:0:root:/root:/bin/sh\n")
+        .write(&layer)
+        .unwrap();
     let archive = dir.join("bb.oci.tar");
     sbx_image::layout::write_archive(
         &archive,
@@ -575,16 +543,7 @@ fn images_are_pulled_from_a_real_registry_and_checked() {
 fn agent_templates_run_their_agents_with_placeholder_keys() {
     let host = Host::new();
     const KEY: &str = "sk-ant-test-key-that-stays-on-the-host";
-    let mut set = host.cmd(&["secret", "set", "ANTHROPIC_API_KEY"]);
-    set.stdin(std::process::Stdio::piped());
-    let mut child = set.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(KEY.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    host.secret("ANTHROPIC_API_KEY", KEY);
 
     let out = host.ok(&[
         "run",
@@ -699,32 +658,13 @@ fn a_normal_user_converts_images_with_their_owners_intact() {
     );
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("layer.tar");
-    let mut b = tar::Builder::new(std::fs::File::create(&layer).unwrap());
-    let mut add = |path: &str, et: tar::EntryType, mode: u32, uid: u64, body: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(et);
-        h.set_mode(mode);
-        h.set_uid(uid);
-        h.set_gid(uid);
-        h.set_size(body.len() as u64);
-        if et == tar::EntryType::Char {
-            h.set_device_major(1).unwrap();
-            h.set_device_minor(3).unwrap();
-        }
-        b.append_data(&mut h, path, body).unwrap();
-    };
-    add("home/agent/", tar::EntryType::Directory, 0o700, 1000, b"");
-    add(
-        "home/agent/notes",
-        tar::EntryType::Regular,
-        0o600,
-        1000,
-        b"mine",
-    );
-    add("usr/bin/su", tar::EntryType::Regular, 0o4755, 0, b"elf");
-    add("dev/null", tar::EntryType::Char, 0o666, 0, b"");
-    b.finish().unwrap();
-    drop(b);
+    sbx_image::testing::Layer::new()
+        .dir("home/agent/", 0o700, 1000)
+        .file("home/agent/notes", 0o600, 1000, b"mine")
+        .file("usr/bin/su", 0o4755, 0, b"elf")
+        .char_dev("dev/null", 0o666, 1, 3)
+        .write(&layer)
+        .unwrap();
     let archive = dir.path().join("owners.oci.tar");
     sbx_image::layout::write_archive(
         &archive,
@@ -761,13 +701,7 @@ fn a_normal_user_converts_images_with_their_owners_intact() {
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&root).unwrap()),
         65534
     );
-    let stat = |p: &str| {
-        sbx_tests::run(
-            std::process::Command::new("debugfs")
-                .args(["-R", &format!("stat {p}")])
-                .arg(&root),
-        )
-    };
+    let stat = |p: &str| sbx_image::testing::debugfs(&root, &format!("stat {p}"));
     let notes = stat("/home/agent/notes");
     assert!(
         notes.contains("User:  1000") && notes.contains("Mode:  0600"),

@@ -3,7 +3,7 @@
 //! (nested) host's loopback. Names are pinned with --resolve; the policy
 //! names the test servers' address, as it must for any loopback address.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -133,16 +133,7 @@ fn egress_is_checked_audited_and_secrets_stay_on_the_host() {
     let ws = dir.join("project");
     std::fs::create_dir(&ws).unwrap();
     std::fs::write(ws.join("hello-evil.bin"), client_hello("evil.test")).unwrap();
-    let mut set = host.cmd(&["secret", "set", "TEST_TOKEN"]);
-    set.stdin(std::process::Stdio::piped());
-    let mut child = set.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(SECRET.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    host.secret("TEST_TOKEN", SECRET);
 
     let policy = dir.join("policy.toml");
     let ca = dir.join("test-ca.pem");

@@ -34,6 +34,21 @@ pub enum ActivateError {
     Worker(std::io::Error),
 }
 
+/// The driver set up as many queues (each with its kick) as the device has.
+pub(crate) fn check_queues(
+    queues: &[Queue],
+    kicks: &[EventFd],
+    want: usize,
+) -> Result<(), ActivateError> {
+    if queues.len() != want || kicks.len() != queues.len() {
+        return Err(ActivateError::QueueCount {
+            got: queues.len(),
+            want,
+        });
+    }
+    Ok(())
+}
+
 /// Reads `data.len()` bytes of a device's configuration space `cfg` from
 /// `offset`; bytes past its end read as zero.
 pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {

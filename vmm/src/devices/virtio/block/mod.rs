@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::INT_VRING;
 use super::{
-    read_config_bytes, serve_kicks, ActivateError, Interrupt, VirtioDevice, WorkerThread,
-    VIRTIO_F_VERSION_1,
+    check_queues, read_config_bytes, serve_kicks, ActivateError, Interrupt, VirtioDevice,
+    WorkerThread, VIRTIO_F_VERSION_1,
 };
 use crate::vstate::memory::GuestMemory;
 use request::{byte_range, Invalid, Kind, Request, SECTOR};
@@ -308,12 +308,7 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         self.reset();
-        if queues.len() != QUEUE_SIZES.len() || kicks.len() != queues.len() {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: QUEUE_SIZES.len(),
-            });
-        }
+        check_queues(&queues, &kicks, QUEUE_SIZES.len())?;
         let (stop, worker_stop) = WorkerThread::stop_fds()?;
         let disk = self.disk.clone();
         let run = move || {

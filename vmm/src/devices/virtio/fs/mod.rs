@@ -29,7 +29,9 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread};
+use super::{
+    check_queues, read_config_bytes, ActivateError, Interrupt, VirtioDevice, WorkerThread,
+};
 use crate::vstate::memory::GuestMemory;
 pub use guard::Guard;
 pub use host_watch::{share_watches, user_watches, HostChanges, WatchBudget, USER_WATCHES};
@@ -330,12 +332,7 @@ impl VirtioDevice for Fs {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         self.reset();
-        if queues.len() != QUEUE_SIZES.len() || kicks.len() != queues.len() {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: QUEUE_SIZES.len(),
-            });
-        }
+        check_queues(&queues, &kicks, QUEUE_SIZES.len())?;
         let (stop, worker_stop) = WorkerThread::stop_fds()?;
         let worker = worker::Worker::new(mem, queues, interrupt, self.server.clone());
         let run = move || worker.run(kicks, worker_stop);
