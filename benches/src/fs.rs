@@ -34,7 +34,7 @@ mod stats;
 
 const BB: &str = "/bin/busybox";
 /// Where a clone session (an image without busybox) gets the host's.
-const BB_SHARED: &str = "/run/hostbin/busybox";
+const BB_SHARED: &str = "/mnt/hostbin/busybox";
 const TREE_DIRS: usize = 200;
 const TREE_FILES: usize = 100;
 
@@ -86,7 +86,7 @@ impl Session<'_> {
         let mut cmd = s.cmd(&["start", "--name", "fsb", "--mem", "512"]);
         if clone {
             cmd.args(["--workspace", "clone", "--image", &args.image])
-                .args(["--mount", "/bin:/run/hostbin:ro"]);
+                .args(["--mount", "/bin:/mnt/hostbin:ro"]);
         } else {
             cmd.args(["--fs-cache", mode]);
         }
