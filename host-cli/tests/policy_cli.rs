@@ -181,7 +181,7 @@ fn show_lists_every_rule_with_its_source() {
     }
     let o = run(d.path(), &["policy", "show", "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["rules"].as_array().unwrap().len(), 11 + 7 + 13 + 2);
+    assert_eq!(v["rules"].as_array().unwrap().len(), 12 + 7 + 13 + 2);
 }
 
 #[test]
