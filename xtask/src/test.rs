@@ -164,7 +164,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     proc::step("unit tests");
     let mut unit = cargo();
     // Every test binary runs even when one fails, so one failure hides no other.
-    unit.args(["test", "--workspace", "--exclude", "sbx-tests", "--no-fail-fast"]);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "sbx-tests",
+        "--no-fail-fast",
+    ]);
     if let Some(f) = &args.filter {
         unit.args(["--", f]);
     }
