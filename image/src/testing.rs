@@ -55,6 +55,13 @@ impl Layer {
         self
     }
 
+    /// A hard link to `target` (an earlier entry's path).
+    pub fn hardlink(mut self, path: &str, target: &str) -> Layer {
+        let mut h = Layer::header(EntryType::Link, 0o644, 0, 0);
+        self.b.append_link(&mut h, path, target).expect("in memory");
+        self
+    }
+
     /// A character device node `major:minor`.
     pub fn char_dev(mut self, path: &str, mode: u32, major: u32, minor: u32) -> Layer {
         let mut h = Layer::header(EntryType::Char, mode, 0, 0);

@@ -401,46 +401,21 @@ pub fn staged(host: &Path) -> Option<(u32, u32, u32)> {
 mod tests {
     use super::*;
 
-    /// A tar stream from (path, kind, body or link target, mode, uid).
+    /// A tar stream from (path, kind, body or link target, mode, uid):
+    /// kinds `d`irectory, `f`ile, `l` symlink, `h`ard link, `c` (1:3).
     fn layer(entries: &[(&str, char, &str, u32, u64)]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
+        let mut l = crate::testing::Layer::new();
         for &(path, kind, body, mode, uid) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(mode);
-            h.set_uid(uid);
-            h.set_gid(uid);
-            h.set_mtime(1);
-            match kind {
-                'd' => {
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_size(0);
-                    b.append_data(&mut h, path, &[][..]).unwrap();
-                }
-                'f' => {
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_size(body.len() as u64);
-                    b.append_data(&mut h, path, body.as_bytes()).unwrap();
-                }
-                'l' | 'h' => {
-                    h.set_entry_type(if kind == 'l' {
-                        tar::EntryType::Symlink
-                    } else {
-                        tar::EntryType::Link
-                    });
-                    h.set_size(0);
-                    b.append_link(&mut h, path, body).unwrap();
-                }
-                'c' => {
-                    h.set_entry_type(tar::EntryType::Char);
-                    h.set_device_major(1).unwrap();
-                    h.set_device_minor(3).unwrap();
-                    h.set_size(0);
-                    b.append_data(&mut h, path, &[][..]).unwrap();
-                }
+            l = match kind {
+                'd' => l.dir(path, mode, uid),
+                'f' => l.file(path, mode, uid, body.as_bytes()),
+                'l' => l.symlink(path, body),
+                'h' => l.hardlink(path, body),
+                'c' => l.char_dev(path, mode, 1, 3),
                 _ => unreachable!(),
-            }
+            };
         }
-        b.into_inner().unwrap()
+        l.bytes()
     }
 
     #[test]
