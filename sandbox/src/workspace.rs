@@ -84,7 +84,12 @@ pub fn fetch(dir: &Dir, repo: &Path) -> Result<Vec<String>> {
     let out = Command::new("git")
         .arg("-C")
         .arg(repo)
-        .args(["-c", "fetch.fsckObjects=true", "-c", "transfer.fsckObjects=true"])
+        .args([
+            "-c",
+            "fetch.fsckObjects=true",
+            "-c",
+            "transfer.fsckObjects=true",
+        ])
         .args(["fetch", "--quiet", "--no-tags", "--force"])
         .arg(&bundle)
         .arg(format!("refs/heads/*:{prefix}/*"))
