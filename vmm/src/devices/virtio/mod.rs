@@ -15,7 +15,7 @@ pub(crate) mod test_ring;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
@@ -150,6 +150,30 @@ pub(crate) fn serve_kicks(
                 }
             }
         }
+    }
+}
+
+/// Answers every request the driver has queued in `queue`: `answer` gets
+/// each descriptor chain and returns how many bytes it wrote into it;
+/// each is returned to the driver, then the driver is interrupted once.
+pub(crate) fn answer_all<'m>(
+    device: &str,
+    mem: &'m GuestMemory,
+    queue: &mut Queue,
+    interrupt: &Interrupt,
+    mut answer: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemory>) -> u32,
+) {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let len = answer(chain);
+        if let Err(e) = queue.add_used(mem, head, len) {
+            tracing::warn!(error = %e, "{device}: cannot return a request");
+        }
+        used = true;
+    }
+    if used {
+        interrupt.trigger(interrupt::INT_VRING);
     }
 }
 

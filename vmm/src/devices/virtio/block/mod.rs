@@ -18,14 +18,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interrupt::INT_VRING;
 use super::{
-    check_queues, read_config_bytes, serve_kicks, ActivateError, Interrupt, VirtioDevice,
-    WorkerThread, VIRTIO_F_VERSION_1,
+    answer_all, check_queues, read_config_bytes, serve_kicks, ActivateError, Interrupt,
+    VirtioDevice, WorkerThread, VIRTIO_F_VERSION_1,
 };
 use crate::vstate::memory::GuestMemory;
 use request::{byte_range, Invalid, Kind, Request, SECTOR};
@@ -335,11 +334,9 @@ impl Drop for Block {
 
 /// Answers every request in `queue`, then interrupts once.
 fn serve(disk: &Disk, mem: &GuestMemory, queue: &mut Queue, interrupt: &Interrupt) {
-    let mut used = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
+    answer_all("virtio-blk", mem, queue, interrupt, |chain| {
         let descs: Vec<_> = chain.collect();
-        let len = match request::parse(mem, &descs) {
+        match request::parse(mem, &descs) {
             Err(why) => {
                 tracing::debug!(?why, "virtio-blk: a request with nowhere to answer");
                 0
@@ -357,13 +354,6 @@ fn serve(disk: &Disk, mem: &GuestMemory, queue: &mut Queue, interrupt: &Interrup
                     Err(_) => 0,
                 }
             }
-        };
-        if let Err(e) = queue.add_used(mem, head, len) {
-            tracing::warn!(error = %e, "virtio-blk: cannot return a request");
         }
-        used = true;
-    }
-    if used {
-        interrupt.trigger(INT_VRING);
-    }
+    })
 }

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Guard;
-use crate::devices::virtio::interrupt::{Interrupt, INT_VRING};
-use crate::devices::virtio::serve_kicks;
+use crate::devices::virtio::interrupt::Interrupt;
+use crate::devices::virtio::{answer_all, serve_kicks};
 use crate::vstate::memory::GuestMemory;
 
 pub struct Worker {
@@ -42,35 +42,33 @@ impl Worker {
 
     /// Answers every request in queue `q`, then interrupts once.
     fn serve(&mut self, q: usize) {
-        let mem = &self.mem;
-        let mut used = false;
-        while let Some(chain) = self.queues[q].pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = match (
-                Reader::from_descriptor_chain(mem, chain.clone()),
-                VirtioFsWriter::new(mem, chain),
-            ) {
-                (Ok(r), Ok(w)) => match self.server.handle_message(r, w.into(), None, None) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        // The server answers file system errors itself; this is
-                        // a request it could not even decode.
-                        tracing::debug!(error = %e, "virtio-fs: bad request");
+        let (mem, server) = (&self.mem, &self.server);
+        answer_all(
+            "virtio-fs",
+            mem,
+            &mut self.queues[q],
+            &self.interrupt,
+            |chain| {
+                let len = match (
+                    Reader::from_descriptor_chain(mem, chain.clone()),
+                    VirtioFsWriter::new(mem, chain),
+                ) {
+                    (Ok(r), Ok(w)) => match server.handle_message(r, w.into(), None, None) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            // The server answers file system errors itself; this is
+                            // a request it could not even decode.
+                            tracing::debug!(error = %e, "virtio-fs: bad request");
+                            0
+                        }
+                    },
+                    _ => {
+                        tracing::debug!("virtio-fs: a descriptor chain outside guest memory");
                         0
                     }
-                },
-                _ => {
-                    tracing::debug!("virtio-fs: a descriptor chain outside guest memory");
-                    0
-                }
-            };
-            if let Err(e) = self.queues[q].add_used(mem, head, len as u32) {
-                tracing::warn!(error = %e, "virtio-fs: cannot return a request");
-            }
-            used = true;
-        }
-        if used {
-            self.interrupt.trigger(INT_VRING);
-        }
+                };
+                len as u32
+            },
+        );
     }
 }
