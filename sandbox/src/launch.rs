@@ -62,7 +62,7 @@ pub fn start(spec: &SessionSpec, sbx: &Path, starting: impl FnOnce()) -> Result<
     let had_disk = crate::disks::layer_path(name).exists();
     let result = spawn(spec, &dir, sbx, starting).and_then(|()| {
         if spec.clone_workspace {
-            crate::workspace::clone_into(&dir).inspect_err(|_| {
+            crate::workspace::clone_into(&dir, spec.user.as_deref()).inspect_err(|_| {
                 if let Ok(info) = dir.read_info() {
                     end_process(&dir, info.pid, Duration::from_secs(5));
                 }

@@ -36,15 +36,15 @@ pub fn repository(dir: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(&top).at(|| format!("cannot use the repository {top}"))
 }
 
-/// Clones the shared repository into `/workspace`, as the session's user,
-/// unless a clone is there already (a restarted session keeps its own).
-pub fn clone_into(dir: &Dir) -> Result<()> {
+/// Clones the shared repository into `/workspace`, as the session's user
+/// (`user`; None: root), unless a clone is there already (a restarted
+/// session keeps its own).
+pub fn clone_into(dir: &Dir, user: Option<&str>) -> Result<()> {
     // /workspace is made by root and given to whoever commands run as.
+    let owner = user.unwrap_or("root").replace('\'', "");
     let prepare = format!(
-        "test -d {WORKSPACE}/.git || {{ mkdir -p {WORKSPACE} && chown \"$(id -u \"${{1:-root}}\")\" {WORKSPACE}; }}"
+        "test -d {WORKSPACE}/.git || {{ mkdir -p {WORKSPACE} && chown \"$(id -u '{owner}')\" {WORKSPACE}; }}"
     );
-    let user = crate::spec::SessionSpec::read(&dir.spec_path())?.user;
-    let prepare = format!("set -- {}; {prepare}", user.as_deref().unwrap_or("root"));
     if attach::script(dir, &prepare, Some("root"), 2)? != 0 {
         fail!(Session, "cannot prepare {WORKSPACE} for the clone");
     }
