@@ -25,11 +25,15 @@ const BUILD_DISK: u64 = 16 << 30;
 /// The built image of `t`, if its current recipe was built.
 pub fn image_of(t: &Template, store: &Store) -> Result<Option<ImageRecord>> {
     let base = store.find(&t.image)?;
-    let recipe = t.recipe(base.digest.as_str());
-    Ok(store
+    Ok(built(t, store, &t.recipe(base.digest.as_str())))
+}
+
+/// The image built from `recipe` of `t`, if there is one.
+fn built(t: &Template, store: &Store, recipe: &str) -> Option<ImageRecord> {
+    store
         .find(&t.image_name())
         .ok()
-        .filter(|r| r.source.contains(&recipe)))
+        .filter(|r| r.source.contains(recipe))
 }
 
 /// Builds `t` (unless its current recipe is built) and returns its image.
@@ -43,10 +47,10 @@ pub fn build(t: &Template, sbx: &Path, progress: Progress<'_>) -> Result<ImageRe
         ))),
         e => e.into(),
     })?;
-    if let Some(built) = image_of(t, &store)? {
-        return Ok(built);
-    }
     let recipe = t.recipe(base.digest.as_str());
+    if let Some(image) = built(t, &store, &recipe) {
+        return Ok(image);
+    }
     let name = format!("build-{}-{}", t.name, std::process::id());
     let selection = Selection {
         preset: Some(t.build.preset.clone().unwrap_or_else(|| "balanced".into())),
