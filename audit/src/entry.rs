@@ -231,6 +231,74 @@ impl Entry {
         )
     }
 
+    /// The MCP gateway's decision on a request (`action` is `call`, `read`
+    /// or `get`; `resource` is `server.name`), with what the request
+    /// carried (`details`: the arguments' digest, and their values only when
+    /// the policy says so).
+    pub fn mcp_decision(action: &str, resource: &str, d: &Decision<'_>, details: Value) -> Entry {
+        let mut e = Entry::decision(Surface::Mcp, action, resource, d);
+        e.event.details = details;
+        e
+    }
+
+    /// The MCP gateway refused a request by one of its own protections
+    /// (`rule`: `mcp-pin`, `mcp-secret-scan`, `mcp-credential-scan`), not
+    /// by a policy rule.
+    pub fn mcp_refused(
+        action: &str,
+        resource: &str,
+        rule: &str,
+        reason: &str,
+        details: Value,
+    ) -> Entry {
+        Entry {
+            category: Category::Decision,
+            event: Event {
+                surface: Some(Surface::Mcp.as_str().into()),
+                action: action.into(),
+                resource: resource.into(),
+                decision: Some("deny".into()),
+                rule_id: Some(rule.into()),
+                layer: Some("builtin".into()),
+                rule_source: Some("builtin".into()),
+                reason: Some(reason.into()),
+                mode: Some("enforce".into()),
+                details,
+            },
+        }
+    }
+
+    /// How an allowed MCP request ended: latency, result size, error.
+    pub fn mcp_result(action: &str, resource: &str, details: Value) -> Entry {
+        Entry {
+            category: Category::Session,
+            event: Event {
+                surface: Some(Surface::Mcp.as_str().into()),
+                action: format!("{action}_result"),
+                resource: resource.into(),
+                details,
+                ..Event::default()
+            },
+        }
+    }
+
+    /// Something the gateway learnt about a server's tools: `tool_pinned`
+    /// (first seen), `tool_changed` (quarantined, both hashes), `tool_approved`,
+    /// `tool_flagged` (a description that asks for secrets or other tools),
+    /// `server_started`, `server_failed`.
+    pub fn mcp_server(action: &str, resource: &str, details: Value) -> Entry {
+        Entry {
+            category: Category::Session,
+            event: Event {
+                surface: Some(Surface::Mcp.as_str().into()),
+                action: action.into(),
+                resource: resource.into(),
+                details,
+                ..Event::default()
+            },
+        }
+    }
+
     /// Something the guest reported, or the console showed.
     pub fn guest(report: GuestReport, resource: &str, details: Value) -> Entry {
         Entry {

@@ -7,12 +7,15 @@
 //! after `--` (a shell on the console when there is none), reaps every
 //! process, syncs, and reports the command's exit status, which ends the VM.
 
+mod bridge;
 mod egress;
 mod events;
 mod exec;
 mod init;
+mod mcp;
 mod reaper;
 mod refresh;
+mod relay;
 mod report;
 mod root;
 mod run;
@@ -20,6 +23,11 @@ mod session;
 mod vsock;
 
 fn main() {
+    // The same binary is the stdio bridge to the MCP gateway (see `mcp`).
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.ends_with("sbx-mcp-bridge") {
+        std::process::exit(bridge::main());
+    }
     let is_init = std::process::id() == 1;
     if is_init {
         init::mount_pseudo_filesystems();
@@ -52,9 +60,14 @@ fn main() {
             init::mount_shares(&b.shares);
         }
         exec::set_default_cwd(b.workdir.clone());
+        let mut env = Vec::new();
         if egress::start(b.egress_ca.clone()) {
-            exec::set_default_env(sbx_protocol::egress::environment());
+            env.extend(sbx_protocol::egress::environment());
         }
+        if mcp::start(b.mcp) {
+            env.extend(sbx_protocol::mcp::environment());
+        }
+        exec::set_default_env(env);
         if b.session {
             session::serve();
         }

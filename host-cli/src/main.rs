@@ -9,6 +9,7 @@ mod audit_cmd;
 mod boot;
 mod doctor;
 mod image_cmd;
+mod mcp_cmd;
 mod policy_cmd;
 mod secret_cmd;
 mod session;
@@ -67,6 +68,8 @@ enum Command {
     Boot(boot::Args),
     /// Check, explain and show policy; sign organisation bundles.
     Policy(policy_cmd::Args),
+    /// A session's MCP gateway: servers, tools and their pins, approve, call.
+    Mcp(mcp_cmd::Args),
     /// Store the secrets the egress proxy injects (the guest never sees them).
     Secret(secret_cmd::Args),
     /// Verify audit logs.
@@ -76,6 +79,9 @@ enum Command {
     /// The session process itself (started by `sbx start`).
     #[command(name = "__session", hide = true)]
     Session(session::ServeArgs),
+    /// Starts a session's stdio MCP servers' VMs (started by the session).
+    #[command(name = "__mcp-servers", hide = true)]
+    McpServers { agent: String },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +111,10 @@ fn main() -> ExitCode {
         Command::Image(args) => image_cmd::run(args),
         Command::Template(args) => template_cmd::run(args),
         Command::Policy(args) => policy_cmd::run(args),
+        Command::Mcp(args) => mcp_cmd::run(args),
+        Command::McpServers { agent } => sandbox::mcp::helper_main(&agent)
+            .map(|()| 0)
+            .map_err(Into::into),
         Command::Secret(args) => secret_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(args),
         Command::Events(args) => audit_cmd::events(args),

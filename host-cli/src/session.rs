@@ -126,6 +126,14 @@ pub struct VmArgs {
     /// space left on device"). Default: 8G.
     #[arg(long, value_name = "SIZE")]
     disk: Option<String>,
+    /// MCP servers for the session's gateway: a file of `[[mcp.server]]`
+    /// tables (repeatable). Default: ~/.config/sbx/mcp.toml and
+    /// ./.sbx/mcp.toml when they exist. See `sbx mcp --help`.
+    #[arg(long = "mcp", value_name = "FILE")]
+    mcp: Vec<PathBuf>,
+    /// No MCP gateway, whatever the config files declare.
+    #[arg(long, conflicts_with = "mcp")]
+    no_mcp: bool,
     #[command(flatten)]
     select: policy_cmd::Select,
 }
@@ -166,6 +174,9 @@ impl VmArgs {
         }
         for r in &self.resolve {
             spec.egress.resolve.push(Pin::parse(r)?);
+        }
+        if !self.no_mcp {
+            spec.mcp = sandbox::mcp::servers(&self.mcp)?;
         }
         let size = match &self.disk {
             Some(d) => Some(sandbox::spec::parse_size(d).context("--disk")?),

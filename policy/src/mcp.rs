@@ -183,6 +183,27 @@ impl McpRules {
         mismatch
     }
 
+    /// Whether `server.tool` belongs in a tool listing: some allow rule names
+    /// it (whatever its argument constraints, which only a call can meet),
+    /// and no enforced deny rule without argument constraints does.
+    pub(crate) fn listed(&self, rules: &[crate::RuleInfo], server: &str, tool: &str) -> bool {
+        let mut allowed = false;
+        for r in &self.rules {
+            if !r.server.is_match(server) || !r.tools.iter().any(|t| t.is_match(tool)) {
+                continue;
+            }
+            let info = &rules[r.rule as usize];
+            match info.action {
+                Action::Allow => allowed = true,
+                Action::Deny if r.args.is_empty() && info.mode == crate::Mode::Enforce => {
+                    return false
+                }
+                Action::Deny => {}
+            }
+        }
+        allowed
+    }
+
     pub(crate) fn calls_per_minute(&self, rule: RuleIdx) -> Option<u32> {
         self.rules
             .iter()

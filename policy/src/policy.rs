@@ -743,12 +743,22 @@ impl Policy {
             if let Some(m) = mismatch {
                 let rule = &self.rules[m.rule as usize];
                 d.reason = Cow::Owned(format!(
-                    "rule `{}` allows {what} but {}",
-                    rule.id, m.message
+                    "rule `{}` ({} layer, {}) allows {what} but {}",
+                    rule.id,
+                    rule.layer.as_str(),
+                    rule.location,
+                    m.message
                 ));
             }
         }
         (d, rate)
+    }
+
+    /// Whether the MCP gateway lists `tool` of `server` to the agent: some
+    /// allow rule names it and no unconditional enforced deny does. A call
+    /// is still decided by [`Policy::decide_mcp`], with its arguments.
+    pub fn mcp_listed(&self, server: &str, tool: &str) -> bool {
+        self.mcp.listed(&self.rules, server, tool)
     }
 
     /// May the host ask the guest to run `argv0`?

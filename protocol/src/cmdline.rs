@@ -58,6 +58,10 @@ pub struct Root {
     pub layer: Option<String>,
 }
 
+/// The session has an MCP gateway: the guest agent relays to it and points
+/// the common agents at it.
+pub const MCP: &str = "sbx.mcp";
+
 /// Everything the host says at boot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Boot {
@@ -69,6 +73,8 @@ pub struct Boot {
     pub root: Option<Root>,
     /// The session CA's PEM body ([`EGRESS_CA`]).
     pub egress_ca: Option<String>,
+    /// The session has an MCP gateway ([`MCP`]).
+    pub mcp: bool,
     /// The command after `--`; None when there is no `--`.
     pub command: Option<Vec<String>>,
 }
@@ -150,6 +156,9 @@ impl Boot {
         if let Some(ca) = &self.egress_ca {
             words.push(format!("{EGRESS_CA}={ca}"));
         }
+        if self.mcp {
+            words.push(MCP.into());
+        }
         if let Some(command) = &self.command {
             words.push("--".into());
             for a in command {
@@ -211,6 +220,7 @@ impl Boot {
             workdir: value(WORKDIR).pop().map(str::to_string),
             root,
             egress_ca: value(EGRESS_CA).pop().map(str::to_string),
+            mcp: params.iter().any(|w| w == MCP),
             command: at.map(|i| words[i + 1..].to_vec()),
         };
         (boot, bad)
@@ -274,6 +284,7 @@ mod tests {
                 layer: Some("sbx-layer".into()),
             }),
             egress_ca: Some("QUJD".into()),
+            mcp: true,
             command: None,
         };
         let line = boot.encode(BASE, &["noxsave"]).unwrap();
@@ -281,7 +292,7 @@ mod tests {
             line,
             "console=ttyS0 reboot=k panic=-1 quiet noxsave sbx.session \
              sbx.fs=sbx0,/workspace,rw sbx.fs=sbx1,/ref,ro sbx.workdir=/workspace \
-             sbx.root=sbx-image,sbx-layer sbx.egress=QUJD"
+             sbx.root=sbx-image,sbx-layer sbx.egress=QUJD sbx.mcp"
         );
         assert_eq!(Boot::parse(&line), (boot, Vec::new()));
     }

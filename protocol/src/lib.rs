@@ -6,3 +6,4 @@ pub mod agent;
 pub mod cmdline;
 pub mod debug_port;
 pub mod egress;
+pub mod mcp;

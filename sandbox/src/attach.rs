@@ -9,6 +9,7 @@
 //! as they come. The exit status is the command's own.
 
 use std::io::Read;
+use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -92,8 +93,7 @@ fn relay_signals(set: libc::sigset_t, w: Writer) {
 }
 
 /// Copies standard input up, never more than the agent's credit ahead.
-fn pump_stdin(w: Writer, credit: Arc<(Mutex<u32>, Condvar)>) {
-    let mut stdin = std::io::stdin().lock();
+fn pump_stdin(stdin: std::fs::File, w: Writer, credit: Arc<(Mutex<u32>, Condvar)>) {
     let mut buf = vec![0u8; MAX_DATA];
     loop {
         let allowed = {
@@ -104,7 +104,7 @@ fn pump_stdin(w: Writer, credit: Arc<(Mutex<u32>, Condvar)>) {
             }
             (*c as usize).min(MAX_DATA)
         };
-        let n = match stdin.read(&mut buf[..allowed]) {
+        let n = match (&stdin).read(&mut buf[..allowed]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => 0,
@@ -128,20 +128,27 @@ fn pump_stdin(w: Writer, credit: Arc<(Mutex<u32>, Condvar)>) {
 /// Where a command's streams go on this side.
 #[derive(Clone, Copy, Debug)]
 pub struct Io {
-    /// Forward this process's standard input (else the command's is closed).
-    pub stdin: bool,
+    /// The descriptor the command's input is read from, until its end
+    /// (None: the command's input is closed). It must stay open until the
+    /// command ends.
+    pub stdin: Option<i32>,
     /// Descriptors the command's output and errors are written to.
     pub stdout: i32,
     pub stderr: i32,
+    /// Pass SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to this process on to
+    /// the command (a terminal's client). A library caller in a process with
+    /// signal handling of its own (the session process) says no.
+    pub signals: bool,
 }
 
 impl Default for Io {
     /// This process's own standard input, output and error.
     fn default() -> Io {
         Io {
-            stdin: true,
+            stdin: Some(0),
             stdout: 1,
             stderr: 2,
+            signals: true,
         }
     }
 }
@@ -164,9 +171,10 @@ pub fn script(dir: &Dir, script: &str, user: Option<&str>, stdout: i32) -> Resul
         tty: false,
     };
     let io = Io {
-        stdin: false,
+        stdin: None,
         stdout,
         stderr: 2,
+        signals: true,
     };
     exec_with(dir, req, io)
 }
@@ -203,19 +211,30 @@ pub fn exec_with(dir: &Dir, req: Request, io: Io) -> Result<u8> {
     // Signals this client turns into messages instead of dying of them,
     // blocked here and in every thread started below; `relay_signals` takes
     // them with sigwait.
-    let mut forwarded = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-    if req.tty {
-        forwarded.push(libc::SIGWINCH);
-    }
-    let set = block_signals(&forwarded);
-    {
+    if io.signals {
+        let mut forwarded = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+        if req.tty {
+            forwarded.push(libc::SIGWINCH);
+        }
+        let set = block_signals(&forwarded);
         let w = w.clone();
         std::thread::spawn(move || relay_signals(set, w));
     }
     let credit = Arc::new((Mutex::new(INITIAL_CREDIT), Condvar::new()));
-    if io.stdin {
+    if let Some(fd) = io.stdin {
+        // The pump reads a copy of the descriptor, which it owns: it may
+        // outlive this call (blocked in a read), and the caller may close
+        // its own as soon as this returns.
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open for
+        // this call; the result is checked and owned from here on.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error()).at(|| "cannot use the command's input".into());
+        }
+        // SAFETY: `copy` is a new descriptor nothing else owns.
+        let stdin = unsafe { std::fs::File::from_raw_fd(copy) };
         let (w, credit) = (w.clone(), credit.clone());
-        std::thread::spawn(move || pump_stdin(w, credit));
+        std::thread::spawn(move || pump_stdin(stdin, w, credit));
     } else {
         send(&w, &Frame::Control(Control::CloseStdin { id: 1 }))
             .at(|| "cannot send the command".into())?;

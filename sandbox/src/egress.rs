@@ -53,6 +53,9 @@ fn granted_secrets(policy: &Policy, log: &AuditLog) -> Result<Vec<(String, Strin
 /// A running proxy and what the guest needs to use it.
 pub struct Egress {
     proxy: Arc<Proxy>,
+    /// The secrets the session holds, `(name, value)`: the MCP gateway
+    /// refuses to send them to a server.
+    secrets: Vec<(String, String)>,
 }
 
 impl Egress {
@@ -70,6 +73,10 @@ impl Egress {
             .collect();
         let secrets = granted_secrets(&policy, &log)?;
         let names: Vec<&str> = secrets.iter().map(|(n, _, _)| n.as_str()).collect();
+        let held = secrets
+            .iter()
+            .map(|(n, _, v)| (n.clone(), v.clone()))
+            .collect();
         let resolve: Vec<String> = spec.resolve.iter().map(|p| p.to_string()).collect();
         log.record(Entry::egress_started(
             HOST_PORT,
@@ -97,12 +104,20 @@ impl Egress {
                 }
             })
             .at(|| "cannot start the egress thread".into())?;
-        Ok(Egress { proxy })
+        Ok(Egress {
+            proxy,
+            secrets: held,
+        })
     }
 
     /// The session CA's PEM body, as the guest agent is handed it.
     pub fn ca_body(&self) -> String {
         pem_body(&self.proxy.ca_pem())
+    }
+
+    /// The secrets the session holds, `(name, value)`.
+    pub fn secrets(&self) -> &[(String, String)] {
+        &self.secrets
     }
 
     /// Placeholders, by the env var names the policy gives.

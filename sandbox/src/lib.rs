@@ -4,8 +4,9 @@
 //! egress, the VM's configuration, the VM); [`launch`] starts and stops
 //! session processes; [`attach`] runs a command in a running session.
 //!
-//! The `sbx` binary, the coming image builder, MCP gateway and control
-//! plane all drive sessions through this crate, not through the CLI.
+//! The `sbx` binary, the template builder and the coming control plane
+//! drive sessions through this crate, not through the CLI; the MCP
+//! gateway (`sbx-mcp`) runs inside a session, wired in by [`mcp`].
 
 pub mod attach;
 pub mod confine;
@@ -17,6 +18,7 @@ mod files;
 mod guest;
 mod host_edits;
 pub mod launch;
+pub mod mcp;
 pub mod paths;
 pub mod secrets;
 pub mod session;

@@ -32,7 +32,7 @@ use crate::guest::{self, ConsoleWatch};
 use crate::spec::{SessionSpec, VmSpec};
 use crate::state::{self, Dir, Info, Phase};
 use crate::throttle::Limits;
-use crate::{confine, control, disks, host_edits, paths, sys};
+use crate::{confine, control, disks, host_edits, mcp, paths, sys};
 
 /// How long an audit record may wait in the page cache before it is synced.
 pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -334,17 +334,39 @@ fn service(
         None => (Vec::new(), None),
     };
 
+    // The MCP servers' helper starts VMs, which the confined session
+    // process cannot: it starts first.
+    let helper = if spec.mcp.is_empty() {
+        None
+    } else {
+        Some(mcp::Helper::spawn(&spec.name)?)
+    };
+
     // From here on the guest can reach the session: confine it first.
     confine(spec, &dir, &fs, &block, log)?;
 
     // Egress: the proxy on its vsock port; the guest gets its CA.
     let egress = Egress::start(&spec.name, &spec.egress, policy.clone(), log.clone(), &host)?;
+    // The MCP gateway on its vsock port, and `mcp.sock` for `sbx mcp`.
+    let _gateway = match helper {
+        Some(helper) => Some(mcp::start(
+            spec,
+            &dir,
+            policy.clone(),
+            log.clone(),
+            &host,
+            helper,
+            egress.secrets().to_vec(),
+        )?),
+        None => None,
+    };
     let boot = Boot {
         session: true,
         shares,
         workdir: spec.workdir().map(str::to_string),
         root,
         egress_ca: Some(egress.ca_body()),
+        mcp: !spec.mcp.is_empty(),
         command: None,
     };
     let mut env: Vec<(String, String)> = spec
@@ -411,6 +433,7 @@ fn service(
     let was_ready = s.status.phase() == Phase::Running;
     s.status.set(Phase::Stopped, Some(ended.clone()));
     let _ = std::fs::remove_file(dir.ctl_path());
+    let _ = std::fs::remove_file(dir.mcp_path());
     supervisor.flush();
     limits.report(log);
     let outcome = result?;
@@ -449,6 +472,9 @@ fn confine(
         paths::state_dir().join("secrets"),
     ]);
     allowed.read.extend(spec.egress.upstream_ca.iter().cloned());
+    let (mcp_read, mcp_write) = mcp::confined_paths(spec);
+    allowed.read.extend(mcp_read);
+    allowed.read_write.extend(mcp_write);
     allowed
         .read_write
         .extend([spec.vm.kvm.clone(), dir.path.clone(), paths::audit_dir()]);

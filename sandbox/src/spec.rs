@@ -51,6 +51,9 @@ pub struct SessionSpec {
     /// session's own disk when it starts.
     #[serde(default)]
     pub clone_workspace: bool,
+    /// The MCP servers the session's gateway serves (none: no gateway).
+    #[serde(default)]
+    pub mcp: Vec<sbx_mcp::ServerSpec>,
 }
 
 /// A root file system from an image, with the session's writable layer.
@@ -306,6 +309,7 @@ impl SessionSpec {
             root: None,
             user: None,
             clone_workspace: false,
+            mcp: Vec::new(),
         })
     }
 

@@ -92,6 +92,10 @@ impl Dir {
     pub fn ctl_path(&self) -> PathBuf {
         self.path.join("ctl.sock")
     }
+    /// The MCP gateway's socket for `sbx mcp`.
+    pub fn mcp_path(&self) -> PathBuf {
+        self.path.join("mcp.sock")
+    }
     pub fn vsock_path(&self) -> PathBuf {
         self.path.join("vsock.sock")
     }

@@ -2,6 +2,7 @@
 //! need a KVM that can run standard kernels: `cargo xtask test` runs them
 //! directly on such hosts and inside the nested test host elsewhere.
 
+pub mod mcp;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
