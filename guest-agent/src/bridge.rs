@@ -121,7 +121,11 @@ fn post(body: &str, session: &Mutex<Session>, out: &Mutex<std::io::Stdout>) -> R
         }
     }
     let body: Box<dyn BufRead> = if chunked {
-        Box::new(BufReader::new(Chunked { inner: r, left: 0, done: false }))
+        Box::new(BufReader::new(Chunked {
+            inner: r,
+            left: 0,
+            done: false,
+        }))
     } else if let Some(n) = length {
         Box::new(BufReader::new(r.take(n)))
     } else {

@@ -10,10 +10,12 @@ use sandbox::state::Dir;
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
-#[command(after_help = "The servers come from `[[mcp.server]]` tables in ~/.config/sbx/mcp.toml \
+#[command(
+    after_help = "The servers come from `[[mcp.server]]` tables in ~/.config/sbx/mcp.toml \
 and ./.sbx/mcp.toml (or `sbx start --mcp FILE`); which tools an agent may call is the policy's \
 `[[mcp]]` rules (`sbx policy explain mcp SERVER.TOOL 'ARGS'`). Inside the session the gateway is \
-$SBX_MCP_URL (http://127.0.0.1:7331/mcp); Claude Code, Codex and Gemini CLI are pointed at it.")]
+$SBX_MCP_URL (http://127.0.0.1:7331/mcp); Claude Code, Codex and Gemini CLI are pointed at it."
+)]
 pub struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -66,10 +68,18 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                 println!("{v:#}");
                 return Ok(0);
             }
-            println!("{:<16} {:<16} {:<8} {:<6} QUARANTINED / LAST ERROR", "SERVER", "KIND", "RUNNING", "TOOLS");
+            println!(
+                "{:<16} {:<16} {:<8} {:<6} QUARANTINED / LAST ERROR",
+                "SERVER", "KIND", "RUNNING", "TOOLS"
+            );
             for s in v.as_array().into_iter().flatten() {
                 let tools = s["tools"].as_u64().map_or("-".into(), |n| n.to_string());
-                let q: Vec<&str> = s["quarantined"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let q: Vec<&str> = s["quarantined"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
                 let mut note = q.join(",");
                 if let Some(e) = s["last_error"].as_str() {
                     note = format!("{note} {e}").trim().to_string();
@@ -78,7 +88,11 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                     "{:<16} {:<16} {:<8} {:<6} {note}",
                     s["name"].as_str().unwrap_or(""),
                     s["kind"].as_str().unwrap_or(""),
-                    if s["running"].as_bool() == Some(true) { "yes" } else { "no" },
+                    if s["running"].as_bool() == Some(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     tools
                 );
             }
@@ -101,15 +115,29 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                     &hash[..hash.len().min(19)]
                 );
                 if let Some(old) = t["approved"].as_str() {
-                    println!("{:<32} {:<12} approved was {}", "", "", &old[..old.len().min(19)]);
+                    println!(
+                        "{:<32} {:<12} approved was {}",
+                        "",
+                        "",
+                        &old[..old.len().min(19)]
+                    );
                 }
             }
             Ok(0)
         }
-        Cmd::Approve { server, tool, which } => {
+        Cmd::Approve {
+            server,
+            tool,
+            which,
+        } => {
             let approved: Vec<String> = match session(&which, false)? {
                 Some(dir) => {
-                    let v = request(&dir, "POST", "/sbx/approve", &json!({ "server": server, "tool": tool }))?;
+                    let v = request(
+                        &dir,
+                        "POST",
+                        "/sbx/approve",
+                        &json!({ "server": server, "tool": tool }),
+                    )?;
                     if let Some(e) = v["error"].as_str() {
                         bail!("{e}");
                     }
@@ -124,24 +152,46 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
             if which.json {
                 println!("{}", json!({ "approved": approved }));
             } else if approved.is_empty() {
-                println!("nothing to approve: no changed tool of `{server}`{}", tool.map(|t| format!(" named `{t}`")).unwrap_or_default());
+                println!(
+                    "nothing to approve: no changed tool of `{server}`{}",
+                    tool.map(|t| format!(" named `{t}`")).unwrap_or_default()
+                );
             } else {
-                println!("approved {}", approved.iter().map(|t| format!("{server}.{t}")).collect::<Vec<_>>().join(", "));
+                println!(
+                    "approved {}",
+                    approved
+                        .iter()
+                        .map(|t| format!("{server}.{t}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             Ok(0)
         }
-        Cmd::Call { name, arguments, which } => {
+        Cmd::Call {
+            name,
+            arguments,
+            which,
+        } => {
             let args: Value = serde_json::from_str(&arguments)
                 .with_context(|| format!("the arguments {arguments:?} are not JSON"))?;
             if !args.is_object() {
                 bail!("the arguments must be a JSON object, like '{{\"path\": \"/x\"}}'");
             }
             let dir = session(&which, true)?.context("no session")?;
-            let v = request(&dir, "POST", "/sbx/call", &json!({ "name": name, "arguments": args }))?;
+            let v = request(
+                &dir,
+                "POST",
+                "/sbx/call",
+                &json!({ "name": name, "arguments": args }),
+            )?;
             if which.json {
                 println!("{v:#}");
             } else if let Some(e) = v.get("error") {
-                eprintln!("sbx: {}", e["message"].as_str().unwrap_or("the call failed"));
+                eprintln!(
+                    "sbx: {}",
+                    e["message"].as_str().unwrap_or("the call failed")
+                );
             } else {
                 for c in v["result"]["content"].as_array().into_iter().flatten() {
                     match c["text"].as_str() {
@@ -153,7 +203,13 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
                     println!("{s:#}");
                 }
             }
-            Ok(if v.get("error").is_some() || v["result"]["isError"] == json!(true) { 1 } else { 0 })
+            Ok(
+                if v.get("error").is_some() || v["result"]["isError"] == json!(true) {
+                    1
+                } else {
+                    0
+                },
+            )
         }
     }
 }
@@ -183,18 +239,30 @@ fn session(w: &Which, needed: bool) -> anyhow::Result<Option<Dir>> {
 /// One request to the session's gateway over its socket.
 fn request(dir: &Dir, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
     let sock = dir.mcp_path();
-    let mut s = UnixStream::connect(&sock)
-        .with_context(|| format!("cannot reach session `{}`'s MCP gateway at {}", dir.name, sock.display()))?;
-    let body = if body.is_null() { String::new() } else { body.to_string() };
+    let mut s = UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "cannot reach session `{}`'s MCP gateway at {}",
+            dir.name,
+            sock.display()
+        )
+    })?;
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).context("the MCP gateway did not answer")?;
+    s.read_to_end(&mut raw)
+        .context("the MCP gateway did not answer")?;
     let text = String::from_utf8_lossy(&raw);
-    let (head, payload) = text.split_once("\r\n\r\n").context("the MCP gateway's answer is not HTTP")?;
+    let (head, payload) = text
+        .split_once("\r\n\r\n")
+        .context("the MCP gateway's answer is not HTTP")?;
     let status = head.split_whitespace().nth(1).unwrap_or("");
     let v: Value = serde_json::from_str(payload)
         .with_context(|| format!("the MCP gateway answered {status} with {payload:?}"))?;

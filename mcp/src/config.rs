@@ -312,8 +312,9 @@ on_credential = "refuse"
         )
         .unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
-        let e = parse_str("[[mcp.server]]\nname = \"a\"\ncommand = [\"x\"]\nmounts = [\"rel:/x\"]\n")
-            .unwrap_err();
+        let e =
+            parse_str("[[mcp.server]]\nname = \"a\"\ncommand = [\"x\"]\nmounts = [\"rel:/x\"]\n")
+                .unwrap_err();
         assert!(e.to_string().contains("absolute"), "{e}");
     }
 }

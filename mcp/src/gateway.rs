@@ -19,8 +19,9 @@ use std::time::Instant;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ErrorCode, GetPromptRequestParams,
     GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, ReadResourceRequestParams,
-    ReadResourceResponse, ReadResourceResult, Resource, ServerCapabilities, ServerConfig, Tool,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::{NotificationContext, Peer, RequestContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -171,11 +172,8 @@ impl Gateway {
 
     /// Passes a server's `list_changed` on to every connected agent.
     async fn tell_peers(&self, kind: ListKind) {
-        let peers: Vec<Peer<RoleServer>> = self
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let peers: Vec<Peer<RoleServer>> =
+            self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut gone = Vec::new();
         for (i, p) in peers.iter().enumerate() {
             let sent = match kind {
@@ -203,10 +201,7 @@ impl Gateway {
         })
     }
 
-    async fn client(
-        &self,
-        index: usize,
-    ) -> Result<Arc<crate::upstream::Client>, ErrorData> {
+    async fn client(&self, index: usize) -> Result<Arc<crate::upstream::Client>, ErrorData> {
         let up = &self.servers[index];
         let bearer = self.bearers.get(&up.spec.name).map(String::as_str);
         match up.client(&self.launcher, bearer, self.watcher(index)).await {
@@ -275,7 +270,11 @@ impl Gateway {
     async fn refresh_tools(&self, index: usize) -> Result<Vec<Listed>, ErrorData> {
         let up = &self.servers[index];
         let tools = self
-            .upstream(index, None, |c| async move { c.peer().list_all_tools().await })
+            .upstream(
+                index,
+                None,
+                |c| async move { c.peer().list_all_tools().await },
+            )
             .await?;
         let hashed: Vec<(String, String)> = tools
             .iter()
@@ -353,8 +352,7 @@ impl Gateway {
     /// A server that fails is left out; the others still answer.
     pub async fn tools(&self) -> Vec<Tool> {
         let lists =
-            futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i)))
-                .await;
+            futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i))).await;
         let mut out = Vec::new();
         for (up, list) in self.servers.iter().zip(lists) {
             let Ok(list) = list else { continue };
@@ -373,8 +371,7 @@ impl Gateway {
     /// Every tool of every server with its pin and policy state.
     pub async fn tool_states(&self) -> Vec<ToolState> {
         let lists =
-            futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i)))
-                .await;
+            futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i))).await;
         let mut out = Vec::new();
         for (up, list) in self.servers.iter().zip(lists) {
             for l in list.unwrap_or_default() {
@@ -445,7 +442,10 @@ impl Gateway {
             names.push(t);
         }
         if let Some((i, _)) = self.server(server) {
-            *self.servers[i].tools.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self.servers[i]
+                .tools
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
         }
         Ok(names)
     }
@@ -523,11 +523,11 @@ impl Gateway {
             ));
         }
         if let Some(n) = rate {
-            let ok = self
-                .rate
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .check(&d.rule.id, n, Instant::now());
+            let ok = self.rate.lock().unwrap_or_else(|e| e.into_inner()).check(
+                &d.rule.id,
+                n,
+                Instant::now(),
+            );
             if !ok {
                 let limited = Decision {
                     verdict: Verdict::Deny,
@@ -564,7 +564,9 @@ impl Gateway {
         }
         match check {
             Check::Refuse { rule, reason } => {
-                self.record(Entry::mcp_refused(action, &resource, rule, &reason, details))?;
+                self.record(Entry::mcp_refused(
+                    action, &resource, rule, &reason, details,
+                ))?;
                 Err(refused(
                     format!("sbx refuses {action} {resource}: {reason} (rule `{rule}`, builtin)"),
                     rule,
@@ -616,7 +618,9 @@ impl Gateway {
                     json!({ "latency_ms": ms, "result_bytes": size, "refused": reason, "rule": rule }),
                 ))?;
                 Err(refused(
-                    format!("sbx refuses the result of {resource}: {reason} (rule `{rule}`, builtin)"),
+                    format!(
+                        "sbx refuses the result of {resource}: {reason} (rule `{rule}`, builtin)"
+                    ),
                     rule,
                     "builtin",
                     "builtin",
@@ -653,13 +657,16 @@ impl Gateway {
         };
         let (server, tool) = names::split(name).ok_or_else(unknown)?;
         let (index, up) = self.server(server).ok_or_else(unknown)?;
-        let known = up
-            .tools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let known = up.tools.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A tool not listed yet, or quarantined (it may have been approved
+        // since, by `sbx mcp approve` without a session), is looked up anew.
         let listed = match known {
-            Some(l) if l.iter().any(|t| t.tool.name == tool) => l,
+            Some(l)
+                if l.iter()
+                    .any(|t| t.tool.name == tool && t.quarantined.is_none()) =>
+            {
+                l
+            }
             _ => self.refresh_tools(index).await?,
         };
         let entry = listed
@@ -671,14 +678,22 @@ impl Gateway {
         let started = Instant::now();
         let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args);
         let outcome = self
-            .upstream(index, ct, |c| async move { c.peer().call_tool(params).await })
+            .upstream(
+                index,
+                ct,
+                |c| async move { c.peer().call_tool(params).await },
+            )
             .await;
         self.finish("call", up, tool, started, outcome)
     }
 
     async fn list_resources(&self) -> Vec<Resource> {
         let lists = futures::future::join_all((0..self.servers.len()).map(|i| {
-            self.upstream(i, None, |c| async move { c.peer().list_all_resources().await })
+            self.upstream(
+                i,
+                None,
+                |c| async move { c.peer().list_all_resources().await },
+            )
         }))
         .await;
         let mut owners = HashMap::new();
@@ -727,14 +742,20 @@ impl Gateway {
         self.admit("read", up, "resources/read", &mut args, None)?;
         let started = Instant::now();
         let outcome = self
-            .upstream(index, Some(ct), |c| async move { c.peer().read_resource(params).await })
+            .upstream(index, Some(ct), |c| async move {
+                c.peer().read_resource(params).await
+            })
             .await;
         self.finish("read", up, "resources/read", started, outcome)
     }
 
     async fn list_prompts(&self) -> Vec<Prompt> {
         let lists = futures::future::join_all((0..self.servers.len()).map(|i| {
-            self.upstream(i, None, |c| async move { c.peer().list_all_prompts().await })
+            self.upstream(
+                i,
+                None,
+                |c| async move { c.peer().list_all_prompts().await },
+            )
         }))
         .await;
         let mut out = Vec::new();
@@ -756,12 +777,8 @@ impl Gateway {
         ct: &tokio_util::sync::CancellationToken,
     ) -> Result<GetPromptResult, ErrorData> {
         let full = params.name.clone();
-        let unknown = || {
-            ErrorData::invalid_params(
-                format!("no prompt `{full}`: call `prompts/list`"),
-                None,
-            )
-        };
+        let unknown =
+            || ErrorData::invalid_params(format!("no prompt `{full}`: call `prompts/list`"), None);
         let (server, prompt) = names::split(&full).ok_or_else(unknown)?;
         let (index, up) = self.server(server).ok_or_else(unknown)?;
         let mut args = JsonObject::new();
@@ -773,7 +790,9 @@ impl Gateway {
         params.name = prompt.to_string();
         let started = Instant::now();
         let outcome = self
-            .upstream(index, Some(ct), |c| async move { c.peer().get_prompt(params).await })
+            .upstream(index, Some(ct), |c| async move {
+                c.peer().get_prompt(params).await
+            })
             .await;
         self.finish("get", up, "prompts/get", started, outcome)
     }
@@ -834,7 +853,9 @@ impl ServerHandler for Handler {
         _: Option<PaginatedRequestParams>,
         _: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        Ok(ListResourcesResult::with_all_items(self.0.list_resources().await))
+        Ok(ListResourcesResult::with_all_items(
+            self.0.list_resources().await,
+        ))
     }
 
     async fn read_resource(
@@ -853,7 +874,9 @@ impl ServerHandler for Handler {
         _: Option<PaginatedRequestParams>,
         _: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
-        Ok(ListPromptsResult::with_all_items(self.0.list_prompts().await))
+        Ok(ListPromptsResult::with_all_items(
+            self.0.list_prompts().await,
+        ))
     }
 
     async fn get_prompt(

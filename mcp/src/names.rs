@@ -25,7 +25,10 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(split(&exposed("files", "read__x")), Some(("files", "read__x")));
+        assert_eq!(
+            split(&exposed("files", "read__x")),
+            Some(("files", "read__x"))
+        );
         assert_eq!(split("files.read"), Some(("files", "read")));
         assert_eq!(split("files"), None);
         assert_eq!(split("__x"), None);

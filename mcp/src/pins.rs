@@ -115,10 +115,7 @@ impl Pins {
             .map_err(|e| self.err(format!("cannot open {}: {e}", lock_path.display())))?;
         // SAFETY: flock on our own open descriptor.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(self.err(format!(
-                "cannot lock: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(self.err(format!("cannot lock: {}", std::io::Error::last_os_error())));
         }
         Ok(Locked(f))
     }

@@ -277,7 +277,7 @@ fn walk_mut(v: &mut Value, f: &mut impl FnMut(&mut String)) {
 
 /// `s` decoded from base64, when it is base64 of UTF-8 text.
 fn decoded(s: &str) -> Option<String> {
-    if s.len() < 16 || s.len() % 4 != 0 || s.contains(char::is_whitespace) {
+    if s.len() < 16 || !s.len().is_multiple_of(4) || s.contains(char::is_whitespace) {
         return None;
     }
     let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
@@ -298,12 +298,19 @@ mod tests {
     #[test]
     fn finds_the_secret_in_every_encoding_and_alignment() {
         let s = scanner();
-        assert_eq!(s.secret_in(&format!("x{SECRET}y")).unwrap().encoding, "plain");
+        assert_eq!(
+            s.secret_in(&format!("x{SECRET}y")).unwrap().encoding,
+            "plain"
+        );
         for prefix in ["", "a", "ab", "abc"] {
             let b = STANDARD.encode(format!("{prefix}{SECRET} and more"));
-            let found = s.secret_in(&b).unwrap_or_else(|| panic!("prefix {prefix:?}: {b}"));
+            let found = s
+                .secret_in(&b)
+                .unwrap_or_else(|| panic!("prefix {prefix:?}: {b}"));
             assert_eq!(found.encoding, "base64");
-            assert!(s.secret_in(&URL_SAFE_NO_PAD.encode(format!("{prefix}{SECRET}"))).is_some());
+            assert!(s
+                .secret_in(&URL_SAFE_NO_PAD.encode(format!("{prefix}{SECRET}")))
+                .is_some());
         }
         let hex: String = SECRET.bytes().map(|b| format!("{b:02x}")).collect();
         assert_eq!(s.secret_in(&hex).unwrap().encoding, "hex");
@@ -319,17 +326,23 @@ mod tests {
         let mut v = serde_json::json!({"text": format!("token {SECRET}")});
         assert_eq!(s.redact_secrets(&mut v), 1);
         assert_eq!(v["text"], "token [REDACTED:API_TOKEN]");
-        let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA==\n-----END OPENSSH PRIVATE KEY-----";
+        let key =
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA==\n-----END OPENSSH PRIVATE KEY-----";
         let mut v = serde_json::json!({"content": [{"text": format!("here:\n{key}\nbye")}]});
         assert_eq!(credentials_in(&v), ["private key"]);
         assert_eq!(redact_credentials(&mut v), ["private key"]);
-        assert_eq!(v["content"][0]["text"], "here:\n[REDACTED:private key]\nbye");
+        assert_eq!(
+            v["content"][0]["text"],
+            "here:\n[REDACTED:private key]\nbye"
+        );
         let mut blob = serde_json::json!({"blob": STANDARD.encode(format!("k {key}"))});
         assert_eq!(credentials_in(&blob), ["private key"]);
         redact_credentials(&mut blob);
         assert!(credentials_in(&blob).is_empty());
         assert_eq!(
-            credentials_in(&serde_json::json!("AKIAIOSFODNN7EXAMPLE ghp_abcdefghijklmnopqrstuvwxyz0123456789")),
+            credentials_in(&serde_json::json!(
+                "AKIAIOSFODNN7EXAMPLE ghp_abcdefghijklmnopqrstuvwxyz0123456789"
+            )),
             ["aws access key", "github token"]
         );
     }

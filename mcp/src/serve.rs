@@ -113,6 +113,19 @@ impl Server {
     }
 
     async fn route(&self, req: Request<Incoming>, admin: bool) -> Response<Body> {
+        // Refused before a byte of the body is read: a client that waits
+        // for `100 Continue` gets the refusal instead.
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > MAX_REQUEST) {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({ "error": format!("requests are limited to {MAX_REQUEST} bytes") }),
+            );
+        }
         if admin && req.uri().path().starts_with("/sbx/") {
             return self.admin(req).await;
         }
@@ -159,7 +172,10 @@ impl Server {
                     Err(e) => reply(StatusCode::OK, json!({ "error": e })),
                 }
             }
-            _ => reply(StatusCode::NOT_FOUND, json!({ "error": format!("no {path}") })),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                json!({ "error": format!("no {path}") }),
+            ),
         }
     }
 }

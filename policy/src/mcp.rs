@@ -243,6 +243,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn listings_ignore_argument_constraints_but_not_unconditional_denies() {
+        let mut b = crate::PolicyBuilder::new();
+        b.add_text(
+            "p.toml",
+            r#"
+[[mcp]]
+action = "allow"
+server = "files"
+args.path = { glob = "/workspace/**" }
+
+[[mcp]]
+action = "deny"
+server = "files"
+tools = ["delete"]
+
+[[mcp]]
+action = "deny"
+server = "files"
+tools = ["write"]
+args.path = { glob = "/etc/**" }
+"#,
+        )
+        .unwrap();
+        let p = b.build().unwrap();
+        assert!(
+            p.mcp_listed("files", "read"),
+            "allowed with the right arguments"
+        );
+        assert!(
+            !p.mcp_listed("files", "delete"),
+            "denied whatever the arguments"
+        );
+        assert!(
+            p.mcp_listed("files", "write"),
+            "denied only for some arguments"
+        );
+        assert!(!p.mcp_listed("mail", "send"), "no rule names it");
+    }
+
+    #[test]
     fn rate_limiter_slides() {
         let mut r = RateLimiter::default();
         let t0 = Instant::now();

@@ -229,7 +229,8 @@ pub fn exec_with(dir: &Dir, req: Request, io: Io) -> Result<u8> {
         // this call; the result is checked and owned from here on.
         let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if copy < 0 {
-            return Err(std::io::Error::last_os_error()).at(|| "cannot use the command's input".into());
+            return Err(std::io::Error::last_os_error())
+                .at(|| "cannot use the command's input".into());
         }
         // SAFETY: `copy` is a new descriptor nothing else owns.
         let stdin = unsafe { std::fs::File::from_raw_fd(copy) };

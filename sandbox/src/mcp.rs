@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sbx_audit::{AuditLog, Entry};
-use sbx_mcp::{Gateway, Launcher, Options, Pins, Pipes, Server, ServerSpec, StdioServer, Transport};
+use sbx_mcp::{
+    Gateway, Launcher, Options, Pins, Pipes, Server, ServerSpec, StdioServer, Transport,
+};
 use sbx_policy::{Policy, Selection};
 use sbx_protocol::mcp::HOST_PORT;
 use serde_json::json;
@@ -106,7 +108,8 @@ struct VmLauncher {
 impl Launcher for VmLauncher {
     fn open(&self, server: &ServerSpec, stdio: &StdioServer) -> std::result::Result<Pipes, String> {
         self.helper.ensure(&server.name)?;
-        let dir = Dir::new(&server_session(&self.agent, &server.name)).map_err(|e| e.to_string())?;
+        let dir =
+            Dir::new(&server_session(&self.agent, &server.name)).map_err(|e| e.to_string())?;
         let (in_r, in_w) = sys::pipe().map_err(|e| e.to_string())?;
         let (out_r, out_w) = sys::pipe().map_err(|e| e.to_string())?;
         let log_path = self.logs.join(format!("mcp-{}.log", server.name));
@@ -231,7 +234,11 @@ pub fn confined_paths(spec: &SessionSpec) -> (Vec<PathBuf>, Vec<PathBuf>) {
 /// Server `server`'s session: its image, its own policy (the organisation's
 /// layer and the server's files; the locked-down preset when it names
 /// none), its own shares, the agent's kernel and initramfs.
-fn server_spec(agent: &SessionSpec, server: &ServerSpec, stdio: &StdioServer) -> Result<SessionSpec> {
+fn server_spec(
+    agent: &SessionSpec,
+    server: &ServerSpec,
+    stdio: &StdioServer,
+) -> Result<SessionSpec> {
     let org: Vec<PathBuf> = agent
         .policy
         .locations
@@ -260,12 +267,18 @@ fn server_spec(agent: &SessionSpec, server: &ServerSpec, stdio: &StdioServer) ->
     s.egress = agent.egress.clone();
     for m in &stdio.mounts {
         s.mounts.push(MountSpec::parse(m).map_err(|e| {
-            Error::Invalid(format!("MCP server `{}` ({}): {e}", server.name, server.declared))
+            Error::Invalid(format!(
+                "MCP server `{}` ({}): {e}",
+                server.name, server.declared
+            ))
         })?);
     }
     if let Some(image) = &stdio.image {
         s.root = Some(disks::resolve(image, Some(1 << 30)).map_err(|e| {
-            Error::Invalid(format!("MCP server `{}` ({}): {e}", server.name, server.declared))
+            Error::Invalid(format!(
+                "MCP server `{}` ({}): {e}",
+                server.name, server.declared
+            ))
         })?);
     }
     s.user = stdio.user.clone();
@@ -300,7 +313,12 @@ pub fn helper_main(agent: &str) -> Result<()> {
     Ok(())
 }
 
-fn start_server(spec: &SessionSpec, name: &str, sbx: &Path, started: &mut Vec<String>) -> Result<()> {
+fn start_server(
+    spec: &SessionSpec,
+    name: &str,
+    sbx: &Path,
+    started: &mut Vec<String>,
+) -> Result<()> {
     let Some(server) = spec.mcp.iter().find(|s| s.name == name) else {
         fail!(Invalid, "no MCP server `{name}` in session `{}`", spec.name);
     };

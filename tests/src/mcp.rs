@@ -49,7 +49,11 @@ pub fn remote_server(cfg: Arc<ServerConfig>, token: &str) -> RemoteMcp {
                     Some((head, body)) => answer(&head, &body, &d, &a, &token),
                     None => return,
                 };
-                let kind = if body.is_empty() { "text/plain" } else { "application/json" };
+                let kind = if body.is_empty() {
+                    "text/plain"
+                } else {
+                    "application/json"
+                };
                 let _ = write!(
                     s,
                     "HTTP/1.1 {status} X\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -163,5 +167,8 @@ fn answer(
             )
         }
     };
-    (200, json!({ "jsonrpc": "2.0", "id": id, "result": result }).to_string())
+    (
+        200,
+        json!({ "jsonrpc": "2.0", "id": id, "result": result }).to_string(),
+    )
 }

@@ -17,6 +17,9 @@ pub enum Which {
     Boot,
     /// Network policy decisions per second (host only).
     Policy,
+    /// The MCP gateway: time added per tool call against calling the
+    /// server directly, and calls per second (host only).
+    Mcp,
     /// Exec round trip and vsock throughput of a session (boots a real guest).
     Session,
     /// Egress proxy: connection setup and tunnel throughput on the host's
@@ -63,6 +66,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if matches!(args.which, Which::All | Which::Net) {
         proc::step("egress proxy alone, on this host's loopback");
         proc::run(&mut Command::new(release.join("sbx-bench-net")))?;
+    }
+    if matches!(args.which, Which::All | Which::Mcp) {
+        proc::step("MCP gateway, on this host");
+        proc::run(&mut Command::new(release.join("sbx-bench-mcp")))?;
+        if args.which == Which::Mcp {
+            return Ok(0);
+        }
     }
     if matches!(args.which, Which::All | Which::Policy) {
         proc::step("policy decisions");
