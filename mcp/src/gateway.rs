@@ -17,14 +17,15 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ErrorCode, GetPromptRequestParams,
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult,
+    CancelledNotificationParam, ClientRequest, ErrorCode, GetPromptRequestParams,
     GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt,
-    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ServerCapabilities, ServerConfig, Tool,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ProgressToken, Prompt, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult,
+    RequestId, Resource, ServerCapabilities, ServerConfig, ServerResult, Tool,
 };
-use rmcp::service::{NotificationContext, Peer, RequestContext};
-use rmcp::{ErrorData, RoleServer, ServerHandler};
+use rmcp::service::{NotificationContext, Peer, PeerRequestOptions, RequestContext};
+use rmcp::{ErrorData, RoleClient, RoleServer, ServerHandler};
 use sbx_audit::{AuditLog, Entry};
 use sbx_policy::{Decision, Policy, RateLimiter, Verdict};
 use serde_json::{json, Value};
@@ -54,6 +55,9 @@ pub struct Options {
     pub launcher: Arc<dyn Launcher>,
 }
 
+/// An agent's progress token, and the agent to send its progress to.
+type AgentToken = (Peer<RoleServer>, ProgressToken);
+
 /// One session's gateway, shared by every connection to it.
 pub struct Gateway {
     servers: Vec<Upstream>,
@@ -68,6 +72,9 @@ pub struct Gateway {
     peers: Mutex<Vec<Peer<RoleServer>>>,
     /// Which server each resource URI came from, as last listed.
     resources: Mutex<HashMap<String, usize>>,
+    /// Calls in flight that asked for progress: the token the gateway gave
+    /// the server, and the agent's peer and token it stands for.
+    progress: Mutex<HashMap<(usize, ProgressToken), AgentToken>>,
     me: Weak<Gateway>,
 }
 
@@ -138,6 +145,7 @@ impl Gateway {
             rate: Mutex::new(RateLimiter::default()),
             peers: Mutex::new(Vec::new()),
             resources: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             me: me.clone(),
         })
     }
@@ -155,7 +163,25 @@ impl Gateway {
 
     fn watcher(&self, server: usize) -> Watcher {
         let me = self.me.clone();
+        let me2 = self.me.clone();
         Watcher {
+            progress: Arc::new(move |mut p: ProgressNotificationParam| {
+                let Some(g) = me2.upgrade() else { return };
+                let found = g
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(server, p.progress_token.clone()))
+                    .cloned();
+                // Progress for a call not in flight is dropped: a server
+                // cannot reach other calls' tokens.
+                if let Some((peer, token)) = found {
+                    p.progress_token = token;
+                    tokio::spawn(async move {
+                        let _ = peer.notify_progress(p).await;
+                    });
+                }
+            }),
             changed: Arc::new(move |kind| {
                 if let Some(g) = me.upgrade() {
                     if matches!(kind, ListKind::Tools) {
@@ -513,6 +539,13 @@ impl Gateway {
         let resource = format!("{}.{name}", server.spec.name);
         let mut details = json!({ "args_digest": digest(&Value::Object(args.clone())) });
         let (d, rate) = self.policy.decide_mcp(&server.spec.name, name, args);
+        if self.policy.mcp_logs_args(d.rule) {
+            // Values as the policy asks, never the secrets among them.
+            let mut values = Value::Object(args.clone());
+            self.scanner.redact_secrets(&mut values);
+            scan::redact_credentials(&mut values);
+            details["args"] = values;
+        }
         if !d.allowed() {
             self.record(Entry::mcp_decision(action, &resource, &d, details))?;
             return Err(refused(
@@ -648,6 +681,19 @@ impl Gateway {
         arguments: Option<JsonObject>,
         ct: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<CallToolResult, ErrorData> {
+        self.call_with_progress(name, arguments, ct, None).await
+    }
+
+    /// [`Gateway::call`], passing the server's progress notifications on to
+    /// `progress` (the agent's peer and its token), under a token of the
+    /// gateway's own towards the server.
+    pub async fn call_with_progress(
+        &self,
+        name: &str,
+        arguments: Option<JsonObject>,
+        ct: Option<&tokio_util::sync::CancellationToken>,
+        progress: Option<(Peer<RoleServer>, ProgressToken)>,
+    ) -> Result<CallToolResult, ErrorData> {
         let unknown = || {
             ErrorData::new(
                 ErrorCode::INVALID_PARAMS,
@@ -677,13 +723,29 @@ impl Gateway {
         self.admit("call", up, tool, &mut args, entry.quarantined.as_ref())?;
         let started = Instant::now();
         let params = CallToolRequestParams::new(tool.to_string()).with_arguments(args);
+        // rmcp gives every request a progress token of its own; the agent's
+        // is mapped to it while the call is in flight.
+        let registered = Mutex::new(None);
+        let register = |token: ProgressToken| {
+            if let Some(p) = progress {
+                self.progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((index, token.clone()), p);
+                *registered.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+            }
+        };
         let outcome = self
-            .upstream(
-                index,
-                ct,
-                |c| async move { c.peer().call_tool(params).await },
-            )
+            .upstream(index, ct, |c| async move {
+                call_upstream(c.peer(), params, register).await
+            })
             .await;
+        if let Some(t) = registered.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            self.progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(index, t));
+        }
         self.finish("call", up, tool, started, outcome)
     }
 
@@ -798,6 +860,55 @@ impl Gateway {
     }
 }
 
+/// Tells a server a call was abandoned (the agent cancelled it, or it
+/// timed out) unless disarmed: dropping the call's future drops it here.
+struct CancelOnDrop {
+    peer: Peer<RoleClient>,
+    id: Option<RequestId>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let peer = self.peer.clone();
+            tokio::spawn(async move {
+                let _ = peer
+                    .notify_cancelled(CancelledNotificationParam::new(
+                        Some(id),
+                        Some("the agent cancelled it, or it took too long".into()),
+                    ))
+                    .await;
+            });
+        }
+    }
+}
+
+/// One `tools/call` to a server; `started` learns the request's progress
+/// token as soon as it is sent.
+async fn call_upstream(
+    peer: &Peer<RoleClient>,
+    params: CallToolRequestParams,
+    started: impl FnOnce(ProgressToken),
+) -> Result<CallToolResult, rmcp::ServiceError> {
+    let handle = peer
+        .send_request_with_option(
+            ClientRequest::CallToolRequest(CallToolRequest::new(params)),
+            PeerRequestOptions::no_options(),
+        )
+        .await?;
+    started(handle.progress_token.clone());
+    let mut guard = CancelOnDrop {
+        peer: peer.clone(),
+        id: Some(handle.id.clone()),
+    };
+    let result = handle.await_response().await;
+    guard.id = None;
+    match result? {
+        ServerResult::CallToolResult(r) => Ok(r),
+        _ => Err(rmcp::ServiceError::UnexpectedResponse),
+    }
+}
+
 /// The gateway as one connection's MCP server (the Streamable HTTP service
 /// makes one per agent session).
 #[derive(Clone)]
@@ -842,8 +953,17 @@ impl ServerHandler for Handler {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        let progress = context
+            .meta
+            .get_progress_token()
+            .map(|t| (context.peer.clone(), t));
         self.0
-            .call(&request.name, request.arguments, Some(&context.ct))
+            .call_with_progress(
+                &request.name,
+                request.arguments,
+                Some(&context.ct),
+                progress,
+            )
             .await
             .map(CallToolResponse::Complete)
     }

@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rmcp::model::{ClientConfig, Implementation, Tool};
+use rmcp::model::{ClientConfig, Implementation, ProgressNotificationParam, Tool};
 use rmcp::service::{NotificationContext, RunningService};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 
@@ -30,10 +30,13 @@ pub struct Pipes {
     pub from_server: OwnedFd,
 }
 
-/// Tells the gateway a server's lists changed, so it can tell the agents.
+/// Tells the gateway what a server says on its own: its lists changed (so
+/// the agents are told), progress on a call (passed to the agent that made
+/// it).
 #[derive(Clone)]
 pub(crate) struct Watcher {
     pub changed: Arc<dyn Fn(ListKind) + Send + Sync>,
+    pub progress: Arc<dyn Fn(ProgressNotificationParam) + Send + Sync>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +47,13 @@ pub(crate) enum ListKind {
 }
 
 impl ClientHandler for Watcher {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
+        (self.progress)(params)
+    }
     async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
         (self.changed)(ListKind::Tools)
     }

@@ -38,13 +38,14 @@ args.path = { glob = "/workspace/**" }
 id = "files-misc"
 action = "allow"
 server = "files"
-tools = ["add", "whoami", "sleep", "crash", "fetch"]
+tools = ["add", "whoami", "sleep", "crash", "fetch", "cancelled"]
 
 [[mcp]]
 id = "tickets"
 action = "allow"
 server = "tickets"
 tools = ["echo", "get_key", "rugged", "lookup"]
+log_args = true
 
 [[mcp]]
 id = "tickets-limited"
@@ -296,6 +297,13 @@ async fn secrets_are_refused_going_out_and_keys_redacted_coming_back() {
         assert!(e.message.contains("API_TOKEN"), "{}", e.message);
         assert_eq!(e.data.as_ref().unwrap()["rule"], "mcp-secret-scan");
     }
+    // The rule logs argument values, but never a secret among them.
+    let recs = records(&f);
+    let refused = recs
+        .iter()
+        .find(|r| r["action"] == "call" && r["rule_id"] == "mcp-secret-scan")
+        .unwrap();
+    assert_eq!(refused["details"]["args"]["text"], "[REDACTED:API_TOKEN]");
     let r = f
         .gateway
         .call("tickets__get_key", None, None)
@@ -404,6 +412,31 @@ async fn a_crash_is_an_error_and_the_next_call_restarts_the_server() {
     let (took, e) = slow.await.unwrap();
     assert!(e.message.contains("no answer within 3 s"), "{}", e.message);
     assert!(took < Duration::from_secs(10), "{took:?}");
+
+    // An agent's cancellation ends the call at once and is passed on.
+    let ct = tokio_util::sync::CancellationToken::new();
+    let (g, ct2) = (f.gateway.clone(), ct.clone());
+    let waiting = tokio::spawn(async move {
+        g.call("files__sleep", args(json!({"seconds": 600})), Some(&ct2))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    ct.cancel();
+    assert!(waiting.await.unwrap().is_err());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = f
+        .gateway
+        .call("files__cancelled", None, None)
+        .await
+        .unwrap();
+    let ids: Vec<Value> = serde_json::from_str(&text_of(&r)).unwrap();
+    assert_eq!(
+        ids.len(),
+        2,
+        "the timed-out call and the cancelled one: {ids:?}"
+    );
     verify(&f);
 }
 
@@ -519,6 +552,18 @@ fn the_http_endpoint_survives_bad_input() {
         let call = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"files__add","arguments":{"a":20,"b":22}}}"#;
         let (_, _, body) = http(&sock, &with, call);
         assert!(body.contains(r#""text":"42""#), "{body}");
+        // Progress passes through, under the agent's own token.
+        let call = br#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"files__sleep","arguments":{"seconds":0.3},"_meta":{"progressToken":"p-7"}}}"#;
+        let (_, _, body) = http(&sock, &with, call);
+        assert!(
+            body.contains(r#""method":"notifications/progress""#),
+            "{body}"
+        );
+        assert!(
+            body.contains(r#""progressToken":"p-7""#) && body.contains("half way"),
+            "{body}"
+        );
+        assert!(body.contains(r#""text":"awake""#), "{body}");
         // Many requests of one session at once, each on its connection.
         let answered: Vec<_> = (0..200)
             .map(|i| {

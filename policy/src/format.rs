@@ -133,6 +133,8 @@ pub(crate) struct RawMcpRule {
     #[serde(default)]
     pub args: BTreeMap<String, S<RawArg>>,
     pub calls_per_minute: Option<S<i64>>,
+    /// Record the arguments' values in the audit log, not only their digest.
+    pub log_args: Option<bool>,
     pub reason: Option<String>,
 }
 

@@ -34,6 +34,7 @@ struct McpRule {
     tools: Vec<GlobMatcher>,
     args: Vec<(String, String, ArgMatcher)>,
     calls_per_minute: Option<u32>,
+    log_args: bool,
 }
 
 #[derive(Default)]
@@ -130,6 +131,10 @@ impl McpRules {
         if let Some(n) = calls_per_minute {
             summary.push_str(&format!(" at most {n}/min"));
         }
+        let log_args = r.log_args.unwrap_or(false);
+        if log_args {
+            summary.push_str(" (arguments logged)");
+        }
         let rule = ctx.table_rule(Surface::Mcp, raw, action, summary)?;
         self.rules.push(McpRule {
             rule,
@@ -137,6 +142,7 @@ impl McpRules {
             tools,
             args,
             calls_per_minute,
+            log_args,
         });
         Ok(())
     }
@@ -202,6 +208,10 @@ impl McpRules {
             }
         }
         allowed
+    }
+
+    pub(crate) fn logs_args(&self, rule: RuleIdx) -> bool {
+        self.rules.iter().any(|r| r.rule == rule && r.log_args)
     }
 
     pub(crate) fn calls_per_minute(&self, rule: RuleIdx) -> Option<u32> {

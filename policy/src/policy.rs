@@ -754,6 +754,16 @@ impl Policy {
         (d, rate)
     }
 
+    /// Whether the rule that decided an MCP request asks for the request's
+    /// argument values in the audit log (`log_args = true`), not only their
+    /// digest.
+    pub fn mcp_logs_args(&self, rule: &RuleInfo) -> bool {
+        self.rules
+            .iter()
+            .position(|r| std::ptr::eq(r, rule))
+            .is_some_and(|i| self.mcp.logs_args(i as u32))
+    }
+
     /// Whether the MCP gateway lists `tool` of `server` to the agent: some
     /// allow rule names it and no unconditional enforced deny does. A call
     /// is still decided by [`Policy::decide_mcp`], with its arguments.

@@ -1,14 +1,17 @@
 //! The one place a session is assembled, in the order data flows: the
 //! host and the guest's images, then the policy, then the audit log, then
 //! the shares, then the disks (when the root is an image), then egress,
-//! then the VM's configuration, then the VM.
+//! then the MCP gateway (when the spec names servers), then the VM's
+//! configuration, then the VM.
 //!
 //! A running session's threads: the VMM's (vCPUs, the vsock and virtio-fs
 //! workers, the event loop on the calling thread), `events` (the guest
 //! agent's reports), `control` and one `request` thread per control
 //! connection, `egress-accept` and one proxy thread per guest connection,
 //! `file-events` (coalesced changes) and `host-edits` (the host's edits,
-//! passed to the guest agent).
+//! passed to the guest agent); with MCP servers, the gateway's
+//! (`mcp-accept`, `mcp-host-accept`, its runtime's `mcp-gateway` workers
+//! and one `mcp-<server>` per running stdio server).
 
 use std::fs::File;
 use std::io::Write;

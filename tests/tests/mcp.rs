@@ -207,6 +207,24 @@ bearer_secret = "TICKETS"
         "{a:?}"
     );
 
+    // The agent's VM reaches the host only on the ports its session serves:
+    // not the server's VM, not any other host port.
+    let out = host.sh(
+        "a",
+        r#"python3 -c '
+import socket
+for cid, port in [(2, 1024), (2, 1028), (2, 5000), (4, 1024), (3, 7331)]:
+    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((cid, port)); print(cid, port, "connected")
+    except OSError as e:
+        print(cid, port, "refused")
+'"#,
+    );
+    let t = text(&out.stdout);
+    assert_eq!(t.matches("refused").count(), 5, "{t}{}", text(&out.stderr));
+
     // Refusals name the rule, its layer and file:line.
     let a = answers(&sh(r#"init 2025-06-18; call 7 files__secret_tool '{}';
            call 8 files__read_file '{"path":"/etc/shadow"}'"#));
