@@ -9,6 +9,7 @@ mod audit_cmd;
 mod boot;
 mod doctor;
 mod image_cmd;
+mod login_cmd;
 mod mcp_cmd;
 mod policy_cmd;
 mod secret_cmd;
@@ -68,6 +69,10 @@ enum Command {
     Boot(boot::Args),
     /// Check, explain and show policy; sign organisation bundles.
     Policy(policy_cmd::Args),
+    /// Sign this machine in to an sbx server (its org and team policy apply from then on).
+    Login(login_cmd::LoginArgs),
+    /// Sign this machine out of its sbx server.
+    Logout,
     /// A session's MCP gateway: servers, tools and their pins, approve, call.
     Mcp(mcp_cmd::Args),
     /// Store the secrets the egress proxy injects (the guest never sees them).
@@ -112,6 +117,8 @@ fn main() -> ExitCode {
         Command::Template(args) => template_cmd::run(args),
         Command::Policy(args) => policy_cmd::run(args),
         Command::Mcp(args) => mcp_cmd::run(args),
+        Command::Login(args) => login_cmd::login(args),
+        Command::Logout => login_cmd::logout(),
         Command::McpServers { agent } => sandbox::mcp::helper_main(&agent)
             .map(|()| 0)
             .map_err(Into::into),

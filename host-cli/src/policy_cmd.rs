@@ -36,6 +36,10 @@ pub struct Select {
 impl Select {
     /// The selection these flags make (discovery is the policy crate's).
     pub fn selection(&self) -> Selection {
+        // Policy found rather than named includes the control plane's.
+        if self.policy.is_empty() {
+            crate::login_cmd::refresh_once();
+        }
         Selection {
             files: self.policy.clone(),
             preset: self.preset.clone(),

@@ -197,6 +197,9 @@ impl VmArgs {
                 "--disk sizes the disk of a session from an image: give --image or --template too"
             );
         }
+        // A policy that does not load (a typo, a tampered or expired
+        // bundle) is said here, before any process starts.
+        spec.policy.load()?;
         Ok(spec)
     }
 

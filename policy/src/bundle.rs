@@ -9,15 +9,21 @@
 //! ---
 //! <the policy, unchanged>
 //! ```
+//!
+//! Version 2 (what a control plane serves) adds a line `expires: <unix
+//! seconds>` after the signature, covered by it: past that time the bundle
+//! is refused, so a machine cut off from its server fails closed instead of
+//! running an old policy forever.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 
 const MAGIC: &str = "sbx-policy-bundle v1";
+const MAGIC_V2: &str = "sbx-policy-bundle v2";
 const SECRET_TAG: &str = "sbx-ed25519-secret";
 const PUBLIC_TAG: &str = "sbx-ed25519-public";
-/// Lines before the policy text in a bundle.
+/// Lines before the policy text in a bundle (v1; v2 has one more).
 const HEADER_LINES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +88,30 @@ pub fn sign(policy: &str, key: &SigningKey) -> String {
     )
 }
 
+/// What a v2 signature covers: the first line, the expiry line, the policy.
+fn signed_message_v2(policy: &str, expires: i64) -> Vec<u8> {
+    format!("{MAGIC_V2}\nexpires: {expires}\n{policy}").into_bytes()
+}
+
+/// Wraps a policy text in a signed bundle that is refused after `expires`
+/// (seconds since the epoch).
+pub fn sign_until(policy: &str, key: &SigningKey, expires: i64) -> String {
+    let sig = key.sign(&signed_message_v2(policy, expires));
+    format!(
+        "{MAGIC_V2}\nkey: {}\nsignature: {}\nexpires: {expires}\n---\n{policy}",
+        B64.encode(key.verifying_key().to_bytes()),
+        B64.encode(sig.to_bytes())
+    )
+}
+
 pub fn is_bundle(text: &str) -> bool {
-    text.starts_with(MAGIC)
+    text.starts_with(MAGIC) || text.starts_with(MAGIC_V2)
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The policy inside a verified bundle.
@@ -97,10 +125,13 @@ pub struct Opened<'a> {
 /// Checks a bundle's signature and that its key is trusted; the error says
 /// why it must not be used.
 pub fn open<'a>(text: &'a str, trusted: &[VerifyingKey]) -> Result<Opened<'a>, String> {
-    let mut lines = text.splitn(HEADER_LINES + 1, '\n');
+    let v2 = text.starts_with(MAGIC_V2);
+    let header = if v2 { HEADER_LINES + 1 } else { HEADER_LINES };
+    let mut lines = text.splitn(header + 1, '\n');
     let mut next = || lines.next().unwrap_or("");
-    if next() != MAGIC {
-        return Err(format!("the first line is not `{MAGIC}`"));
+    let first = next();
+    if first != MAGIC && first != MAGIC_V2 {
+        return Err(format!("the first line is not `{MAGIC}` or `{MAGIC_V2}`"));
     }
     let key_b64 = next()
         .strip_prefix("key: ")
@@ -108,8 +139,18 @@ pub fn open<'a>(text: &'a str, trusted: &[VerifyingKey]) -> Result<Opened<'a>, S
     let sig_b64 = next()
         .strip_prefix("signature: ")
         .ok_or("line 3 is not `signature: <base64>`")?;
+    let expires = if v2 {
+        Some(
+            next()
+                .strip_prefix("expires: ")
+                .and_then(|e| e.trim().parse::<i64>().ok())
+                .ok_or("line 4 is not `expires: <seconds since 1970>`")?,
+        )
+    } else {
+        None
+    };
     if next() != "---" {
-        return Err("line 4 is not `---`".into());
+        return Err(format!("line {header} is not `---`"));
     }
     let policy = next();
     let key = B64
@@ -124,7 +165,11 @@ pub fn open<'a>(text: &'a str, trusted: &[VerifyingKey]) -> Result<Opened<'a>, S
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
         .map(|b| Signature::from_bytes(&b))
         .ok_or("the signature on line 3 is not an ed25519 signature")?;
-    key.verify(&signed_message(policy), &sig).map_err(|_| {
+    let message = match expires {
+        Some(e) => signed_message_v2(policy, e),
+        None => signed_message(policy),
+    };
+    key.verify(&message, &sig).map_err(|_| {
         "the signature does not match the policy: the bundle was changed after it was signed"
             .to_string()
     })?;
@@ -138,16 +183,53 @@ pub fn open<'a>(text: &'a str, trusted: &[VerifyingKey]) -> Result<Opened<'a>, S
             format!("signed by key {}, which is not a trusted key", key_id(&key))
         });
     }
+    if let Some(e) = expires {
+        let late = now() - e;
+        if late > 0 {
+            return Err(format!(
+                "it expired {} ago (its server renews it at every session start: reconnect to the server, or sign in again with `sbx login URL`)",
+                human_duration(late)
+            ));
+        }
+    }
     Ok(Opened {
         policy,
-        line_offset: HEADER_LINES,
+        line_offset: header,
         key,
     })
+}
+
+fn human_duration(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_v2_bundle_carries_a_signed_expiry() {
+        let k = generate_key().unwrap();
+        let b = sign_until("version = 1\n", &k, now() + 60);
+        let o = open(&b, &[k.verifying_key()]).unwrap();
+        assert_eq!((o.policy, o.line_offset), ("version = 1\n", 5));
+        // Moving the expiry breaks the signature; a past one is refused.
+        let later = b.replace(
+            &format!("expires: {}", now() + 60),
+            &format!("expires: {}", now() + 9999),
+        );
+        assert!(open(&later, &[k.verifying_key()])
+            .unwrap_err()
+            .contains("changed after"));
+        let old = sign_until("version = 1\n", &k, now() - 3600);
+        let e = open(&old, &[k.verifying_key()]).unwrap_err();
+        assert!(e.contains("expired 60 min ago"), "{e}");
+    }
 
     #[test]
     fn sign_and_open() {

@@ -51,7 +51,35 @@ impl Locations {
         Locations::from_env(Path::new(""))
     }
 
-    /// The layers' files that exist, most senior first.
+    /// Where the bundles a control plane serves this machine are kept
+    /// (`sbx login`): `org-v<N>.bundle`, `team-<name>-v<N>.bundle`, and the
+    /// organisation's key pinned at login, `org.pub`.
+    pub fn managed(&self) -> PathBuf {
+        self.config.join("managed")
+    }
+
+    /// The control plane's bundles of kind `prefix` (`org-`, `team-`).
+    fn managed_bundles(&self, prefix: &str) -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir(self.managed()) else {
+            return Vec::new();
+        };
+        let mut found: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "bundle")
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(prefix))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// The layers' files that exist, most senior first: the system's org
+    /// policy, the control plane's org bundle, the user's team file, the
+    /// control plane's team bundle, the project's file.
     pub fn found(&self) -> Vec<PathBuf> {
         let org = [
             self.system.join("policy.bundle"),
@@ -61,20 +89,26 @@ impl Locations {
         .find(|p| p.exists());
         let team = Some(self.config.join("policy.toml")).filter(|p| p.exists());
         let project = Some(self.project.join(".sbx/policy.toml")).filter(|p| p.exists());
-        [org, team, project].into_iter().flatten().collect()
+        let mut out: Vec<PathBuf> = org.into_iter().collect();
+        out.extend(self.managed_bundles("org-"));
+        out.extend(team);
+        out.extend(self.managed_bundles("team-"));
+        out.extend(project);
+        out
     }
 
-    /// The keys in `<system>/trusted-keys/*.pub`, sorted.
+    /// The keys in `<system>/trusted-keys/*.pub`, sorted, and the key
+    /// pinned at `sbx login`.
     fn system_keys(&self) -> Vec<PathBuf> {
-        let Ok(dir) = std::fs::read_dir(self.system.join("trusted-keys")) else {
-            return Vec::new();
-        };
-        let mut found: Vec<PathBuf> = dir
+        let mut found: Vec<PathBuf> = std::fs::read_dir(self.system.join("trusted-keys"))
+            .into_iter()
+            .flatten()
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "pub"))
             .collect();
         found.sort();
+        found.extend(Some(self.managed().join("org.pub")).filter(|p| p.exists()));
         found
     }
 }

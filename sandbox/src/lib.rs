@@ -18,6 +18,7 @@ mod files;
 mod guest;
 mod host_edits;
 pub mod launch;
+pub mod managed;
 pub mod mcp;
 pub mod paths;
 pub mod secrets;

@@ -171,10 +171,24 @@ fn admit(
 /// whether a VM of this size may run.
 fn open_audit_log(spec: &SessionSpec, policy: &Policy) -> Result<AuditLog> {
     let path = paths::audit_dir().join(format!("{}.jsonl", spec.name));
-    let log = AuditLog::open(&path, Identity::current(&spec.name), AUDIT_SYNC_INTERVAL)?;
+    // Signed in to a control plane, records name the person and the
+    // machine as the server knows them.
+    let login = crate::managed::current().ok().flatten();
+    let mut identity = Identity::current(&spec.name);
+    if let Some(l) = &login {
+        identity.user = l.email.clone();
+        identity.host = l.machine.clone();
+    }
+    let log = AuditLog::open(&path, identity, AUDIT_SYNC_INTERVAL)?;
     let sources: Vec<&str> = policy.sources().iter().map(|s| s.name.as_str()).collect();
     let (vcpus, mem) = (spec.vm.vcpus, spec.vm.mem_mib);
-    log.record(Entry::session_start(&spec.name, vcpus, mem, &sources))?;
+    let mut start = Entry::session_start(&spec.name, vcpus, mem, &sources);
+    if let Some(l) = &login {
+        start.event.details["server"] = serde_json::json!(l.url);
+        start.event.details["team"] = serde_json::json!(l.team);
+        start.event.details["role"] = serde_json::json!(l.role);
+    }
+    log.record(start)?;
     let size = format!("{vcpus} vCPUs, {mem} MiB");
     let d = policy.decide_limits(vcpus.into(), mem);
     admit(&log, Surface::Limits, "start", &size, &d)?;

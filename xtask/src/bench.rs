@@ -20,6 +20,8 @@ pub enum Which {
     /// The MCP gateway: time added per tool call against calling the
     /// server directly, and calls per second (host only).
     Mcp,
+    /// The control plane: policy fetch latency at session start (host only).
+    Server,
     /// Exec round trip and vsock throughput of a session (boots a real guest).
     Session,
     /// Egress proxy: connection setup and tunnel throughput on the host's
@@ -71,6 +73,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         proc::step("MCP gateway, on this host");
         proc::run(&mut Command::new(release.join("sbx-bench-mcp")))?;
         if args.which == Which::Mcp {
+            return Ok(0);
+        }
+    }
+    if matches!(args.which, Which::All | Which::Server) {
+        proc::step("sbx-server's policy fetch, on this host");
+        proc::run(&mut Command::new(release.join("sbx-bench-server")))?;
+        if args.which == Which::Server {
             return Ok(0);
         }
     }

@@ -1,0 +1,243 @@
+//! `sbx login` against a real `sbx-server` on the loopback: the device-code
+//! sign-in, the org and team policy it then applies (with their server
+//! versions), a tampered cache refused, and an expired policy failing
+//! closed with the server gone.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+fn sbx(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sbx"));
+    c.current_dir(dir)
+        .env("SBX_SYSTEM_DIR", dir.join("etc"))
+        .env("SBX_CONFIG_DIR", dir.join("config"))
+        .env("SBX_STATE_DIR", dir.join("state"))
+        .env("SBX_RUNTIME_DIR", dir.join("run"));
+    c
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    sbx(dir).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct Server {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(data: &Path, ttl: Duration) -> (Server, String) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let opened = sbx_server::open(sbx_server::Config {
+            data: data.to_path_buf(),
+            bundle_ttl: ttl,
+            public_url: url.clone(),
+        })
+        .unwrap();
+        let setup = opened.setup_token.clone().unwrap_or_default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _ = rt.block_on(sbx_server::serve_until(opened.state, listener, async {
+                let _ = rx.await;
+            }));
+        });
+        (
+            Server {
+                url,
+                stop: Some(tx),
+                thread: Some(thread),
+            },
+            setup,
+        )
+    }
+
+    fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: Value) -> Value {
+        let c = reqwest::blocking::Client::new();
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = c
+            .request(m, format!("{}{path}", self.url))
+            .bearer_auth(token);
+        r = match body {
+            Value::String(s) => r.body(s),
+            other => r.json(&other),
+        };
+        let r = r.send().unwrap();
+        let status = r.status();
+        let v: Value = r.json().unwrap_or(Value::Null);
+        assert!(status.is_success(), "{method} {path}: {status} {v}");
+        v
+    }
+}
+
+const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n";
+const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"web-api\"\naction = \"allow\"\nto = [\"api.web.example\", \"pastebin.com\"]\nports = [443]\n";
+
+#[test]
+fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_expires() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut server, setup) = Server::start(&d.path().join("server"), Duration::from_secs(4));
+    let c = reqwest::blocking::Client::new();
+    let admin: Value = c
+        .post(format!("{}/api/v1/setup", server.url))
+        .json(&json!({"setup_token": setup, "email": "root@acme.example"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let admin = admin["token"].as_str().unwrap().to_string();
+    server.call("POST", "/api/v1/teams", &admin, json!({"name": "web"}));
+    let bob = server.call(
+        "POST",
+        "/api/v1/users",
+        &admin,
+        json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server.call(
+        "PUT",
+        "/api/v1/policy/org",
+        &admin,
+        Value::String(ORG.into()),
+    );
+    server.call(
+        "PUT",
+        "/api/v1/policy/teams/web",
+        &admin,
+        Value::String(TEAM.into()),
+    );
+
+    // Sign in: the CLI shows a code; bob approves it.
+    let mut login = sbx(d.path())
+        .args(["login", &server.url, "--machine", "bobs-laptop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(login.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let code = line
+        .split_whitespace()
+        .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
+        .unwrap_or_else(|| panic!("no code in {line:?}"))
+        .to_string();
+    assert!(line.contains(&format!("{}/device", server.url)), "{line}");
+    server.call(
+        "POST",
+        "/api/v1/device/approve",
+        &bob,
+        json!({"user_code": code}),
+    );
+    let out = login.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("as bob@acme.example (member, team web)"));
+    let o = run(d.path(), &["login"]);
+    assert!(
+        text(&o).contains("signed in to") && text(&o).contains("bobs-laptop"),
+        "{}",
+        text(&o)
+    );
+
+    // The org's deny wins over the team's allow; the team's allow applies.
+    let o = run(d.path(), &["policy", "explain", "net", "pastebin.com:443"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no-pastebin") && text(&o).contains("org-v1.bundle"),
+        "{}",
+        text(&o)
+    );
+    let o = run(
+        d.path(),
+        &["policy", "explain", "net", "api.web.example:443"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("web-api") && text(&o).contains("team-web-v1.bundle"),
+        "{}",
+        text(&o)
+    );
+
+    // A new version reaches the machine at the next command.
+    server.call(
+        "PUT",
+        "/api/v1/policy/org",
+        &admin,
+        Value::String(ORG.replace("pastebin.com", "pastebin.com\", \"paste.example")),
+    );
+    let o = run(d.path(), &["policy", "explain", "net", "paste.example:443"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("org-v2.bundle"), "{}", text(&o));
+
+    // A bundle edited in the cache is refused.
+    let managed = d.path().join("config/managed");
+    let org = managed.join("org-v2.bundle");
+    let kept = std::fs::read_to_string(&org).unwrap();
+    std::fs::write(
+        &org,
+        kept.replace("action = \"deny\"", "action = \"allow\""),
+    )
+    .unwrap();
+    server.stop();
+    let o = run(d.path(), &["policy", "check"]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("changed after it was signed"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(&org, &kept).unwrap();
+
+    // With the server gone, the kept policy serves, with a warning, until
+    // it expires; then nothing starts.
+    let o = run(d.path(), &["policy", "check"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("using the policy fetched last"),
+        "{}",
+        text(&o)
+    );
+    std::thread::sleep(Duration::from_secs(9));
+    let o = run(d.path(), &["start", "--name", "late", "--no-workspace"]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    assert!(
+        text(&o).contains("expired") && text(&o).contains("sbx login"),
+        "{}",
+        text(&o)
+    );
+
+    let o = run(d.path(), &["logout"]);
+    assert!(text(&o).contains("signed out"), "{}", text(&o));
+    assert!(!managed.exists());
+}

@@ -1,0 +1,63 @@
+//! Errors as the API returns them: a status and a JSON body that says what
+//! was wrong and what to do.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    /// A policy that does not parse: where, and why.
+    #[error("line {line}: {message}")]
+    Policy { line: usize, message: String },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The device flow's "not yet": the person has not approved the code.
+    #[error("authorization_pending")]
+    Pending,
+    #[error("too many requests: slow down and retry in a minute")]
+    TooMany,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApiError::Internal(format!("database: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) | ApiError::Policy { .. } | ApiError::Pending => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooMany => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Internal(m) => {
+                tracing::error!("{m}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let mut body = json!({ "error": self.to_string() });
+        if let ApiError::Policy { line, .. } = &self {
+            body["line"] = json!(line);
+        }
+        if let ApiError::Pending = &self {
+            body["error"] = json!("authorization_pending");
+        }
+        (status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,131 @@
+//! `sbx-server`, sbx's self-hostable control plane: an organisation, its
+//! teams and people with their roles; machines signed in with a device
+//! code; org and team policy, versioned, checked with the same parser as
+//! `sbx policy check`, and served to each machine as bundles signed with
+//! the organisation's key and valid for a limited time.
+//!
+//! - `db.rs`: the SQLite file and its migrations;
+//! - `auth.rs`: tokens and roles, checked on every route;
+//! - `routes/`: the versioned JSON API (`/api/v1/...`), one file per
+//!   concern: `identity.rs` (setup, teams, users, tokens), `device.rs` (the
+//!   device-code sign-in), `policy.rs` (push and fetch);
+//! - `limits.rs`: request size and rate limits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{delete, get, post, put};
+use axum::Router;
+
+pub mod auth;
+pub mod db;
+mod error;
+mod limits;
+mod routes;
+
+pub use error::ApiError;
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the database lives (made 0700 if missing).
+    pub data: PathBuf,
+    /// How long a served policy bundle stays valid on a machine that can no
+    /// longer reach the server.
+    pub bundle_ttl: Duration,
+    /// The address people open to approve a sign-in (shown by `sbx login`).
+    pub public_url: String,
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: db::Db,
+    pub config: Arc<Config>,
+    pub limiter: Arc<limits::RateLimiter>,
+}
+
+/// The server, opened: the state and, on a fresh database, the one-time
+/// setup token to print.
+pub struct Opened {
+    pub state: AppState,
+    pub setup_token: Option<String>,
+}
+
+/// Opens the data directory: the database (migrated), the organisation's
+/// signing key (made on first start) and, while nobody is set up, a new
+/// setup token.
+pub fn open(config: Config) -> anyhow::Result<Opened> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.data.display()))?;
+    let db = db::Db::open(&config.data.join("sbx-server.sqlite"))?;
+    let setup_token = db
+        .run_now(routes::identity::prepare)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Opened {
+        state: AppState {
+            db,
+            config: Arc::new(config),
+            limiter: Arc::new(limits::RateLimiter::new(60)),
+        },
+        setup_token,
+    })
+}
+
+/// Every route of the API.
+pub fn router(state: AppState) -> Router {
+    use routes::{device, identity, policy};
+    Router::new()
+        .route("/api/v1/setup", post(identity::setup))
+        .route("/api/v1/me", get(identity::me))
+        .route(
+            "/api/v1/teams",
+            post(identity::create_team).get(identity::list_teams),
+        )
+        .route(
+            "/api/v1/users",
+            post(identity::create_user).get(identity::list_users),
+        )
+        .route("/api/v1/tokens", get(identity::list_tokens))
+        .route("/api/v1/tokens/{id}", delete(identity::revoke_token))
+        .route("/api/v1/device/code", post(device::code))
+        .route("/api/v1/device/approve", post(device::approve))
+        .route("/api/v1/device/token", post(device::token))
+        .route("/api/v1/policy", get(policy::fetch))
+        .route(
+            "/api/v1/policy/org",
+            put(policy::push_org).get(policy::history_org),
+        )
+        .route("/api/v1/policy/teams/{team}", put(policy::push_team))
+        .route("/api/v1/openapi.json", get(routes::openapi))
+        .route("/device", get(device::page))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until the process ends.
+pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    serve_until(state, listener, std::future::pending()).await
+}
+
+/// Serves `state` on `listener` until `stop` completes.
+pub async fn serve_until(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await
+}

@@ -1,0 +1,246 @@
+//! Org and team policy: pushed as text, checked by the same engine as
+//! `sbx policy check` (errors name the line), kept as numbered versions,
+//! and served to machines as bundles signed with the organisation's key
+//! that expire (so a machine cut off from the server fails closed).
+//!
+//! The expiry is rounded up to a whole hour (or to the TTL, when shorter),
+//! so the bundles a machine gets are the same for that long and a
+//! conditional request (`If-None-Match`) answers `304 Not Modified`
+//! without a body.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::auth::{Caller, Role};
+use crate::db::{self, log_admin};
+use crate::error::ApiError;
+use crate::routes::identity::{self, signing_key};
+use crate::AppState;
+
+/// Checks `text` as a policy of `layer` (`org` or `team`): it must say so
+/// itself (`layer = "..."`), so the file means the same wherever it is read.
+pub fn validate(text: &str, layer: &str) -> Result<(), ApiError> {
+    let declared = toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|t| t.get("layer").and_then(|l| l.as_str().map(str::to_string)));
+    if declared.is_some() && declared.as_deref() != Some(layer) {
+        return Err(ApiError::Policy {
+            line: text
+                .lines()
+                .position(|l| l.trim_start().starts_with("layer"))
+                .map_or(1, |i| i + 1),
+            message: format!(
+                "this is a {layer} policy, but it says `layer = \"{}\"`",
+                declared.unwrap_or_default()
+            ),
+        });
+    }
+    if declared.is_none() {
+        return Err(ApiError::Policy {
+            line: 1,
+            message: format!(
+                "a {layer} policy says which layer it is: add `layer = \"{layer}\"` at the top"
+            ),
+        });
+    }
+    let checked = (|| {
+        let mut b = sbx_policy::PolicyBuilder::new();
+        b.add_text("policy", text)?;
+        b.build().map(drop)
+    })();
+    checked.map_err(|e| match e {
+        sbx_policy::PolicyError::Invalid {
+            line,
+            column,
+            message,
+            ..
+        } => ApiError::Policy {
+            line,
+            message: format!("column {column}: {message}"),
+        },
+        other => ApiError::BadRequest(other.to_string()),
+    })
+}
+
+fn store(
+    c: &mut Connection,
+    scope: &str,
+    team: Option<i64>,
+    text: String,
+    author: i64,
+    target: &str,
+) -> Result<i64, ApiError> {
+    let tx = c.transaction()?;
+    let last: i64 = tx.query_row(
+        "SELECT IFNULL(MAX(version), 0) FROM policies WHERE scope = ?1 AND IFNULL(team_id, 0) = IFNULL(?2, 0)",
+        params![scope, team],
+        |r| r.get(0),
+    )?;
+    let version = last + 1;
+    let digest: String = Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    tx.execute(
+        "INSERT INTO policies (scope, team_id, version, text, author, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![scope, team, version, text, author, db::now()],
+    )?;
+    log_admin(
+        &tx,
+        Some(author),
+        "push_policy",
+        target,
+        json!({ "version": version, "sha256": digest }),
+    )?;
+    tx.commit()?;
+    Ok(version)
+}
+
+/// `PUT /api/v1/policy/org` (org admins): a new version of the org policy.
+pub async fn push_org(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_person("push policy")?;
+    caller.require(&[Role::OrgAdmin], "push the org policy")?;
+    validate(&body, "org")?;
+    let version =
+        s.db.run(move |c| store(c, "org", None, body, caller.user_id, "org"))
+            .await?;
+    Ok(Json(json!({ "scope": "org", "version": version })))
+}
+
+/// `PUT /api/v1/policy/teams/{team}` (org admins, and that team's admins).
+pub async fn push_team(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(team): Path<String>,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_person("push policy")?;
+    identity::check_name("team", &team)?;
+    let own_team = caller.role == Role::TeamAdmin && caller.team.as_deref() == Some(team.as_str());
+    if caller.role != Role::OrgAdmin && !own_team {
+        return Err(ApiError::Forbidden(format!(
+            "{} ({}) may not push team `{team}`'s policy: org admins and that team's admins may",
+            caller.email,
+            caller.role.as_str()
+        )));
+    }
+    validate(&body, "team")?;
+    let t = team.clone();
+    let version =
+        s.db.run(move |c| {
+            let id: i64 = c
+                .query_row("SELECT id FROM teams WHERE name = ?1", [&t], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| ApiError::NotFound(format!("no team `{t}`")))?;
+            store(
+                c,
+                "team",
+                Some(id),
+                body,
+                caller.user_id,
+                &format!("team/{t}"),
+            )
+        })
+        .await?;
+    Ok(Json(
+        json!({ "scope": "team", "team": team, "version": version }),
+    ))
+}
+
+/// `GET /api/v1/policy/org` (org admins, auditors): the versions pushed.
+pub async fn history_org(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::OrgAdmin, Role::Auditor], "read the policy history")?;
+    s.db.run(|c| {
+        let mut q = c.prepare(
+            "SELECT p.version, u.email, p.created, p.text FROM policies p JOIN users u ON u.id = p.author
+             WHERE p.scope = 'org' ORDER BY p.version DESC",
+        )?;
+        let v: Vec<Value> = q
+            .query_map([], |r| {
+                Ok(json!({ "version": r.get::<_, i64>(0)?, "author": r.get::<_, String>(1)?,
+                           "created": r.get::<_, i64>(2)?, "text": r.get::<_, String>(3)? }))
+            })?
+            .filter_map(Result::ok)
+            .collect();
+        Ok(Json(json!(v)))
+    })
+    .await
+}
+
+fn latest(
+    c: &Connection,
+    scope: &str,
+    team: Option<i64>,
+) -> Result<Option<(i64, String)>, ApiError> {
+    Ok(c.query_row(
+        "SELECT version, text FROM policies WHERE scope = ?1 AND IFNULL(team_id, 0) = IFNULL(?2, 0)
+         ORDER BY version DESC LIMIT 1",
+        params![scope, team],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()?)
+}
+
+/// `GET /api/v1/policy`: the caller's org and team policy as signed
+/// bundles, with the versions and the expiry; `304` when the caller's
+/// `If-None-Match` names what it has.
+pub async fn fetch(
+    State(s): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let ttl = s.config.bundle_ttl.as_secs() as i64;
+    let (team_id, team) = (caller.team_id, caller.team.clone());
+    let (org, team_policy, key) =
+        s.db.run(move |c| {
+            let org = latest(c, "org", None)?;
+            let team_policy = match team_id {
+                Some(id) => latest(c, "team", Some(id))?,
+                None => None,
+            };
+            Ok((org, team_policy, signing_key(c)?))
+        })
+        .await?;
+    // At least `ttl` away, rounded up: stable for a while.
+    let step = ttl.clamp(1, 3600);
+    let expires = (db::now() + ttl + step - 1) / step * step;
+    let etag = format!(
+        "\"{}-{}-{}-{}\"",
+        org.as_ref().map_or(0, |o| o.0),
+        team_policy.as_ref().map_or(0, |t| t.0),
+        team.as_deref().unwrap_or("-"),
+        expires
+    );
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == etag);
+    if cached {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let bundle = |p: Option<(i64, String)>| {
+        p.map(|(version, text)| {
+            json!({ "version": version, "bundle": sbx_policy::sign_until(&text, &key, expires) })
+        })
+    };
+    let body = json!({
+        "org": bundle(org),
+        "team": bundle(team_policy),
+        "team_name": team,
+        "expires": expires,
+        "key": sbx_policy::encode_public_key(&key.verifying_key()).trim(),
+    });
+    Ok(([(header::ETAG, etag)], Json(body)).into_response())
+}
