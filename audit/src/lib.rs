@@ -15,7 +15,7 @@ pub use entry::{denial, Entry, GuestReport, RuleCite};
 pub use log::{decision_event, Appended, AuditLog, Identity};
 pub use printable::printable;
 pub use query::{parse_time, read_records, Cursor, Filter};
-pub use record::{Category, Event, Record, GENESIS, SCHEMA};
+pub use record::{check_line, Category, Event, Record, GENESIS, SCHEMA};
 pub use verify::{verify, Problem, Verified};
 
 #[derive(Debug, thiserror::Error)]

@@ -40,14 +40,16 @@ struct Server {
 
 impl Server {
     fn start(data: &Path, ttl: Duration) -> (Server, String) {
+        Server::start_at(data, ttl, "127.0.0.1:0")
+    }
+
+    fn start_at(data: &Path, ttl: Duration, addr: &str) -> (Server, String) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let opened = sbx_server::open(sbx_server::Config {
             data: data.to_path_buf(),
@@ -240,4 +242,213 @@ fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_
     let o = run(d.path(), &["logout"]);
     assert!(text(&o).contains("signed out"), "{}", text(&o));
     assert!(!managed.exists());
+}
+
+/// A server with an org admin, team `web` with bob (member), alice (team
+/// admin), team `data` with carol, and this machine signed in as bob.
+fn signed_in(d: &Path) -> (Server, std::collections::HashMap<&'static str, String>) {
+    let (server, setup) = Server::start(&d.join("server"), Duration::from_secs(3600));
+    let c = reqwest::blocking::Client::new();
+    let admin: Value = c
+        .post(format!("{}/api/v1/setup", server.url))
+        .json(&json!({"setup_token": setup, "email": "root@acme.example"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut tokens = std::collections::HashMap::new();
+    tokens.insert("admin", admin["token"].as_str().unwrap().to_string());
+    for t in ["web", "data"] {
+        server.call(
+            "POST",
+            "/api/v1/teams",
+            &tokens["admin"],
+            json!({"name": t}),
+        );
+    }
+    for (name, role, team) in [
+        ("bob", "member", "web"),
+        ("alice", "team-admin", "web"),
+        ("carol", "member", "data"),
+    ] {
+        let u = server.call(
+            "POST",
+            "/api/v1/users",
+            &tokens["admin"],
+            json!({"email": format!("{name}@acme.example"), "role": role, "team": team}),
+        );
+        tokens.insert(name, u["token"].as_str().unwrap().to_string());
+    }
+    let mut login = sbx(d)
+        .args(["login", &server.url, "--machine", "bobs-laptop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until the end: the CLI still writes to it.
+    let mut err = BufReader::new(login.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let code = line
+        .split_whitespace()
+        .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
+        .unwrap()
+        .to_string();
+    server.call(
+        "POST",
+        "/api/v1/device/approve",
+        &tokens["bob"],
+        json!({"user_code": code}),
+    );
+    assert!(login.wait().unwrap().success());
+    (server, tokens)
+}
+
+/// Appends `n` records to session `session`'s log, as a session would.
+fn write_records(d: &Path, session: &str, n: usize) {
+    let dir = d.join("state/audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = sbx_audit::AuditLog::open(
+        &dir.join(format!("{session}.jsonl")),
+        sbx_audit::Identity::current(session),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    for i in 0..n {
+        log.record(sbx_audit::Entry::file_changes(
+            &format!("change {i}"),
+            Value::Null,
+        ))
+        .unwrap();
+    }
+    log.close().unwrap();
+}
+
+fn server_lines(server: &Server, token: &str, query: &str) -> Vec<Value> {
+    let r = reqwest::blocking::Client::new()
+        .get(format!("{}/api/v1/audit?{query}", server.url))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.text()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn records_reach_the_server_once_through_an_outage_and_edits_are_flagged() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut server, t) = signed_in(d.path());
+    write_records(d.path(), "s1", 50);
+    let o = run(d.path(), &["audit", "ship"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("50 sent, 50 new"), "{}", text(&o));
+
+    // The server goes away; the log is the spool.
+    let addr = server.url.trim_start_matches("http://").to_string();
+    server.stop();
+    write_records(d.path(), "s1", 30);
+    let o = run(d.path(), &["audit", "ship"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("cannot reach"), "{}", text(&o));
+    let (server, _) = Server::start_at(&d.path().join("server"), Duration::from_secs(3600), &addr);
+    let o = run(d.path(), &["audit", "ship"]);
+    assert!(text(&o).contains("30 sent, 30 new"), "{}", text(&o));
+    let all = server_lines(&server, &t["admin"], "session=s1");
+    let seqs: std::collections::BTreeSet<u64> =
+        all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        (all.len(), seqs.len(), seqs.last()),
+        (80, 80, Some(&80)),
+        "none lost, none twice"
+    );
+    let o = run(d.path(), &["audit", "ship", "--all"]);
+    assert!(
+        text(&o).contains("80 sent, 0 new, 80 already held, 0 flagged"),
+        "{}",
+        text(&o)
+    );
+
+    // Who sees what.
+    assert_eq!(server_lines(&server, &t["bob"], "session=s1").len(), 80);
+    assert_eq!(server_lines(&server, &t["alice"], "").len(), 80);
+    assert_eq!(server_lines(&server, &t["carol"], "").len(), 0);
+    let page = reqwest::blocking::Client::new()
+        .get(format!("{}/api/v1/audit?limit=30", server.url))
+        .bearer_auth(&t["admin"])
+        .send()
+        .unwrap();
+    let next = page.headers()["x-next-cursor"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        server_lines(&server, &t["admin"], &format!("after={next}")).len(),
+        50
+    );
+
+    // An edit, a rewrite and a deletion are flagged, naming machine and record.
+    let log = d.path().join("state/audit/s1.jsonl");
+    let text_before = std::fs::read_to_string(&log).unwrap();
+    let edited = text_before.replacen("change 9\"", "change nine\"", 1);
+    assert_ne!(edited, text_before);
+    std::fs::write(&log, &edited).unwrap();
+    run(d.path(), &["audit", "ship", "--all"]);
+    // Deleted before it was shipped: records 81 to 85 never arrive.
+    std::fs::write(&log, &text_before).unwrap();
+    write_records(d.path(), "s1", 10);
+    let full = std::fs::read_to_string(&log).unwrap();
+    let kept: Vec<&str> = full
+        .lines()
+        .filter(|l| {
+            let seq = serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+            !(81..=85).contains(&seq)
+        })
+        .collect();
+    std::fs::write(&log, kept.join("\n") + "\n").unwrap();
+    run(d.path(), &["audit", "ship"]);
+    // Rewritten from scratch: another chain at the same places.
+    std::fs::remove_file(&log).unwrap();
+    std::fs::remove_file(d.path().join("state/audit/s1.shipped")).unwrap();
+    write_records(d.path(), "s1", 3);
+    run(d.path(), &["audit", "ship", "--all"]);
+    let flags = server.call("GET", "/api/v1/audit/flags", &t["admin"], Value::Null);
+    let kinds: Vec<(String, u64)> = flags
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|f| {
+            assert_eq!(
+                (f["machine"].as_str(), f["session"].as_str()),
+                (Some("bobs-laptop"), Some("s1")),
+                "{f}"
+            )
+        })
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap().to_string(),
+                f["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(kinds.contains(&("edited".into(), 10)), "{kinds:?}");
+    assert!(kinds.contains(&("gap".into(), 81)), "{kinds:?}");
+    assert!(
+        kinds.iter().filter(|k| k.0 == "edited" && k.1 <= 3).count() == 3,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        reqwest::blocking::Client::new()
+            .get(format!("{}/api/v1/audit/flags", server.url))
+            .bearer_auth(&t["bob"])
+            .send()
+            .unwrap()
+            .status(),
+        403
+    );
 }

@@ -326,3 +326,150 @@ pub fn refresh() -> Result<Refresh> {
     write_private(&etag_path, new_etag.as_bytes())?;
     Ok(Refresh::Updated(names))
 }
+
+/// How many records one request ships at most.
+const SHIP_BATCH: usize = 500;
+
+/// What shipping one session's log did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Shipped {
+    pub sent: u64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub flagged: u64,
+}
+
+/// Where shipping `log` stands locally: the byte offset after the last
+/// line the server acknowledged, and that line's sequence number.
+fn cursor_path(log: &Path) -> PathBuf {
+    log.with_extension("shipped")
+}
+
+/// Ships the records of the session log at `log` that the server does not
+/// hold yet; `all` ships every record again (the server drops what it has
+/// and flags what differs). The local log is the spool: nothing is lost
+/// while the server is away, and nothing is counted twice.
+pub fn ship(log: &Path, all: bool) -> Result<Shipped> {
+    let Some(login) = current()? else {
+        fail!(
+            Invalid,
+            "not signed in to an sbx server: `sbx login URL` first"
+        );
+    };
+    let session = log
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let text = std::fs::read_to_string(log).at(|| format!("cannot read {}", log.display()))?;
+    // The local cursor saves reading what was shipped; the server's head
+    // decides what is sent.
+    let start = if all {
+        0
+    } else {
+        std::fs::read_to_string(cursor_path(log))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse::<usize>().ok())
+            .filter(|&o| o <= text.len() && (o == 0 || text.as_bytes()[o - 1] == b'\n'))
+            .unwrap_or(0)
+    };
+    if start == text.len() {
+        // Everything was acknowledged: no request at all.
+        return Ok(Shipped::default());
+    }
+    let c = client(&login.url, Duration::from_secs(30))?;
+    let unreachable =
+        |e: reqwest::Error| Error::Session(format!("cannot reach {}: {e}", login.url));
+    let heads: Value = c
+        .get(api(&login.url, "audit/heads"))
+        .bearer_auth(&login.token)
+        .send()
+        .map_err(unreachable)?
+        .json()
+        .map_err(unreachable)?;
+    let held = heads[&session].as_u64().unwrap_or(0);
+    let mut pending: Vec<&str> = Vec::new();
+    let mut offset = start;
+    let mut done = Shipped::default();
+    let mut send = |lines: &[&str], end: usize| -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let body = lines.join("\n") + "\n";
+        let r = c
+            .post(api(&login.url, "audit"))
+            .bearer_auth(&login.token)
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .map_err(unreachable)?;
+        if !r.status().is_success() {
+            fail!(
+                Session,
+                "{} refused the records of {}: {}",
+                login.url,
+                log.display(),
+                said(r)
+            );
+        }
+        let v: Value = r.json().map_err(unreachable)?;
+        done.sent += lines.len() as u64;
+        done.accepted += v["accepted"].as_u64().unwrap_or(0);
+        done.duplicates += v["duplicates"].as_u64().unwrap_or(0);
+        done.flagged += v["flagged"].as_u64().unwrap_or(0);
+        write_private(&cursor_path(log), format!("{end}\n").as_bytes())
+    };
+    for line in text[start..].split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            // Still being written: shipped next time.
+            break;
+        }
+        offset += line.len();
+        let l = line.trim_end();
+        if l.is_empty() {
+            continue;
+        }
+        let seq = serde_json::from_str::<Value>(l)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0);
+        if !all && seq <= held {
+            continue;
+        }
+        pending.push(l);
+        if pending.len() == SHIP_BATCH {
+            send(&pending, offset)?;
+            pending.clear();
+        }
+    }
+    send(&pending, offset)?;
+    Ok(done)
+}
+
+/// Ships every session log on this machine (what a killed session
+/// process or an offline week left behind).
+pub fn ship_all(all: bool) -> Result<Vec<(String, Result<Shipped>)>> {
+    if current()?.is_none() {
+        return Ok(Vec::new());
+    }
+    let dir = paths::audit_dir();
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    logs.sort();
+    Ok(logs
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            (name, ship(&p, all))
+        })
+        .collect())
+}

@@ -248,6 +248,10 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
             rule.id, rule.layer, rule.location
         )
     });
+    let shipper = crate::managed::current()
+        .ok()
+        .flatten()
+        .map(|_| ship_while_running(log.path().to_path_buf()));
     let result = match front {
         Front::Command(c) => one_command(spec, &policy, &log, c),
         Front::Service(s) => service(spec, policy, &log, s),
@@ -262,6 +266,11 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
     log.record(Entry::session_stop(&spec.name, details))?;
     // Helper threads may still hold the log; the process ends soon after.
     log.sync()?;
+    if let Some((stop, thread)) = shipper {
+        // The last records go now; what cannot goes with the next `sbx`.
+        let _ = stop.send(());
+        let _ = thread.map(std::thread::JoinHandle::join);
+    }
     let outcome = result?;
     let expired = match (&outcome.reason, lifetime) {
         (vmm::ExitReason::LifetimeExpired(d), Some(rule)) => Some(format!(
@@ -271,6 +280,36 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
         _ => None,
     };
     Ok(Ended { outcome, expired })
+}
+
+/// Every few seconds, ships the session's new records to the control plane
+/// this machine is signed in to; once more when told to stop. Failures
+/// only wait: the log is the spool.
+fn ship_while_running(
+    log: PathBuf,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("audit-ship".into())
+        .spawn(move || loop {
+            let last = !matches!(
+                rx.recv_timeout(Duration::from_secs(5)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
+            if let Err(e) = crate::managed::ship(&log, false) {
+                tracing::debug!("shipping {}: {e}", log.display());
+            }
+            if last {
+                return;
+            }
+        });
+    if let Err(e) = &spawned {
+        tracing::warn!("cannot start the audit-ship thread: {e}");
+    }
+    (tx, spawned.ok())
 }
 
 /// `sbx boot`: the policy must allow the command; the VM has no devices

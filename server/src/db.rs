@@ -12,7 +12,8 @@ use rusqlite::Connection;
 use crate::error::ApiError;
 
 /// The schema, one migration per entry; never edit one that shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE teams (
     id INTEGER PRIMARY KEY,
@@ -63,7 +64,45 @@ CREATE TABLE admin_log (
     target TEXT NOT NULL,
     details TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE audit_records (
+    id INTEGER PRIMARY KEY,
+    machine TEXT NOT NULL,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    team_id INTEGER REFERENCES teams(id),
+    surface TEXT,
+    action TEXT NOT NULL,
+    decision TEXT,
+    line TEXT NOT NULL,
+    received INTEGER NOT NULL,
+    UNIQUE (machine, session, seq)
+);
+CREATE INDEX audit_records_ts ON audit_records(ts);
+CREATE INDEX audit_records_user ON audit_records(user_id, id);
+CREATE TABLE audit_heads (
+    machine TEXT NOT NULL,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (machine, session)
+);
+CREATE TABLE audit_flags (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    machine TEXT NOT NULL,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+"#,
+];
 
 /// The database, shared by every request.
 #[derive(Clone)]

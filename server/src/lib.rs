@@ -8,7 +8,8 @@
 //! - `auth.rs`: tokens and roles, checked on every route;
 //! - `routes/`: the versioned JSON API (`/api/v1/...`), one file per
 //!   concern: `identity.rs` (setup, teams, users, tokens), `device.rs` (the
-//!   device-code sign-in), `policy.rs` (push and fetch);
+//!   device-code sign-in), `policy.rs` (push and fetch), `audit.rs` (the
+//!   machines' records: ingested with their chains checked, queried);
 //! - `limits.rs`: request size and rate limits.
 
 use std::path::PathBuf;
@@ -82,7 +83,7 @@ pub fn open(config: Config) -> anyhow::Result<Opened> {
 
 /// Every route of the API.
 pub fn router(state: AppState) -> Router {
-    use routes::{device, identity, policy};
+    use routes::{audit, device, identity, policy};
     Router::new()
         .route("/api/v1/setup", post(identity::setup))
         .route("/api/v1/me", get(identity::me))
@@ -105,6 +106,9 @@ pub fn router(state: AppState) -> Router {
             put(policy::push_org).get(policy::history_org),
         )
         .route("/api/v1/policy/teams/{team}", put(policy::push_team))
+        .route("/api/v1/audit", post(audit::ingest).get(audit::query))
+        .route("/api/v1/audit/heads", get(audit::heads))
+        .route("/api/v1/audit/flags", get(audit::flags))
         .route("/api/v1/openapi.json", get(routes::openapi))
         .route("/device", get(device::page))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

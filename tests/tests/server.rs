@@ -11,30 +11,43 @@ use std::time::Duration;
 use sbx_tests::{text, Host};
 use serde_json::{json, Value};
 
+/// Runs a server on `addr` (its setup token, if fresh, left in
+/// `<data>/setup`); returns what stops it, and its URL.
+fn serve(data: &std::path::Path, addr: &str) -> (tokio::sync::oneshot::Sender<()>, String) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let opened = sbx_server::open(sbx_server::Config {
+        data: data.to_path_buf(),
+        bundle_ttl: Duration::from_secs(3600),
+        public_url: url.clone(),
+    })
+    .unwrap();
+    if let Some(t) = &opened.setup_token {
+        std::fs::write(data.join("setup"), t).unwrap();
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = rt.block_on(sbx_server::serve_until(opened.state, listener, async {
+            let _ = rx.await;
+        }));
+    });
+    (tx, url)
+}
+
 const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"org-no-paste\"\naction = \"deny\"\nto = [\"paste.test\"]\n";
 const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"team-paste\"\naction = \"allow\"\nto = [\"paste.test\", \"api.web.test\"]\n";
 
 #[test]
 fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
     let host = Host::new();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let opened = sbx_server::open(sbx_server::Config {
-        data: host.dir.path().join("server"),
-        bundle_ttl: Duration::from_secs(3600),
-        public_url: url.clone(),
-    })
-    .unwrap();
-    let setup = opened.setup_token.clone().unwrap();
-    rt.spawn(sbx_server::serve(opened.state, listener));
-
+    let data = host.dir.path().join("server");
+    let (mut stop, url) = serve(&data, "127.0.0.1:0");
+    let setup = std::fs::read_to_string(data.join("setup")).unwrap();
     let c = reqwest::blocking::Client::new();
     let call = |m: reqwest::Method, path: &str, token: Option<&str>, body: Value| -> Value {
         let mut r = c.request(m, format!("{url}{path}"));
@@ -89,10 +102,10 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Kept open until the end: the CLI still writes to it.
+    let mut err = BufReader::new(login.stderr.take().unwrap());
     let mut line = String::new();
-    BufReader::new(login.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    err.read_line(&mut line).unwrap();
     let code = line
         .split_whitespace()
         .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
@@ -125,5 +138,59 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
         .find(|e| e["rule_id"] == "org-no-paste")
         .unwrap_or_else(|| panic!("no decision by the org rule: {events:#?}"));
     assert_eq!(denied["layer"], "org");
+
+    // The records reach the server: the session ships its own as it runs.
+    let count = |session: &str| -> usize {
+        let r = c
+            .get(format!("{url}/api/v1/audit?session={session}&limit=10000"))
+            .bearer_auth(&admin)
+            .send()
+            .unwrap();
+        let lines: Vec<Value> = r
+            .text()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seqs: std::collections::BTreeSet<u64> =
+            lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs.len(), lines.len(), "a record twice on the server");
+        lines.len()
+    };
+    let local = |session: &str| -> usize {
+        std::fs::read_to_string(host.dir.path().join(format!("state/audit/{session}.jsonl")))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    let shipped = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        count("m") >= local("m")
+    });
+    assert!(
+        shipped,
+        "the running session's records did not reach the server: {} of {}",
+        count("m"),
+        local("m")
+    );
     host.ok(&["stop", "m"]);
+
+    // A second session; the server goes away; the session is killed mid-stream.
+    host.ok(&["start", "--name", "m2", "--no-workspace"]);
+    host.sh("m2", "true");
+    let addr = url.trim_start_matches("http://").to_string();
+    let _ = stop.send(());
+    for i in 0..5 {
+        host.sh("m2", &format!("echo {i}"));
+    }
+    let pid = host.session("m2")["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kills the session process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    (stop, _) = serve(&data, &addr);
+    let o = host.sbx(&["audit", "ship"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    for s in ["m", "m2"] {
+        assert_eq!(count(s), local(s), "session {s}: every record once");
+    }
+    let _ = stop.send(());
 }

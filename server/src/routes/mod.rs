@@ -3,6 +3,7 @@
 use axum::Json;
 use serde_json::{json, Value};
 
+pub mod audit;
 pub mod device;
 pub mod identity;
 pub mod policy;
@@ -38,6 +39,10 @@ pub async fn openapi() -> Json<Value> {
             "/api/v1/policy/org": { "put": op("Push a new org policy version (org admins; text/plain TOML)", true),
                                     "get": op("The org policy's versions (org admins, auditors)", true) },
             "/api/v1/policy/teams/{team}": { "put": op("Push a new team policy version (org admins, that team's admins)", true) },
+            "/api/v1/audit": { "post": op("Ship a session's records, as JSON lines in order (machine tokens)", true),
+                               "get": op("Records as JSON lines, filtered (user, team, machine, session, surface, decision, action, since, until), a page at a time (after, limit; X-Next-Cursor)", true) },
+            "/api/v1/audit/heads": { "get": op("Where each of the machine's sessions stands on the server (machine tokens)", true) },
+            "/api/v1/audit/flags": { "get": op("Edits, rewrites and gaps found in machines' logs (org admins, auditors)", true) },
         }
     }))
 }

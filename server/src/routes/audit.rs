@@ -1,0 +1,292 @@
+//! Every machine's audit records, collected. A machine ships each session's
+//! log from where the server's head for it stands; the server checks each
+//! record's hash and its place in the chain against what it holds, drops
+//! what it has already (the same record shipped twice), and flags what does
+//! not fit: a record that differs from the one it holds (an edit), a chain
+//! that does not continue from its head (a rewrite or a truncation), and
+//! records that never arrived (a gap). Flags name the machine, the session
+//! and the record.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::Response;
+use axum::Json;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::{Caller, Role};
+use crate::db;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The server's head for one session of one machine: `(seq, hash)`.
+fn head(c: &Connection, machine: &str, session: &str) -> Result<(u64, String), ApiError> {
+    Ok(c.query_row(
+        "SELECT seq, hash FROM audit_heads WHERE machine = ?1 AND session = ?2",
+        params![machine, session],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+    )
+    .optional()?
+    .unwrap_or((0, sbx_audit::GENESIS.to_string())))
+}
+
+fn flag(
+    c: &Connection,
+    machine: &str,
+    session: &str,
+    seq: u64,
+    kind: &str,
+    details: Value,
+) -> Result<(), ApiError> {
+    tracing::warn!(machine, session, seq, kind, "audit log flagged");
+    c.execute(
+        "INSERT INTO audit_flags (at, machine, session, seq, kind, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![db::now(), machine, session, seq as i64, kind, details.to_string()],
+    )?;
+    Ok(())
+}
+
+/// `POST /api/v1/audit` (machine tokens): records as JSON lines, in order.
+pub async fn ingest(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    let Some(machine) = caller.machine.clone() else {
+        return Err(ApiError::Forbidden(
+            "records are shipped by a signed-in machine (`sbx login`), with its token".into(),
+        ));
+    };
+    // A line that is not a record refuses the request; a record whose
+    // content does not match its own hash is flagged as edited.
+    let mut records = Vec::new();
+    let mut edited = Vec::new();
+    for (i, line) in body
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        match sbx_audit::check_line(line) {
+            Ok(r) => records.push((r, line.to_string())),
+            Err(why) => match serde_json::from_str::<sbx_audit::Record>(line) {
+                Ok(r) => edited.push((r, why)),
+                Err(_) => return Err(ApiError::BadRequest(format!("line {}: {why}", i + 1))),
+            },
+        }
+    }
+    s.db.run(move |c| {
+        let tx = c.transaction()?;
+        let (mut accepted, mut duplicates, mut flagged) = (0u64, 0u64, 0u64);
+        for (r, why) in &edited {
+            flag(&tx, &machine, &r.session, r.seq, "edited", json!({ "id": r.id, "why": why }))?;
+            flagged += 1;
+        }
+        let mut heads: HashMap<String, (u64, String)> = HashMap::new();
+        for (r, line) in records {
+            let session = r.session.clone();
+            let (seq, hash) = match heads.get(&session) {
+                Some(h) => h.clone(),
+                None => head(&tx, &machine, &session)?,
+            };
+            if r.seq <= seq {
+                let held: Option<String> = tx
+                    .query_row(
+                        "SELECT hash FROM audit_records WHERE machine = ?1 AND session = ?2 AND seq = ?3",
+                        params![machine, session, r.seq as i64],
+                        |x| x.get(0),
+                    )
+                    .optional()?;
+                match held {
+                    Some(h) if h == r.hash => duplicates += 1,
+                    held => {
+                        flag(&tx, &machine, &session, r.seq, "edited", json!({
+                            "id": r.id, "held": held, "shipped": r.hash,
+                            "why": "the machine's log now holds a different record at this place",
+                        }))?;
+                        flagged += 1;
+                    }
+                }
+                continue;
+            }
+            if r.seq > seq + 1 {
+                flag(&tx, &machine, &session, seq + 1, "gap", json!({
+                    "missing": [seq + 1, r.seq - 1],
+                    "why": "records between the server's head and this one never arrived: deleted from the machine's log?",
+                }))?;
+                flagged += 1;
+            } else if r.prev != hash {
+                flag(&tx, &machine, &session, r.seq, "rewritten", json!({
+                    "id": r.id, "expected_prev": hash, "prev": r.prev,
+                    "why": "the chain does not continue from the record the server holds: the log was rewritten or truncated",
+                }))?;
+                flagged += 1;
+            }
+            tx.execute(
+                "INSERT INTO audit_records (machine, session, seq, record_id, hash, ts, user_id, team_id, surface, action, decision, line, received)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![machine, session, r.seq as i64, r.id, r.hash, r.ts, caller.user_id, caller.team_id,
+                        r.event.surface, r.event.action, r.event.decision, line, db::now()],
+            )?;
+            tx.execute(
+                "INSERT INTO audit_heads (machine, session, seq, hash) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(machine, session) DO UPDATE SET seq = ?3, hash = ?4",
+                params![machine, session, r.seq as i64, r.hash],
+            )?;
+            heads.insert(session, (r.seq, r.hash.clone()));
+            accepted += 1;
+        }
+        tx.commit()?;
+        let heads: HashMap<String, u64> = heads.into_iter().map(|(k, (s, _))| (k, s)).collect();
+        Ok(Json(json!({ "accepted": accepted, "duplicates": duplicates, "flagged": flagged, "heads": heads })))
+    })
+    .await
+}
+
+/// `GET /api/v1/audit/heads` (machine tokens): where each of the machine's
+/// sessions stands on the server, to ship from there.
+pub async fn heads(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let Some(machine) = caller.machine.clone() else {
+        return Err(ApiError::Forbidden(
+            "heads are a signed-in machine's".into(),
+        ));
+    };
+    s.db.run(move |c| {
+        let mut q = c.prepare("SELECT session, seq FROM audit_heads WHERE machine = ?1")?;
+        let m: serde_json::Map<String, Value> = q
+            .query_map([&machine], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, json!(v)))
+            .collect();
+        Ok(Json(Value::Object(m)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    user: Option<String>,
+    team: Option<String>,
+    machine: Option<String>,
+    session: Option<String>,
+    surface: Option<String>,
+    decision: Option<String>,
+    action: Option<String>,
+    /// RFC 3339 bounds on the record's time.
+    since: Option<String>,
+    until: Option<String>,
+    /// The cursor from `X-Next-Cursor`: records after it.
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/audit`: records as JSON lines, filtered, in the order the
+/// server received them, at most `limit` (default 1000) a page;
+/// `X-Next-Cursor` says where the next page starts. Org admins and
+/// auditors see everything, team admins their team's, members their own.
+pub async fn query(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(f): Query<Filter>,
+) -> Result<Response, ApiError> {
+    caller.require_person("read the audit trail")?;
+    let limit = f.limit.unwrap_or(1000).clamp(1, 10_000) as i64;
+    let (lines, next) =
+        s.db.run(move |c| {
+            let mut sql = String::from(
+                "SELECT a.id, a.line FROM audit_records a JOIN users u ON u.id = a.user_id
+                 LEFT JOIN teams t ON t.id = a.team_id WHERE a.id > ?1",
+            );
+            let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(f.after.unwrap_or(0))];
+            let mut add = |cond: &str,
+                           v: Box<dyn rusqlite::ToSql>,
+                           args: &mut Vec<Box<dyn rusqlite::ToSql>>| {
+                args.push(v);
+                sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+            };
+            match caller.role {
+                Role::OrgAdmin | Role::Auditor => {}
+                Role::TeamAdmin => add(
+                    "a.team_id =",
+                    Box::new(caller.team_id.unwrap_or(-1)),
+                    &mut args,
+                ),
+                Role::Member => add("a.user_id =", Box::new(caller.user_id), &mut args),
+            }
+            if let Some(v) = f.user {
+                add("u.email =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.team {
+                add("t.name =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.machine {
+                add("a.machine =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.session {
+                add("a.session =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.surface {
+                add("a.surface =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.decision {
+                add("a.decision =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.action {
+                add("a.action =", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.since {
+                add("a.ts >=", Box::new(v), &mut args)
+            }
+            if let Some(v) = f.until {
+                add("a.ts <", Box::new(v), &mut args)
+            }
+            sql.push_str(&format!(" ORDER BY a.id LIMIT {limit}"));
+            let mut q = c.prepare(&sql)?;
+            let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|b| b.as_ref()).collect();
+            let rows: Vec<(i64, String)> = q
+                .query_map(refs.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
+                .filter_map(Result::ok)
+                .collect();
+            let next = (rows.len() as i64 == limit)
+                .then(|| rows.last().map(|r| r.0))
+                .flatten();
+            let mut out = String::new();
+            for (_, line) in rows {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            Ok((out, next))
+        })
+        .await?;
+    let mut r = Response::builder().header(header::CONTENT_TYPE, "application/x-ndjson");
+    if let Some(n) = next {
+        r = r.header("X-Next-Cursor", n.to_string());
+    }
+    r.body(Body::from(lines))
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// `GET /api/v1/audit/flags` (org admins, auditors): every edit, rewrite
+/// and gap found, newest first.
+pub async fn flags(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::OrgAdmin, Role::Auditor], "read the audit flags")?;
+    s.db.run(|c| {
+        let mut q = c.prepare("SELECT at, machine, session, seq, kind, details FROM audit_flags ORDER BY id DESC")?;
+        let v: Vec<Value> = q
+            .query_map([], |r| {
+                Ok(json!({ "at": r.get::<_, i64>(0)?, "machine": r.get::<_, String>(1)?,
+                    "session": r.get::<_, String>(2)?, "seq": r.get::<_, i64>(3)?, "kind": r.get::<_, String>(4)?,
+                    "details": serde_json::from_str::<Value>(&r.get::<_, String>(5)?).unwrap_or(Value::Null) }))
+            })?
+            .filter_map(Result::ok)
+            .collect();
+        Ok(Json(json!(v)))
+    })
+    .await
+}
