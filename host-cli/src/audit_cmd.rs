@@ -75,18 +75,7 @@ fn ship(files: Vec<PathBuf>, all: bool) -> anyhow::Result<u8> {
 }
 
 fn session_logs() -> anyhow::Result<Vec<PathBuf>> {
-    let dir = paths::audit_dir();
-    let mut logs: Vec<PathBuf> = match std::fs::read_dir(&dir) {
-        Ok(d) => d
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
-    };
-    logs.sort();
-    Ok(logs)
+    Ok(paths::session_logs()?)
 }
 
 fn verify(files: Vec<PathBuf>) -> anyhow::Result<u8> {

@@ -313,13 +313,19 @@ fn show(select: &Select, json: bool) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
+    // Bundles a control plane serves: said so, with the server and version.
+    let managed_dir = Locations::here().managed();
+    let server = sandbox::managed::current().ok().flatten();
     writeln!(out, "Sources, most senior first:")?;
     for s in p.sources() {
-        let signed = s
+        let mut signed = s
             .signed_by
             .as_ref()
             .map(|k| format!(" (signed by {k})"))
             .unwrap_or_default();
+        if let (true, Some(l)) = (Path::new(&s.name).starts_with(&managed_dir), &server) {
+            signed.push_str(&format!(" managed by {}", l.url));
+        }
         writeln!(
             out,
             "  {:<8} {:<8} {}{signed}",

@@ -3,9 +3,8 @@
 //! versions), a tampered cache refused, and an expired policy failing
 //! closed with the server gone.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -141,33 +140,20 @@ fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_
     );
 
     // Sign in: the CLI shows a code; bob approves it.
-    let mut login = sbx(d.path())
-        .args(["login", &server.url, "--machine", "bobs-laptop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(login.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let code = line
-        .split_whitespace()
-        .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
-        .unwrap_or_else(|| panic!("no code in {line:?}"))
-        .to_string();
+    let mut cmd = sbx(d.path());
+    cmd.args(["login", &server.url, "--machine", "bobs-laptop"]);
+    let line = sbx_tests::sign_in(cmd, |code| {
+        server.call(
+            "POST",
+            "/api/v1/device/approve",
+            &bob,
+            json!({"user_code": code}),
+        );
+    });
     assert!(line.contains(&format!("{}/device", server.url)), "{line}");
-    server.call(
-        "POST",
-        "/api/v1/device/approve",
-        &bob,
-        json!({"user_code": code}),
-    );
-    let out = login.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("as bob@acme.example (member, team web)"));
     let o = run(d.path(), &["login"]);
     assert!(
-        text(&o).contains("signed in to") && text(&o).contains("bobs-laptop"),
+        text(&o).contains("as bob@acme.example (member, team web) from machine bobs-laptop"),
         "{}",
         text(&o)
     );
@@ -189,6 +175,14 @@ fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_
         text(&o).contains("web-api") && text(&o).contains("team-web-v1.bundle"),
         "{}",
         text(&o)
+    );
+
+    let o = run(d.path(), &["policy", "show"]);
+    let shown = text(&o);
+    assert!(
+        shown.contains("org-v1.bundle (signed by")
+            && shown.contains(&format!("managed by {}", server.url)),
+        "{shown}"
     );
 
     // A new version reaches the machine at the next command.
@@ -279,28 +273,16 @@ fn signed_in(d: &Path) -> (Server, std::collections::HashMap<&'static str, Strin
         );
         tokens.insert(name, u["token"].as_str().unwrap().to_string());
     }
-    let mut login = sbx(d)
-        .args(["login", &server.url, "--machine", "bobs-laptop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Kept open until the end: the CLI still writes to it.
-    let mut err = BufReader::new(login.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let code = line
-        .split_whitespace()
-        .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
-        .unwrap()
-        .to_string();
-    server.call(
-        "POST",
-        "/api/v1/device/approve",
-        &tokens["bob"],
-        json!({"user_code": code}),
-    );
-    assert!(login.wait().unwrap().success());
+    let mut cmd = sbx(d);
+    cmd.args(["login", &server.url, "--machine", "bobs-laptop"]);
+    sbx_tests::sign_in(cmd, |code| {
+        server.call(
+            "POST",
+            "/api/v1/device/approve",
+            &tokens["bob"],
+            json!({"user_code": code}),
+        );
+    });
     (server, tokens)
 }
 

@@ -749,7 +749,9 @@ impl Gateway {
         self.finish("call", up, tool, started, outcome)
     }
 
-    async fn list_resources(&self) -> Vec<Resource> {
+    /// `resources/list`: every server's resources, from the servers whose
+    /// resources the policy lets the agent read at all.
+    pub async fn list_resources(&self) -> Vec<Resource> {
         let lists = futures::future::join_all((0..self.servers.len()).map(|i| {
             self.upstream(
                 i,
@@ -774,7 +776,8 @@ impl Gateway {
         out
     }
 
-    async fn read_resource(
+    /// `resources/read`, decided as the tool `resources/read` with `uri`.
+    pub async fn read_resource(
         &self,
         params: ReadResourceRequestParams,
         ct: &tokio_util::sync::CancellationToken,
@@ -811,7 +814,8 @@ impl Gateway {
         self.finish("read", up, "resources/read", started, outcome)
     }
 
-    async fn list_prompts(&self) -> Vec<Prompt> {
+    /// `prompts/list`: every server's prompts, named `server__prompt`.
+    pub async fn list_prompts(&self) -> Vec<Prompt> {
         let lists = futures::future::join_all((0..self.servers.len()).map(|i| {
             self.upstream(
                 i,
@@ -833,7 +837,9 @@ impl Gateway {
         out
     }
 
-    async fn get_prompt(
+    /// `prompts/get`, decided as the tool `prompts/get` with `name` and the
+    /// prompt's arguments.
+    pub async fn get_prompt(
         &self,
         mut params: GetPromptRequestParams,
         ct: &tokio_util::sync::CancellationToken,

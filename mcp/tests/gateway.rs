@@ -17,43 +17,12 @@ use sbx_mcp::config::{RemoteServer, Transport};
 use sbx_mcp::gateway::{REFUSED, UPSTREAM_FAILED};
 use sbx_mcp::{Gateway, Launcher, OnCredential, Options, Pins, Pipes, ServerSpec, StdioServer};
 use sbx_policy::PolicyBuilder;
-use sbx_tests::mcp::{remote_server, stdio_server_script, RemoteMcp};
+use sbx_tests::mcp::{remote_server, stdio_server_script, RemoteMcp, POLICY};
 use sbx_tests::tls::TestCa;
 use serde_json::{json, Value};
 
 const SECRET: &str = "tok-5e2d9c8b7a6f4e31";
 const TOKEN: &str = "remote-token-123";
-
-const POLICY: &str = r#"
-layer = "project"
-
-[[mcp]]
-id = "files-read"
-action = "allow"
-server = "files"
-tools = ["read_file"]
-args.path = { glob = "/workspace/**" }
-
-[[mcp]]
-id = "files-misc"
-action = "allow"
-server = "files"
-tools = ["add", "whoami", "sleep", "crash", "fetch", "cancelled"]
-
-[[mcp]]
-id = "tickets"
-action = "allow"
-server = "tickets"
-tools = ["echo", "get_key", "rugged", "lookup"]
-log_args = true
-
-[[mcp]]
-id = "tickets-limited"
-action = "allow"
-server = "tickets"
-tools = ["limited"]
-calls_per_minute = 30
-"#;
 
 /// Runs the stdio server as a local process.
 struct Local;
@@ -608,4 +577,74 @@ fn the_http_endpoint_survives_bad_input() {
     assert_eq!(v[0]["name"], "files");
     assert_eq!(v[1]["running"], true);
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_and_prompts_are_governed_like_tools() {
+    let f = fixture(20);
+    let ct = tokio_util::sync::CancellationToken::new();
+    let uris: Vec<String> = f
+        .gateway
+        .list_resources()
+        .await
+        .iter()
+        .map(|r| r.uri.clone())
+        .collect();
+    assert_eq!(uris, ["file:///docs/readme.md", "file:///secret/keys.txt"]);
+    let read = |uri: &str| {
+        let mut p = rmcp::model::ReadResourceRequestParams::new(uri);
+        p.meta = None;
+        p
+    };
+    let r = f
+        .gateway
+        .read_resource(read("file:///docs/readme.md"), &ct)
+        .await
+        .unwrap();
+    assert!(serde_json::to_string(&r)
+        .unwrap()
+        .contains("How to file one"));
+    let e = f
+        .gateway
+        .read_resource(read("file:///secret/keys.txt"), &ct)
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("rule `tickets-docs`"), "{}", e.message);
+
+    let prompts: Vec<String> = f
+        .gateway
+        .list_prompts()
+        .await
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
+    assert_eq!(prompts, ["tickets__review"]);
+    let mut get = rmcp::model::GetPromptRequestParams::new("tickets__review");
+    get.arguments = Some(json!({"lang": "rust"}).as_object().unwrap().clone());
+    let p = f.gateway.get_prompt(get, &ct).await.unwrap();
+    assert!(serde_json::to_string(&p)
+        .unwrap()
+        .contains("Review this rust change"));
+
+    let recs = records(&f);
+    let decided: Vec<(&str, &str, &str)> = recs
+        .iter()
+        .filter(|r| r["surface"] == "mcp" && (r["action"] == "read" || r["action"] == "get"))
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                r["resource"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decided,
+        [
+            ("read", "tickets.resources/read", "allow"),
+            ("read", "tickets.resources/read", "deny"),
+            ("get", "tickets.prompts/get", "allow"),
+        ]
+    );
+    verify(&f);
 }

@@ -54,7 +54,8 @@ fn managed_dir() -> PathBuf {
     sbx_policy::Locations::here().managed()
 }
 
-/// The sign-in, if this machine has one.
+/// The sign-in, if this machine has one. A file this user cannot read
+/// counts as none, as policy discovery treats every layer's file.
 pub fn current() -> Result<Option<Login>> {
     match std::fs::read(login_path()) {
         Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
@@ -63,7 +64,14 @@ pub fn current() -> Result<Option<Login>> {
                 login_path().display()
             ))
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e).at(|| format!("cannot read {}", login_path().display())),
     }
 }
@@ -107,24 +115,12 @@ fn said(r: reqwest::blocking::Response) -> String {
     }
 }
 
+/// [`crate::secrets::write_private`], making the directory first.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).at(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .at(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .at(|| format!("cannot write {}", path.display()))
+    crate::secrets::write_private(path, bytes)
 }
 
 /// Signs this machine in to the server at `url` as `machine`: `show` is
@@ -452,16 +448,7 @@ pub fn ship_all(all: bool) -> Result<Vec<(String, Result<Shipped>)>> {
     if current()?.is_none() {
         return Ok(Vec::new());
     }
-    let dir = paths::audit_dir();
-    let mut logs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    logs.sort();
-    Ok(logs
+    Ok(paths::session_logs()?
         .into_iter()
         .map(|p| {
             let name = p

@@ -17,6 +17,23 @@ pub fn state_dir() -> PathBuf {
     xdg_dir("SBX_STATE_DIR", "XDG_STATE_HOME", ".local/state")
 }
 
+/// Every session's audit log on this machine, sorted.
+pub fn session_logs() -> crate::Result<Vec<PathBuf>> {
+    use crate::error::At;
+    let dir = audit_dir();
+    let mut logs: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).at(|| format!("cannot list {}", dir.display())),
+    };
+    logs.sort();
+    Ok(logs)
+}
+
 pub fn audit_dir() -> PathBuf {
     state_dir().join("audit")
 }

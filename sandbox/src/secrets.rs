@@ -44,7 +44,9 @@ fn private_dir(dir: &Path) -> Result<()> {
         .at(|| format!("cannot make {} private", dir.display()))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+/// Writes `data` to `path` readable by its owner only, whole or not at
+/// all (a temporary file, synced, renamed into place).
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)

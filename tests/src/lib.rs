@@ -288,3 +288,27 @@ pub fn sha256(path: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Runs `sbx login` (`cmd`) until it shows its code, has `approve`
+/// approve that code (as a person would, on the server), and waits for the
+/// sign-in to finish; returns the line that showed the code.
+pub fn sign_in(mut cmd: Command, approve: impl FnOnce(&str)) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut login = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until the end: the CLI still writes to it.
+    let mut err = BufReader::new(login.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let code = line
+        .split_whitespace()
+        .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
+        .unwrap_or_else(|| panic!("no code in {line:?}"));
+    approve(code);
+    let out = login.wait_with_output().unwrap();
+    assert!(out.status.success(), "sbx login: {}", text(&out.stdout));
+    line
+}

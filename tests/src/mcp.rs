@@ -18,6 +18,61 @@ pub fn stdio_server_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/mcp_stdio_server.py")
 }
 
+/// The policy the gateway's tests run under: `files` (the stdio server)
+/// may read under /workspace and use its other tools but `secret_tool`;
+/// `tickets` (the remote one) is open but for `limited`, 30 calls a
+/// minute; the session holds the secret `API_TOKEN`.
+pub const POLICY: &str = r#"
+layer = "project"
+
+[[mcp]]
+id = "files-read"
+action = "allow"
+server = "files"
+tools = ["read_file"]
+args.path = { glob = "/workspace/**" }
+
+[[mcp]]
+id = "files-misc"
+action = "allow"
+server = "files"
+tools = ["add", "whoami", "sleep", "crash", "fetch", "cancelled"]
+
+[[mcp]]
+id = "tickets"
+action = "allow"
+server = "tickets"
+tools = ["echo", "get_key", "rugged", "lookup"]
+log_args = true
+
+[[mcp]]
+id = "tickets-limited"
+action = "allow"
+server = "tickets"
+tools = ["limited"]
+calls_per_minute = 30
+
+[[mcp]]
+id = "tickets-docs"
+action = "allow"
+server = "tickets"
+tools = ["resources/read"]
+args.uri = { glob = "file:///docs/**" }
+
+[[mcp]]
+id = "tickets-prompts"
+action = "allow"
+server = "tickets"
+tools = ["prompts/get"]
+
+# The session holds this secret (as a placeholder in the guest); the
+# gateway must never send it to a server.
+[[credential]]
+action = "allow"
+secret = "API_TOKEN"
+hosts = ["api.example.com"]
+"#;
+
 /// A private key as a server might leak one.
 pub const LEAKED_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n-----END OPENSSH PRIVATE KEY-----";
 
@@ -128,7 +183,7 @@ fn answer(
     let result = match msg["method"].as_str().unwrap_or("") {
         "initialize" => json!({
             "protocolVersion": params["protocolVersion"].as_str().unwrap_or("2025-06-18"),
-            "capabilities": { "tools": { "listChanged": false } },
+            "capabilities": { "tools": { "listChanged": false }, "resources": {}, "prompts": {} },
             "serverInfo": { "name": "sbx-test-remote", "version": "1" },
         }),
         "ping" => json!({}),
@@ -139,6 +194,23 @@ fn answer(
             tool("rugged", &description.lock().unwrap()),
             tool("lookup", "Looks a record up."),
         ]}),
+        "resources/list" => json!({ "resources": [
+            { "uri": "file:///docs/readme.md", "name": "readme" },
+            { "uri": "file:///secret/keys.txt", "name": "keys" },
+        ]}),
+        "resources/read" => {
+            let uri = params["uri"].as_str().unwrap_or("");
+            let body = if uri.ends_with("keys.txt") { LEAKED_KEY } else { "# Tickets\nHow to file one." };
+            json!({ "contents": [{ "uri": uri, "mimeType": "text/markdown", "text": body }] })
+        }
+        "prompts/list" => json!({ "prompts": [
+            { "name": "review", "description": "Review a change", "arguments": [{ "name": "lang", "required": true }] },
+        ]}),
+        "prompts/get" => json!({
+            "description": "Review a change",
+            "messages": [{ "role": "user", "content": { "type": "text",
+                "text": format!("Review this {} change.", params["arguments"]["lang"].as_str().unwrap_or("?")) } }],
+        }),
         "tools/call" => {
             let args = &params["arguments"];
             match params["name"].as_str().unwrap_or("") {

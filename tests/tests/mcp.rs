@@ -7,50 +7,13 @@
 use std::sync::atomic::Ordering;
 
 use base64::Engine as _;
-use sbx_tests::mcp::{remote_server, stdio_server_script};
+use sbx_tests::mcp::{remote_server, stdio_server_script, POLICY};
 use sbx_tests::tls::TestCa;
 use sbx_tests::{text, Host};
 use serde_json::Value;
 
 const SECRET: &str = "tok-5e2d9c8b7a6f4e31";
 const TOKEN: &str = "remote-token-9f8e";
-
-const POLICY: &str = r#"
-layer = "project"
-
-[[mcp]]
-id = "files-read"
-action = "allow"
-server = "files"
-tools = ["read_file"]
-args.path = { glob = "/workspace/**" }
-
-[[mcp]]
-id = "files-misc"
-action = "allow"
-server = "files"
-tools = ["add", "whoami", "sleep", "crash", "fetch"]
-
-[[mcp]]
-id = "tickets"
-action = "allow"
-server = "tickets"
-tools = ["echo", "get_key", "rugged", "lookup"]
-
-[[mcp]]
-id = "tickets-limited"
-action = "allow"
-server = "tickets"
-tools = ["limited"]
-calls_per_minute = 30
-
-# The session holds this secret (as a placeholder in the guest); the
-# gateway must never send it to a server.
-[[credential]]
-action = "allow"
-secret = "API_TOKEN"
-hosts = ["api.example.com"]
-"#;
 
 /// Sourced by the guest's shell: `init VERSION` opens an MCP session with
 /// the gateway; `rpc JSON` sends a request and prints the answer's JSON;

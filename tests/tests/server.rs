@@ -4,8 +4,6 @@
 //! refused the host the org denies even though the team allows it; its
 //! records name the person and the machine as the server knows them.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 use sbx_tests::{text, Host};
@@ -96,28 +94,17 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
         Value::String(TEAM.into()),
     );
 
-    let mut login = host
-        .cmd(&["login", &url, "--machine", "bobs-laptop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Kept open until the end: the CLI still writes to it.
-    let mut err = BufReader::new(login.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let code = line
-        .split_whitespace()
-        .find(|w| w.len() == 9 && w.as_bytes()[4] == b'-')
-        .unwrap_or_else(|| panic!("no code in {line:?}"))
-        .to_string();
-    call(
-        Method::POST,
-        "/api/v1/device/approve",
-        Some(&bob),
-        json!({"user_code": code}),
+    sbx_tests::sign_in(
+        host.cmd(&["login", &url, "--machine", "bobs-laptop"]),
+        |code| {
+            call(
+                Method::POST,
+                "/api/v1/device/approve",
+                Some(&bob),
+                json!({"user_code": code}),
+            );
+        },
     );
-    assert!(login.wait().unwrap().success());
 
     host.ok(&["start", "--name", "m", "--no-workspace"]);
     let out = host.sh("m", "curl -sS --max-time 20 http://paste.test/");

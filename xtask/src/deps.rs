@@ -21,9 +21,9 @@ pub const ROOTFS: &[&str] = &["busybox-static", "git", "curl", "ca-certificates"
 pub const NESTED: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 /// Building and converting guest images.
 pub const IMAGES: &[&str] = &["mmdebstrap", "e2fsprogs", "curl"];
-/// What the real-guest tests drive sbx with (`sbx shell` runs under tmux;
-/// images are pushed with skopeo to a real registry).
-pub const TESTS: &[&str] = &["tmux", "docker-registry", "skopeo"];
+/// What the tests drive sbx with (`sbx shell` runs under tmux; images are
+/// pushed with skopeo to a real registry; the MCP test server is Python).
+pub const TESTS: &[&str] = &["tmux", "docker-registry", "skopeo", "python3"];
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")

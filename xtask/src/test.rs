@@ -161,6 +161,9 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             failures.push("clippy");
         }
     }
+    // The unit tests run real programs too (the MCP gateway's test server
+    // is a Python script).
+    crate::deps::ensure(crate::deps::TESTS)?;
     proc::step("unit tests");
     let mut unit = cargo();
     // Every test binary runs even when one fails, so one failure hides no other.
@@ -205,7 +208,6 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         &images,
         &[("SBX_KERNEL", &vmlinux), ("SBX_INITRD", &initrd)],
     )?;
-    crate::deps::ensure(crate::deps::TESTS)?;
     proc::step("building real-guest tests");
     let bins = build_guest_tests()?;
     proc::step("real-guest tests");
