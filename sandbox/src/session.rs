@@ -248,13 +248,12 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
             rule.id, rule.layer, rule.location
         )
     });
-    let shipper = crate::managed::current()
-        .ok()
-        .flatten()
-        .map(|_| ship_while_running(log.path().to_path_buf()));
+    // Started by each front once the process is confined (a thread keeps
+    // the confinement of the moment it starts).
+    let mut shipper = None;
     let result = match front {
-        Front::Command(c) => one_command(spec, &policy, &log, c),
-        Front::Service(s) => service(spec, policy, &log, s),
+        Front::Command(c) => one_command(spec, &policy, &log, c, &mut shipper),
+        Front::Service(s) => service(spec, policy, &log, s, &mut shipper),
     };
     let details = match &result {
         Ok(o) => serde_json::json!({
@@ -282,15 +281,18 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
     Ok(Ended { outcome, expired })
 }
 
-/// Every few seconds, ships the session's new records to the control plane
-/// this machine is signed in to; once more when told to stop. Failures
-/// only wait: the log is the spool.
-fn ship_while_running(
-    log: PathBuf,
-) -> (
+/// The thread shipping a session's records, and what tells it to stop.
+type Shipper = (
     std::sync::mpsc::Sender<()>,
     Option<std::thread::JoinHandle<()>>,
-) {
+);
+
+/// On a machine signed in to a control plane: every few seconds, ships the
+/// session's new records there; once more when told to stop. Failures
+/// only wait: the log is the spool.
+fn ship_while_running(log: &AuditLog) -> Option<Shipper> {
+    crate::managed::current().ok().flatten()?;
+    let log = log.path().to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("audit-ship".into())
@@ -309,7 +311,7 @@ fn ship_while_running(
     if let Err(e) = &spawned {
         tracing::warn!("cannot start the audit-ship thread: {e}");
     }
-    (tx, spawned.ok())
+    Some((tx, spawned.ok()))
 }
 
 /// `sbx boot`: the policy must allow the command; the VM has no devices
@@ -319,6 +321,7 @@ fn one_command(
     policy: &Policy,
     log: &AuditLog,
     c: OneCommand<'_>,
+    shipper: &mut Option<Shipper>,
 ) -> Result<VmOutcome> {
     let argv0 = c.command.first().map_or("/bin/sh", String::as_str);
     admit(
@@ -328,6 +331,8 @@ fn one_command(
         argv0,
         &policy.decide_exec(argv0),
     )?;
+    // `sbx boot` has no guest-facing parts to confine itself for.
+    *shipper = ship_while_running(log);
     let boot = Boot {
         command: (!c.command.is_empty()).then(|| c.command.clone()),
         ..Boot::default()
@@ -351,6 +356,7 @@ fn service(
     mut policy: Policy,
     log: &Arc<AuditLog>,
     s: Service,
+    shipper: &mut Option<Shipper>,
 ) -> Result<VmOutcome> {
     let dir = s.status.dir.clone();
     // Shares: the spec's, granted by the policy, and the policy's own.
@@ -400,6 +406,7 @@ fn service(
 
     // From here on the guest can reach the session: confine it first.
     confine(spec, &dir, &fs, &block, log)?;
+    *shipper = ship_while_running(log);
 
     // Egress: the proxy on its vsock port; the guest gets its CA.
     let egress = Egress::start(&spec.name, &spec.egress, policy.clone(), log.clone(), &host)?;
