@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use sbx_tests::server::Server;
 use serde_json::{json, Value};
 
 fn sbx(dir: &Path) -> Command {
@@ -31,126 +32,27 @@ fn text(o: &Output) -> String {
     )
 }
 
-struct Server {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(data: &Path, ttl: Duration) -> (Server, String) {
-        Server::start_at(data, ttl, "127.0.0.1:0")
-    }
-
-    fn start_at(data: &Path, ttl: Duration, addr: &str) -> (Server, String) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let opened = sbx_server::open(sbx_server::Config {
-            data: data.to_path_buf(),
-            bundle_ttl: ttl,
-            public_url: url.clone(),
-        })
-        .unwrap();
-        let setup = opened.setup_token.clone().unwrap_or_default();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let _ = rt.block_on(sbx_server::serve_until(opened.state, listener, async {
-                let _ = rx.await;
-            }));
-        });
-        (
-            Server {
-                url,
-                stop: Some(tx),
-                thread: Some(thread),
-            },
-            setup,
-        )
-    }
-
-    fn stop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, token: &str, body: Value) -> Value {
-        let c = reqwest::blocking::Client::new();
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut r = c
-            .request(m, format!("{}{path}", self.url))
-            .bearer_auth(token);
-        r = match body {
-            Value::String(s) => r.body(s),
-            other => r.json(&other),
-        };
-        let r = r.send().unwrap();
-        let status = r.status();
-        let v: Value = r.json().unwrap_or(Value::Null);
-        assert!(status.is_success(), "{method} {path}: {status} {v}");
-        v
-    }
-}
-
 const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n";
 const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"web-api\"\naction = \"allow\"\nto = [\"api.web.example\", \"pastebin.com\"]\nports = [443]\n";
 
 #[test]
 fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_expires() {
     let d = tempfile::tempdir().unwrap();
-    let (mut server, setup) = Server::start(&d.path().join("server"), Duration::from_secs(4));
-    let c = reqwest::blocking::Client::new();
-    let admin: Value = c
-        .post(format!("{}/api/v1/setup", server.url))
-        .json(&json!({"setup_token": setup, "email": "root@acme.example"}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let admin = admin["token"].as_str().unwrap().to_string();
-    server.call("POST", "/api/v1/teams", &admin, json!({"name": "web"}));
-    let bob = server.call(
-        "POST",
-        "/api/v1/users",
-        &admin,
-        json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // Bundles that expire 4 s after they are served, for the end.
+    let (mut server, t) = signed_in(d.path(), Duration::from_secs(4));
+    let admin = &t["admin"];
     server.call(
         "PUT",
         "/api/v1/policy/org",
-        &admin,
+        admin,
         Value::String(ORG.into()),
     );
     server.call(
         "PUT",
         "/api/v1/policy/teams/web",
-        &admin,
+        admin,
         Value::String(TEAM.into()),
     );
-
-    // Sign in: the CLI shows a code; bob approves it.
-    let mut cmd = sbx(d.path());
-    cmd.args(["login", &server.url, "--machine", "bobs-laptop"]);
-    let line = sbx_tests::sign_in(cmd, |code| {
-        server.call(
-            "POST",
-            "/api/v1/device/approve",
-            &bob,
-            json!({"user_code": code}),
-        );
-    });
-    assert!(line.contains(&format!("{}/device", server.url)), "{line}");
     let o = run(d.path(), &["login"]);
     assert!(
         text(&o).contains("as bob@acme.example (member, team web) from machine bobs-laptop"),
@@ -189,7 +91,7 @@ fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_
     server.call(
         "PUT",
         "/api/v1/policy/org",
-        &admin,
+        admin,
         Value::String(ORG.replace("pastebin.com", "pastebin.com\", \"paste.example")),
     );
     let o = run(d.path(), &["policy", "explain", "net", "paste.example:443"]);
@@ -238,20 +140,13 @@ fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_
     assert!(!managed.exists());
 }
 
-/// A server with an org admin, team `web` with bob (member), alice (team
-/// admin), team `data` with carol, and this machine signed in as bob.
-fn signed_in(d: &Path) -> (Server, std::collections::HashMap<&'static str, String>) {
-    let (server, setup) = Server::start(&d.join("server"), Duration::from_secs(3600));
-    let c = reqwest::blocking::Client::new();
-    let admin: Value = c
-        .post(format!("{}/api/v1/setup", server.url))
-        .json(&json!({"setup_token": setup, "email": "root@acme.example"}))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+/// A server (serving bundles valid for `ttl`) with an org admin, team
+/// `web` with bob (member) and alice (team admin), team `data` with carol,
+/// and this machine signed in as bob.
+fn signed_in(d: &Path, ttl: Duration) -> (Server, std::collections::HashMap<&'static str, String>) {
+    let (server, setup) = Server::start(&d.join("server"), ttl);
     let mut tokens = std::collections::HashMap::new();
-    tokens.insert("admin", admin["token"].as_str().unwrap().to_string());
+    tokens.insert("admin", server.first_admin(&setup));
     for t in ["web", "data"] {
         server.call(
             "POST",
@@ -275,7 +170,7 @@ fn signed_in(d: &Path) -> (Server, std::collections::HashMap<&'static str, Strin
     }
     let mut cmd = sbx(d);
     cmd.args(["login", &server.url, "--machine", "bobs-laptop"]);
-    sbx_tests::sign_in(cmd, |code| {
+    let line = sbx_tests::sign_in(cmd, |code| {
         server.call(
             "POST",
             "/api/v1/device/approve",
@@ -283,6 +178,7 @@ fn signed_in(d: &Path) -> (Server, std::collections::HashMap<&'static str, Strin
             json!({"user_code": code}),
         );
     });
+    assert!(line.contains(&format!("{}/device", server.url)), "{line}");
     (server, tokens)
 }
 
@@ -323,7 +219,7 @@ fn server_lines(server: &Server, token: &str, query: &str) -> Vec<Value> {
 #[test]
 fn records_reach_the_server_once_through_an_outage_and_edits_are_flagged() {
     let d = tempfile::tempdir().unwrap();
-    let (mut server, t) = signed_in(d.path());
+    let (mut server, t) = signed_in(d.path(), Duration::from_secs(3600));
     write_records(d.path(), "s1", 50);
     let o = run(d.path(), &["audit", "ship"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

@@ -3,6 +3,7 @@
 //! directly on such hosts and inside the nested test host elsewhere.
 
 pub mod mcp;
+pub mod server;
 pub mod tls;
 
 use std::path::{Path, PathBuf};

@@ -6,36 +6,9 @@
 
 use std::time::Duration;
 
+use sbx_tests::server::Server;
 use sbx_tests::{text, Host};
 use serde_json::{json, Value};
-
-/// Runs a server on `addr` (its setup token, if fresh, left in
-/// `<data>/setup`); returns what stops it, and its URL.
-fn serve(data: &std::path::Path, addr: &str) -> (tokio::sync::oneshot::Sender<()>, String) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let opened = sbx_server::open(sbx_server::Config {
-        data: data.to_path_buf(),
-        bundle_ttl: Duration::from_secs(3600),
-        public_url: url.clone(),
-    })
-    .unwrap();
-    if let Some(t) = &opened.setup_token {
-        std::fs::write(data.join("setup"), t).unwrap();
-    }
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let _ = rt.block_on(sbx_server::serve_until(opened.state, listener, async {
-            let _ = rx.await;
-        }));
-    });
-    (tx, url)
-}
 
 const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"org-no-paste\"\naction = \"deny\"\nto = [\"paste.test\"]\n";
 const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"team-paste\"\naction = \"allow\"\nto = [\"paste.test\", \"api.web.test\"]\n";
@@ -44,63 +17,36 @@ const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"team-paste\"\naction
 fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
     let host = Host::new();
     let data = host.dir.path().join("server");
-    let (mut stop, url) = serve(&data, "127.0.0.1:0");
-    let setup = std::fs::read_to_string(data.join("setup")).unwrap();
-    let c = reqwest::blocking::Client::new();
-    let call = |m: reqwest::Method, path: &str, token: Option<&str>, body: Value| -> Value {
-        let mut r = c.request(m, format!("{url}{path}"));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        r = match body {
-            Value::String(s) => r.body(s),
-            other => r.json(&other),
-        };
-        let r = r.send().unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-        r.json().unwrap()
-    };
-    use reqwest::Method;
-    let admin = call(
-        Method::POST,
-        "/api/v1/setup",
-        None,
-        json!({"setup_token": setup, "email": "root@acme.example"}),
-    );
-    let admin = admin["token"].as_str().unwrap().to_string();
-    call(
-        Method::POST,
-        "/api/v1/teams",
-        Some(&admin),
-        json!({"name": "web"}),
-    );
-    let bob = call(
-        Method::POST,
+    let (mut server, setup) = Server::start(&data, Duration::from_secs(3600));
+    let url = server.url.clone();
+    let admin = server.first_admin(&setup);
+    server.call("POST", "/api/v1/teams", &admin, json!({"name": "web"}));
+    let bob = server.call(
+        "POST",
         "/api/v1/users",
-        Some(&admin),
+        &admin,
         json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
     );
     let bob = bob["token"].as_str().unwrap().to_string();
-    call(
-        Method::PUT,
+    server.call(
+        "PUT",
         "/api/v1/policy/org",
-        Some(&admin),
+        &admin,
         Value::String(ORG.into()),
     );
-    call(
-        Method::PUT,
+    server.call(
+        "PUT",
         "/api/v1/policy/teams/web",
-        Some(&admin),
+        &admin,
         Value::String(TEAM.into()),
     );
-
     sbx_tests::sign_in(
         host.cmd(&["login", &url, "--machine", "bobs-laptop"]),
         |code| {
-            call(
-                Method::POST,
+            server.call(
+                "POST",
                 "/api/v1/device/approve",
-                Some(&bob),
+                &bob,
                 json!({"user_code": code}),
             );
         },
@@ -127,6 +73,7 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
     assert_eq!(denied["layer"], "org");
 
     // The records reach the server: the session ships its own as it runs.
+    let c = reqwest::blocking::Client::new();
     let count = |session: &str| -> usize {
         let r = c
             .get(format!("{url}/api/v1/audit?session={session}&limit=10000"))
@@ -166,18 +113,18 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
     host.ok(&["start", "--name", "m2", "--no-workspace"]);
     host.sh("m2", "true");
     let addr = url.trim_start_matches("http://").to_string();
-    let _ = stop.send(());
+    server.stop();
     for i in 0..5 {
         host.sh("m2", &format!("echo {i}"));
     }
     let pid = host.session("m2")["pid"].as_i64().unwrap() as i32;
     // SAFETY: kills the session process this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    (stop, _) = serve(&data, &addr);
+    (server, _) = Server::start_at(&data, Duration::from_secs(3600), &addr);
     let o = host.sbx(&["audit", "ship"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     for s in ["m", "m2"] {
         assert_eq!(count(s), local(s), "session {s}: every record once");
     }
-    let _ = stop.send(());
+    server.stop();
 }
