@@ -373,12 +373,16 @@ impl Gateway {
         Ok(listed)
     }
 
+    /// Every server's tools, listed afresh, side by side.
+    async fn refresh_all(&self) -> Vec<Result<Vec<Listed>, ErrorData>> {
+        futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i))).await
+    }
+
     /// The tools the agent sees: every server's, listed afresh, less the
     /// quarantined and those the policy leaves out, named `server__tool`.
     /// A server that fails is left out; the others still answer.
     pub async fn tools(&self) -> Vec<Tool> {
-        let lists =
-            futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i))).await;
+        let lists = self.refresh_all().await;
         let mut out = Vec::new();
         for (up, list) in self.servers.iter().zip(lists) {
             let Ok(list) = list else { continue };
@@ -396,8 +400,7 @@ impl Gateway {
 
     /// Every tool of every server with its pin and policy state.
     pub async fn tool_states(&self) -> Vec<ToolState> {
-        let lists =
-            futures::future::join_all((0..self.servers.len()).map(|i| self.refresh_tools(i))).await;
+        let lists = self.refresh_all().await;
         let mut out = Vec::new();
         for (up, list) in self.servers.iter().zip(lists) {
             for l in list.unwrap_or_default() {

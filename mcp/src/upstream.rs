@@ -197,31 +197,13 @@ impl Upstream {
     }
 }
 
-/// An HTTP client that trusts the host's roots and the server's own CA.
+/// An HTTP client that trusts what the egress proxy trusts upstream (the
+/// host's roots) and the server's own CA.
 fn http_client(remote: &RemoteServer) -> Result<reqwest::Client, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    if let Some(ca) = &remote.ca {
-        use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
-            .map_err(|e| format!("cannot read its CA {}: {e}", ca.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", ca.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("bad certificate in {}: {e}", ca.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let extra: Vec<&std::path::Path> = remote.ca.iter().map(|p| p.as_path()).collect();
+    let tls = sbx_egress::mitm::upstream_config(&extra).map_err(|e| e.to_string())?;
     reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
+        .tls_backend_preconfigured((*tls).clone())
         // Credentials never follow a redirect to another host.
         .redirect(reqwest::redirect::Policy::none())
         .build()

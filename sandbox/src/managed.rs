@@ -79,19 +79,20 @@ pub fn current() -> Result<Option<Login>> {
 /// An HTTP client for `url`: the host's roots are read only for HTTPS
 /// (reading them costs more than a fetch on the loopback).
 fn client(url: &str, timeout: Duration) -> Result<reqwest::blocking::Client> {
-    let mut roots = rustls::RootCertStore::empty();
-    if url.starts_with("https://") {
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Session(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = if url.starts_with("https://") {
+        // What the egress proxy trusts upstream.
+        (*sbx_egress::mitm::upstream_config(&[]).map_err(|e| Error::Session(e.to_string()))?)
+            .clone()
+    } else {
+        // Plain HTTP never uses it; reqwest still wants one.
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Session(e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+    };
     reqwest::blocking::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(timeout)
@@ -440,23 +441,4 @@ pub fn ship(log: &Path, all: bool) -> Result<Shipped> {
     }
     send(&pending, offset)?;
     Ok(done)
-}
-
-/// Ships every session log on this machine (what a killed session
-/// process or an offline week left behind).
-pub fn ship_all(all: bool) -> Result<Vec<(String, Result<Shipped>)>> {
-    if current()?.is_none() {
-        return Ok(Vec::new());
-    }
-    Ok(paths::session_logs()?
-        .into_iter()
-        .map(|p| {
-            let name = p
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_string();
-            (name, ship(&p, all))
-        })
-        .collect())
 }
