@@ -12,11 +12,11 @@ mod verify;
 use std::path::PathBuf;
 
 pub use entry::{denial, Entry, GuestReport, RuleCite};
-pub use log::{decision_event, Appended, AuditLog, Identity};
+pub use log::{chained, decision_event, Appended, AuditLog, Identity};
 pub use printable::printable;
 pub use query::{parse_time, read_records, Cursor, Filter};
 pub use record::{check_line, Category, Event, Record, GENESIS, SCHEMA};
-pub use verify::{verify, Problem, Verified};
+pub use verify::{verify, verify_lines, Problem, Verified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {

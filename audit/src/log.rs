@@ -95,6 +95,34 @@ pub struct Appended {
     pub id: String,
 }
 
+/// The record after `prev` (`(0, GENESIS)` for the first) in a chain kept
+/// somewhere other than a log file (the control plane keeps its admin log
+/// in its database), and its line: the same format, so `sbx audit verify`
+/// checks an export of it.
+pub fn chained(
+    prev: (u64, &str),
+    identity: &Identity,
+    category: Category,
+    event: Event,
+) -> (Record, String) {
+    let seq = prev.0 + 1;
+    let mut record = Record {
+        schema: SCHEMA.to_string(),
+        seq,
+        id: format!("{}-{seq}", identity.session),
+        ts: now_rfc3339(),
+        category,
+        session: identity.session.clone(),
+        user: identity.user.clone(),
+        host: identity.host.clone(),
+        event,
+        prev: prev.1.to_string(),
+        hash: String::new(),
+    };
+    let line = record.seal();
+    (record, line)
+}
+
 fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
     let fmt = time::macros::format_description!(
@@ -209,33 +237,22 @@ impl AuditLog {
                 why: "the log is closed".into(),
             });
         }
-        let id = self.shared.identity.clone();
-        let seq = st.seq + 1;
-        let mut record = Record {
-            schema: SCHEMA.to_string(),
-            seq,
-            id: format!("{}-{seq}", id.session),
-            ts: now_rfc3339(),
-            category,
-            session: id.session,
-            user: id.user,
-            host: id.host,
-            event,
-            prev: st.prev.clone(),
-            hash: String::new(),
-        };
-        let mut line = record.seal();
+        let (record, mut line) =
+            chained((st.seq, &st.prev), &self.shared.identity, category, event);
         line.push('\n');
         if let Err(e) = st.file.write_all(line.as_bytes()) {
             return Err(self.poison(&mut st, format!("write failed: {e}")));
         }
-        st.seq = seq;
+        st.seq = record.seq;
         st.prev = record.hash;
         st.dirty = true;
         if st.last_sync.elapsed() >= self.shared.interval {
             self.sync_locked(&mut st)?;
         }
-        Ok(Appended { seq, id: record.id })
+        Ok(Appended {
+            seq: record.seq,
+            id: record.id,
+        })
     }
 
     /// Appends one record of a kind [`Entry`] builds.

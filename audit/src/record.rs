@@ -19,6 +19,9 @@ pub enum Category {
     Guest,
     /// The session's own life: start, stop, failure.
     Session,
+    /// An administrative action on the control plane (people, tokens,
+    /// policy), in the server's own chained log.
+    Admin,
 }
 
 impl Category {
@@ -27,6 +30,7 @@ impl Category {
             Category::Decision => "decision",
             Category::Guest => "guest",
             Category::Session => "session",
+            Category::Admin => "admin",
         }
     }
 }

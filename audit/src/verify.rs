@@ -37,6 +37,12 @@ impl std::fmt::Display for Problem {
 
 pub fn verify(path: &Path) -> Result<Result<Verified, Problem>, AuditError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuditError::io(path, "read", e))?;
+    Ok(verify_lines(&text))
+}
+
+/// The same, for a log's text held elsewhere (the control plane's admin
+/// log).
+pub fn verify_lines(text: &str) -> Result<Verified, Problem> {
     let problem = |line: usize, r: Option<&Record>, what: String| Problem {
         line,
         seq: r.map(|r| r.seq),
@@ -52,17 +58,17 @@ pub fn verify(path: &Path) -> Result<Result<Verified, Problem>, AuditError> {
         let n = i + 1;
         let r: Record = match serde_json::from_str(line) {
             Ok(r) => r,
-            Err(e) => return Ok(Err(problem(n, None, format!("not an audit record: {e}")))),
+            Err(e) => return Err(problem(n, None, format!("not an audit record: {e}"))),
         };
         if r.schema != SCHEMA {
             let what = format!("schema `{}` is not {SCHEMA}", r.schema);
-            return Ok(Err(problem(n, Some(&r), what)));
+            return Err(problem(n, Some(&r), what));
         }
         match line_hashes(line) {
             Some((claimed, actual)) if claimed == actual && claimed == r.hash => {}
             _ => {
                 let what = "edited: its content does not match its hash".to_string();
-                return Ok(Err(problem(n, Some(&r), what)));
+                return Err(problem(n, Some(&r), what));
             }
         }
         records.push((n, r));
@@ -88,19 +94,19 @@ pub fn verify(path: &Path) -> Result<Result<Verified, Problem>, AuditError> {
                 }
                 None => format!("out of order: record {} follows record {seq}", r.seq),
             };
-            return Ok(Err(problem(*n, Some(r), what)));
+            return Err(problem(*n, Some(r), what));
         }
         if r.prev != prev {
             let what =
                 "its link to the record before it is broken: a record before it was replaced"
                     .to_string();
-            return Ok(Err(problem(*n, Some(r), what)));
+            return Err(problem(*n, Some(r), what));
         }
         seq = r.seq;
         prev = r.hash.clone();
     }
-    Ok(Ok(Verified {
+    Ok(Verified {
         records: seq,
         head: prev,
-    }))
+    })
 }

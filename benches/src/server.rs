@@ -24,6 +24,10 @@ struct Args {
     /// Audit records to ship.
     #[arg(long, default_value_t = 100_000)]
     records: usize,
+    /// Keep the server's data in PostgreSQL (a server of the bench's own,
+    /// from Debian's package) instead of SQLite.
+    #[arg(long)]
+    postgres: bool,
 }
 
 const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n";
@@ -39,19 +43,31 @@ fn main() -> anyhow::Result<()> {
     // The refresh reads and writes the sign-in under these.
     std::env::set_var("SBX_CONFIG_DIR", dir.path().join("config"));
     std::env::set_var("SBX_STATE_DIR", dir.path().join("state"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let database = args
+        .postgres
+        .then(|| sbx_server::testing::postgres_database(&format!("bench-{}", std::process::id())));
+    let opened = sbx_server::open(sbx_server::Config {
+        data: dir.path().join("server"),
+        database,
+        database_ca: None,
+        bundle_ttl: Duration::from_secs(72 * 3600),
+        public_url: url.clone(),
+        // The bench is one token asking as fast as it can.
+        per_token_per_minute: u32::MAX,
+    })?;
+    println!("database: {}", opened.state.db.kind());
+    let setup = opened.setup_token.clone().unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let opened = sbx_server::open(sbx_server::Config {
-        data: dir.path().join("server"),
-        bundle_ttl: Duration::from_secs(72 * 3600),
-        public_url: url.clone(),
-    })?;
-    let setup = opened.setup_token.clone().unwrap_or_default();
-    rt.spawn(sbx_server::serve(opened.state, listener));
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        sbx_server::serve(opened.state, listener).await
+    });
 
     let c = reqwest::blocking::Client::new();
     let call = |method: reqwest::Method,

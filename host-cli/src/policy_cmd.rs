@@ -305,6 +305,7 @@ fn show(select: &Select, json: bool) -> anyhow::Result<u8> {
         let v = serde_json::json!({
             "preset": p.preset_name(),
             "sources": p.sources(),
+            "delegation": p.delegation(),
             "mounts": p.mounts(),
             "limits": p.limits(),
             "rules": p.rules(),
@@ -333,6 +334,21 @@ fn show(select: &Select, json: bool) -> anyhow::Result<u8> {
             s.mode.as_str(),
             s.name
         )?;
+    }
+    let d = p.delegation();
+    if d.team.is_some() || d.local.is_some() {
+        writeln!(
+            out,
+            "Delegated by the org (allow rules lower layers may add):"
+        )?;
+        for (who, grant) in [("team", &d.team), ("local", &d.local)] {
+            let kinds = match grant {
+                None => "anything".to_string(),
+                Some(g) if g.kinds.is_empty() => format!("nothing  [{}]", g.location),
+                Some(g) => format!("{}  [{}]", g.kinds.join(", "), g.location),
+            };
+            writeln!(out, "  {who:<8} {kinds}")?;
+        }
     }
     writeln!(out, "Mounts:")?;
     let mounts = p.mounts();

@@ -32,7 +32,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n";
+const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n\n[delegate]\nteam = [\"network\", \"mcp\"]\nlocal = [\"network\"]\n";
 const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"web-api\"\naction = \"allow\"\nto = [\"api.web.example\", \"pastebin.com\"]\nports = [443]\n";
 
 #[test]
@@ -86,6 +86,29 @@ fn a_signed_in_machine_applies_its_org_and_team_policy_and_fails_closed_when_it_
             && shown.contains(&format!("managed by {}", server.url)),
         "{shown}"
     );
+    // What the org delegates, and where it says so.
+    assert!(
+        shown.contains("team     network, mcp  [") && shown.contains("local    network  ["),
+        "{shown}"
+    );
+    // A project file may add network allows, not exec allows.
+    std::fs::create_dir_all(d.path().join(".sbx")).unwrap();
+    let project = d.path().join(".sbx/policy.toml");
+    std::fs::write(
+        &project,
+        "[[network]]\naction = \"allow\"\nto = [\"docs.example\"]\n\n[[exec]]\naction = \"allow\"\ncommands = [\"nc\"]\n",
+    )
+    .unwrap();
+    let o = run(d.path(), &["policy", "check"]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(".sbx/policy.toml:5")
+            && text(&o).contains("local policy may not allow `exec`")
+            && text(&o).contains("org-v1.bundle:"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_file(&project).unwrap();
 
     // A new version reaches the machine at the next command.
     server.call(

@@ -60,6 +60,15 @@ pub(crate) struct RawFile {
     #[serde(default)]
     pub exec: Vec<S<RawExecRule>>,
     pub limits: Option<S<RawLimits>>,
+    /// What the org lets lower layers allow (org files only).
+    pub delegate: Option<S<RawDelegate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDelegate {
+    pub team: Option<S<Vec<S<String>>>>,
+    pub local: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Deserialize)]

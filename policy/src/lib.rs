@@ -10,6 +10,7 @@
 mod bundle;
 mod compile;
 mod credential;
+mod delegate;
 mod discovery;
 mod error;
 mod exec;
@@ -30,6 +31,7 @@ pub use bundle::{
     is_bundle, key_id, open as bundle_open, sign, sign_until, KeyError,
 };
 pub use credential::{CredentialGrant, Injection};
+pub use delegate::{Delegation, Grant, KINDS as DELEGABLE};
 pub use discovery::{xdg_dir, Locations, Selection};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::PolicyError;

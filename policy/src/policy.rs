@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::bundle;
 use crate::compile::Ctx;
 use crate::credential::{CredentialGrant, CredentialRules};
+use crate::delegate::{Audience, Delegation};
 use crate::exec::ExecRules;
 use crate::format::RawFile;
 use crate::fs::{normalize_guest_path, Access, FsAct, FsRules, Mount};
@@ -118,7 +119,22 @@ impl PolicyBuilder {
         self.files.push(parse(preset_src, Layer::Preset, None)?);
 
         let mut p = Policy::empty(preset);
+        for file in self.files.iter().filter(|f| f.info.layer == Layer::Org) {
+            p.delegation.add(&file.src, &file.raw)?;
+        }
         for file in &self.files {
+            // Signed team bundles speak for the team; an unsigned file that
+            // says it is a team's, once keys are trusted, does not.
+            let audience = match file.info.layer {
+                Layer::Org | Layer::Preset | Layer::Builtin => None,
+                Layer::Team if file.info.signed_by.is_some() || self.trusted.is_empty() => {
+                    Some(Audience::Team)
+                }
+                _ => Some(Audience::Local),
+            };
+            if let Some(a) = audience {
+                p.delegation.check(&file.src, &file.raw, a)?;
+            }
             p.compile(file)?;
             p.sources.push(file.info.clone());
         }
@@ -173,6 +189,16 @@ fn parse(
             ))
         }
     };
+    if let (Some(d), false) = (&raw.delegate, layer == Layer::Org) {
+        return Err(PolicyError::invalid(
+            &src,
+            d.span().start,
+            format!(
+                "only the org policy delegates: remove [delegate] from this {} policy",
+                layer.as_str()
+            ),
+        ));
+    }
     if let Some(p) = &raw.preset {
         if preset::text(p.get_ref()).is_err() {
             return Err(PolicyError::invalid(
@@ -253,6 +279,7 @@ pub struct Policy {
     preset: String,
     rules: Vec<RuleInfo>,
     sources: Vec<SourceInfo>,
+    delegation: Delegation,
     net: NetRules,
     http: HttpRules,
     fs: FsRules,
@@ -292,6 +319,7 @@ impl Policy {
             preset,
             rules: Vec::new(),
             sources: Vec::new(),
+            delegation: Delegation::default(),
             net: NetRules::default(),
             http: HttpRules::default(),
             fs: FsRules::default(),
@@ -361,6 +389,11 @@ impl Policy {
 
     pub fn sources(&self) -> &[SourceInfo] {
         &self.sources
+    }
+
+    /// What the org lets team and local policy allow.
+    pub fn delegation(&self) -> &Delegation {
+        &self.delegation
     }
 
     fn default_rule(&self, s: Surface) -> &RuleInfo {

@@ -6,10 +6,9 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use rusqlite::OptionalExtension;
 use sha2::{Digest, Sha256};
 
-use crate::db;
+use crate::db::{self, params};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -122,32 +121,32 @@ impl FromRequestParts<AppState> for Caller {
             .trim()
             .to_string();
         let h = hash(&token);
-        state
+        let caller = state
             .db
             .run(move |c| {
-                let row = c
-                    .query_row(
-                        "SELECT t.id, t.revoked, t.machine, u.id, u.email, u.role, u.team_id, tm.name
+                let row = c.query_opt(
+                    "SELECT t.id, t.revoked, t.machine, u.id, u.email, u.role, u.team_id, tm.name
                          FROM tokens t JOIN users u ON u.id = t.user_id
                          LEFT JOIN teams tm ON tm.id = u.team_id WHERE t.hash = ?1",
-                        [&h],
-                        |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                r.get::<_, Option<i64>>(1)?,
-                                r.get::<_, Option<String>>(2)?,
-                                r.get::<_, i64>(3)?,
-                                r.get::<_, String>(4)?,
-                                r.get::<_, String>(5)?,
-                                r.get::<_, Option<i64>>(6)?,
-                                r.get::<_, Option<String>>(7)?,
-                            ))
-                        },
-                    )
-                    .optional()?;
+                    params![h],
+                    |r| {
+                        Ok((
+                            r.get::<i64>(0)?,
+                            r.get::<Option<i64>>(1)?,
+                            r.get::<Option<String>>(2)?,
+                            r.get::<i64>(3)?,
+                            r.get::<String>(4)?,
+                            r.get::<String>(5)?,
+                            r.get::<Option<i64>>(6)?,
+                            r.get::<Option<String>>(7)?,
+                        ))
+                    },
+                )?;
                 let Some((token_id, revoked, machine, user_id, email, role, team_id, team)) = row
                 else {
-                    return Err(ApiError::Unauthenticated("unknown token: sign in again with `sbx login URL`".into()));
+                    return Err(ApiError::Unauthenticated(
+                        "unknown token: sign in again with `sbx login URL`".into(),
+                    ));
                 };
                 if revoked.is_some() {
                     return Err(ApiError::Unauthenticated(
@@ -156,10 +155,11 @@ impl FromRequestParts<AppState> for Caller {
                 }
                 c.execute(
                     "UPDATE tokens SET last_used = ?1 WHERE id = ?2",
-                    rusqlite::params![db::now(), token_id],
+                    params![db::now(), token_id],
                 )?;
-                let role = Role::parse(&role)
-                    .ok_or_else(|| ApiError::Internal(format!("user {email} has an unknown role {role}")))?;
+                let role = Role::parse(&role).ok_or_else(|| {
+                    ApiError::Internal(format!("user {email} has an unknown role {role}"))
+                })?;
                 Ok(Caller {
                     token_id,
                     user_id,
@@ -170,6 +170,8 @@ impl FromRequestParts<AppState> for Caller {
                     machine,
                 })
             })
-            .await
+            .await?;
+        state.token_limiter.check(caller.token_id)?;
+        Ok(caller)
     }
 }

@@ -1,15 +1,35 @@
-//! The server's storage: one SQLite file in the data directory, nothing to
-//! install. Migrations are numbered SQL scripts applied in order and
-//! recorded in `user_version`, so a newer server upgrades an older file and
-//! an older server refuses a newer one. Every query runs on tokio's
-//! blocking pool, one at a time (SQLite has one writer anyway).
+//! The server's storage: one SQLite file in the data directory by default
+//! (nothing to install), or PostgreSQL (`--database postgres://...`) for
+//! several server instances behind a load balancer.
+//!
+//! Both run the same SQL, written once for both: `?N` placeholders (made
+//! `$N` for PostgreSQL), `INTEGER` columns (made `BIGINT`), `RETURNING id`
+//! for new rows. Every request's work is one transaction, committed when it
+//! returns `Ok` and rolled back otherwise, on tokio's blocking pool.
+//!
+//! Migrations are numbered scripts applied in order and recorded (SQLite's
+//! `user_version`, a `sbx_schema` table in PostgreSQL), so a newer server
+//! upgrades an older database and an older server refuses a newer one.
+
+mod postgres;
+mod sql;
+
+pub(crate) use postgres::message as postgres_message;
+pub use sql::{Cell, FromCell, Param, Row, Value};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::Connection;
-
 use crate::error::ApiError;
+
+/// `&[&dyn Param]` from a list of values: `params![a, b]`.
+#[macro_export]
+macro_rules! params {
+    ($($p:expr),* $(,)?) => {
+        &[$(&$p as &dyn $crate::db::Param),*] as &[&dyn $crate::db::Param]
+    };
+}
+pub use crate::params;
 
 /// The schema, one migration per entry; never edit one that shipped.
 const MIGRATIONS: &[&str] = &[
@@ -102,67 +122,211 @@ CREATE TABLE audit_flags (
     details TEXT NOT NULL
 );
 "#,
+    // The admin log becomes a chain of audit records, like a session's:
+    // each action's line, hashed over the one before.
+    r#"
+ALTER TABLE admin_log ADD COLUMN seq INTEGER;
+ALTER TABLE admin_log ADD COLUMN line TEXT;
+ALTER TABLE admin_log ADD COLUMN hash TEXT;
+CREATE UNIQUE INDEX admin_log_seq ON admin_log(seq);
+"#,
 ];
+
+/// Which database, and its connections.
+enum Backend {
+    /// One connection: SQLite has one writer anyway.
+    Sqlite(Mutex<rusqlite::Connection>),
+    Postgres(Box<postgres::Pool>),
+}
 
 /// The database, shared by every request.
 #[derive(Clone)]
 pub struct Db {
-    conn: Arc<Mutex<Connection>>,
+    backend: Arc<Backend>,
+}
+
+/// One request's transaction.
+pub struct Tx<'a> {
+    inner: TxInner<'a>,
+}
+
+enum TxInner<'a> {
+    Sqlite(rusqlite::Transaction<'a>),
+    Postgres(postgres::Tx<'a>),
 }
 
 impl Db {
-    /// Opens (or creates) `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> anyhow::Result<Db> {
-        let mut conn = Connection::open(path)
+    /// Opens (or creates) the SQLite file at `path` and brings its schema up
+    /// to date.
+    pub fn sqlite(path: &Path) -> anyhow::Result<Db> {
+        let mut conn = rusqlite::Connection::open(path)
             .map_err(|e| anyhow::anyhow!("cannot open the database {}: {e}", path.display()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
         )?;
-        migrate(&mut conn)
+        migrate_sqlite(&mut conn)
             .map_err(|e| anyhow::anyhow!("cannot migrate the database {}: {e}", path.display()))?;
         Ok(Db {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Arc::new(Backend::Sqlite(Mutex::new(conn))),
         })
     }
 
-    /// Runs `f` with the connection, off the async threads.
+    /// Connects to PostgreSQL at `url` (`postgres://user@host/db` or
+    /// `host=... dbname=...`; TLS with `sslmode=require`, its certificate
+    /// checked against the host's roots and `ca`) and brings its schema up
+    /// to date. Not from async code: the client blocks.
+    pub fn postgres(url: &str, ca: Option<&Path>) -> anyhow::Result<Db> {
+        let pool = postgres::Pool::open(url, ca, MIGRATIONS)?;
+        Ok(Db {
+            backend: Arc::new(Backend::Postgres(Box::new(pool))),
+        })
+    }
+
+    /// `sqlite` or `postgres`, for logs and benches.
+    pub fn kind(&self) -> &'static str {
+        match &*self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Runs `f` in a transaction, off the async threads; commits when it
+    /// returns `Ok`.
     pub async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, ApiError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut c)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("a database task failed: {e}")))?
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.run_now(f))
+            .await
+            .map_err(|e| ApiError::Internal(format!("a database task failed: {e}")))?
     }
 
-    /// The same, for code that is not async (startup).
+    /// The same, on this thread (startup, and the blocking pool).
     pub fn run_now<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, ApiError>,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut c)
+        match &*self.backend {
+            Backend::Sqlite(conn) => {
+                let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+                let mut tx = Tx {
+                    inner: TxInner::Sqlite(c.transaction()?),
+                };
+                let out = f(&mut tx)?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Backend::Postgres(pool) => pool.run(|tx| {
+                let mut tx = Tx {
+                    inner: TxInner::Postgres(tx),
+                };
+                let out = f(&mut tx)?;
+                tx.commit()?;
+                Ok(out)
+            }),
+        }
     }
 }
 
-fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
-    let have: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
-    if have > MIGRATIONS.len() {
-        anyhow::bail!(
-            "it is at schema {have}, newer than this server knows ({}): run the newer sbx-server",
-            MIGRATIONS.len()
-        );
+impl Tx<'_> {
+    fn commit(self) -> Result<(), ApiError> {
+        match self.inner {
+            TxInner::Sqlite(t) => Ok(t.commit()?),
+            TxInner::Postgres(t) => t.commit(),
+        }
     }
+
+    /// Runs a statement; the number of rows it changed.
+    pub fn execute(&mut self, sql: &str, params: &[&dyn Param]) -> Result<u64, ApiError> {
+        match &mut self.inner {
+            TxInner::Sqlite(t) => {
+                let mut st = t.prepare_cached(sql)?;
+                Ok(st.execute(rusqlite::params_from_iter(sql::sqlite_values(params)))? as u64)
+            }
+            TxInner::Postgres(t) => t.execute(sql, params),
+        }
+    }
+
+    /// The rows a query returns.
+    fn rows(&mut self, sql: &str, params: &[&dyn Param]) -> Result<Vec<Row>, ApiError> {
+        match &mut self.inner {
+            TxInner::Sqlite(t) => {
+                let mut st = t.prepare_cached(sql)?;
+                let mut rows = st.query(rusqlite::params_from_iter(sql::sqlite_values(params)))?;
+                let mut out = Vec::new();
+                while let Some(r) = rows.next()? {
+                    out.push(sql::sqlite_row(r)?);
+                }
+                Ok(out)
+            }
+            TxInner::Postgres(t) => t.query(sql, params),
+        }
+    }
+
+    /// Every row a query returns, each through `f`.
+    pub fn query_map<T>(
+        &mut self,
+        sql: &str,
+        params: &[&dyn Param],
+        f: impl FnMut(&Row) -> Result<T, ApiError>,
+    ) -> Result<Vec<T>, ApiError> {
+        self.rows(sql, params)?.iter().map(f).collect()
+    }
+
+    /// The first row a query returns, through `f`; None without one.
+    pub fn query_opt<T>(
+        &mut self,
+        sql: &str,
+        params: &[&dyn Param],
+        f: impl FnOnce(&Row) -> Result<T, ApiError>,
+    ) -> Result<Option<T>, ApiError> {
+        self.rows(sql, params)?.first().map(f).transpose()
+    }
+
+    /// The row a query must return (a count, a new row's id).
+    pub fn query_one<T>(
+        &mut self,
+        sql: &str,
+        params: &[&dyn Param],
+        f: impl FnOnce(&Row) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.query_opt(sql, params, f)?
+            .ok_or_else(|| ApiError::Internal(format!("no row from `{sql}`")))
+    }
+
+    /// Makes writers of `what` wait for each other until this transaction
+    /// ends, across server instances (PostgreSQL's advisory locks; SQLite
+    /// has one writer already): for chains, whose next link depends on the
+    /// last.
+    pub fn serialize(&mut self, what: &str) -> Result<(), ApiError> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(()),
+            TxInner::Postgres(t) => t.advisory_lock(what),
+        }
+    }
+}
+
+fn migrate_sqlite(conn: &mut rusqlite::Connection) -> anyhow::Result<()> {
+    let have: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    check_schema(have)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(have) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Refuses a database a newer server migrated.
+fn check_schema(have: usize) -> anyhow::Result<()> {
+    if have > MIGRATIONS.len() {
+        anyhow::bail!(
+            "it is at schema {have}, newer than this server knows ({}): run the newer sbx-server",
+            MIGRATIONS.len()
+        );
     }
     Ok(())
 }
@@ -175,33 +339,16 @@ pub fn now() -> i64 {
 }
 
 /// A value of the `meta` table.
-pub fn meta(c: &Connection, key: &str) -> Result<Option<String>, ApiError> {
-    use rusqlite::OptionalExtension;
-    Ok(
-        c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?,
-    )
+pub fn meta(c: &mut Tx<'_>, key: &str) -> Result<Option<String>, ApiError> {
+    c.query_opt("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+        r.get(0)
+    })
 }
 
-pub fn set_meta(c: &Connection, key: &str, value: &str) -> Result<(), ApiError> {
+pub fn set_meta(c: &mut Tx<'_>, key: &str, value: &str) -> Result<(), ApiError> {
     c.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
-        [key, value],
-    )?;
-    Ok(())
-}
-
-/// Records an administrative action (who did what to what).
-pub fn log_admin(
-    c: &Connection,
-    actor: Option<i64>,
-    action: &str,
-    target: &str,
-    details: serde_json::Value,
-) -> Result<(), ApiError> {
-    c.execute(
-        "INSERT INTO admin_log (at, actor, action, target, details) VALUES (?1, ?2, ?3, ?4, ?5)",
-        rusqlite::params![now(), actor, action, target, details.to_string()],
+        params![key, value],
     )?;
     Ok(())
 }

@@ -31,7 +31,25 @@ pub enum ApiError {
 
 impl From<rusqlite::Error> for ApiError {
     fn from(e: rusqlite::Error) -> Self {
+        let unique = [
+            rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE,
+            rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY,
+        ];
+        if matches!(&e, rusqlite::Error::SqliteFailure(f, _) if unique.contains(&f.extended_code)) {
+            return ApiError::Conflict(format!("{e}: changed at the same time, retry"));
+        }
         ApiError::Internal(format!("database: {e}"))
+    }
+}
+
+impl From<postgres::Error> for ApiError {
+    fn from(e: postgres::Error) -> Self {
+        let message = crate::db::postgres_message(&e);
+        if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
+            // Two server instances did the same thing at once.
+            return ApiError::Conflict(format!("{message}: changed at the same time, retry"));
+        }
+        ApiError::Internal(format!("database: {message}"))
     }
 }
 

@@ -4,7 +4,10 @@
 //! `sbx policy check`, and served to each machine as bundles signed with
 //! the organisation's key and valid for a limited time.
 //!
-//! - `db.rs`: the SQLite file and its migrations;
+//! - `db.rs`: the database (SQLite, or PostgreSQL for several instances)
+//!   and its migrations;
+//! - `admin_log.rs`: the server's own chained audit trail of
+//!   administrative actions;
 //! - `auth.rs`: tokens and roles, checked on every route;
 //! - `routes/`: the versioned JSON API (`/api/v1/...`), one file per
 //!   concern: `identity.rs` (setup, teams, users, tokens), `device.rs` (the
@@ -19,11 +22,14 @@ use std::time::Duration;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 
+pub mod admin_log;
 pub mod auth;
 pub mod db;
 mod error;
 mod limits;
 mod routes;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::ApiError;
 
@@ -33,13 +39,22 @@ pub const MAX_BODY: usize = 1 << 20;
 /// How the server runs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Where the database lives (made 0700 if missing).
+    /// Where the SQLite database lives (made 0700 if missing).
     pub data: PathBuf,
+    /// A PostgreSQL database to use instead (`postgres://...`), shared by
+    /// every instance behind a load balancer.
+    pub database: Option<String>,
+    /// A PEM CA to trust for the database's certificate (with
+    /// `sslmode=require`), besides the host's roots.
+    pub database_ca: Option<PathBuf>,
     /// How long a served policy bundle stays valid on a machine that can no
     /// longer reach the server.
     pub bundle_ttl: Duration,
     /// The address people open to approve a sign-in (shown by `sbx login`).
     pub public_url: String,
+    /// Requests one token may make a minute (the anonymous routes allow 60
+    /// per client address).
+    pub per_token_per_minute: u32,
 }
 
 /// What every request handler shares.
@@ -47,7 +62,10 @@ pub struct Config {
 pub struct AppState {
     pub db: db::Db,
     pub config: Arc<Config>,
-    pub limiter: Arc<limits::RateLimiter>,
+    /// The anonymous routes' limit, per client address.
+    pub limiter: Arc<limits::RateLimiter<std::net::IpAddr>>,
+    /// Every other route's, per token.
+    pub token_limiter: Arc<limits::RateLimiter<i64>>,
 }
 
 /// The server, opened: the state and, on a fresh database, the one-time
@@ -57,25 +75,31 @@ pub struct Opened {
     pub setup_token: Option<String>,
 }
 
-/// Opens the data directory: the database (migrated), the organisation's
-/// signing key (made on first start) and, while nobody is set up, a new
-/// setup token.
+/// Opens the database (migrated), the organisation's signing key (made on
+/// first start) and, while nobody is set up, a new setup token. Not from
+/// async code: PostgreSQL's client blocks.
 pub fn open(config: Config) -> anyhow::Result<Opened> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.data)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.data.display()))?;
-    let db = db::Db::open(&config.data.join("sbx-server.sqlite"))?;
+    let db = match &config.database {
+        Some(url) => db::Db::postgres(url, config.database_ca.as_deref())?,
+        None => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.data)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.data.display()))?;
+            db::Db::sqlite(&config.data.join("sbx-server.sqlite"))?
+        }
+    };
     let setup_token = db
         .run_now(routes::identity::prepare)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Opened {
         state: AppState {
             db,
-            config: Arc::new(config),
             limiter: Arc::new(limits::RateLimiter::new(60)),
+            token_limiter: Arc::new(limits::RateLimiter::new(config.per_token_per_minute)),
+            config: Arc::new(config),
         },
         setup_token,
     })
@@ -109,6 +133,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", post(audit::ingest).get(audit::query))
         .route("/api/v1/audit/heads", get(audit::heads))
         .route("/api/v1/audit/flags", get(audit::flags))
+        .route("/api/v1/admin-log", get(admin_log::export))
+        .route("/api/v1/admin-log/verify", get(admin_log::verify))
         .route("/api/v1/openapi.json", get(routes::openapi))
         .route("/device", get(device::page))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

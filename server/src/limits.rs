@@ -1,34 +1,36 @@
-//! Rate limits for the routes anyone can call (setup, the device flow): a
-//! fixed window per client address, so guessing codes or tokens is slow.
+//! Rate limits: a fixed window per key. The routes anyone can call (setup,
+//! the device flow) count per client address, so guessing codes or tokens
+//! is slow; every other route counts per token, so one leaked or runaway
+//! token cannot swamp the server.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::ApiError;
 
-pub struct RateLimiter {
+pub struct RateLimiter<K> {
     per_minute: u32,
-    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    seen: Mutex<HashMap<K, (Instant, u32)>>,
 }
 
-impl RateLimiter {
-    pub fn new(per_minute: u32) -> RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
+    pub fn new(per_minute: u32) -> RateLimiter<K> {
         RateLimiter {
             per_minute,
             seen: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Counts a request from `ip`; refuses past the limit in this minute.
-    pub fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+    /// Counts a request from `key`; refuses past the limit in this minute.
+    pub fn check(&self, key: K) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() > 100_000 {
             seen.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(60));
         }
-        let entry = seen.entry(ip).or_insert((now, 0));
+        let entry = seen.entry(key).or_insert((now, 0));
         if now.duration_since(entry.0) >= Duration::from_secs(60) {
             *entry = (now, 0);
         }
@@ -43,10 +45,11 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn the_window_refuses_past_its_count() {
-        let r = RateLimiter::new(3);
+        let r = RateLimiter::<IpAddr>::new(3);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         for _ in 0..3 {
             r.check(ip).unwrap();

@@ -11,36 +11,95 @@ use serde_json::{json, Value};
 struct Server {
     url: String,
     setup: String,
+    db: sbx_server::db::Db,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
 }
 
-fn start() -> Server {
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Where the server keeps its data: the suite runs on both.
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Sqlite,
+    Postgres,
+}
+
+/// The database `test` uses on `store`: None for SQLite (a file in the
+/// data directory), a database of its own on the tests' PostgreSQL.
+fn database(store: Store, test: &str) -> Option<String> {
+    match store {
+        Store::Sqlite => None,
+        Store::Postgres => Some(sbx_server::testing::postgres_database(test)),
+    }
+}
+
+fn start(store: Store, test: &str) -> Server {
+    start_with(database(store, test), 1200)
+}
+
+/// An instance on `database`, with `per_token` requests a minute allowed.
+fn start_with(database: Option<String>, per_token: u32) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let opened = sbx_server::open(sbx_server::Config {
         data: dir.path().join("data"),
+        database,
+        database_ca: None,
         bundle_ttl: Duration::from_secs(3600),
         public_url: format!("http://{addr}"),
+        per_token_per_minute: per_token,
     })
     .unwrap();
-    let setup = opened
-        .setup_token
-        .clone()
-        .expect("a setup token on a fresh server");
-    std::thread::spawn(move || rt.block_on(sbx_server::serve(opened.state, listener)));
+    let setup = opened.setup_token.clone().unwrap_or_default();
+    let db = opened.state.db.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let _ = sbx_server::serve_until(opened.state, listener, async {
+                let _ = rx.await;
+            })
+            .await;
+        })
+    });
     Server {
         url: format!("http://{addr}"),
         setup,
+        db,
+        stop: Some(tx),
         _dir: dir,
     }
+}
+
+/// Runs the test function `$name(Store)` on SQLite and on PostgreSQL, as
+/// `$name::sqlite` and `$name::postgres`.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(super::Store::Sqlite)
+            }
+            #[test]
+            fn postgres() {
+                super::$name(super::Store::Postgres)
+            }
+        }
+    };
 }
 
 struct Api<'a> {
@@ -91,9 +150,9 @@ fn status(r: Response) -> (StatusCode, Value) {
 const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n";
 const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"web-api\"\naction = \"allow\"\nto = [\"api.web.example\"]\nports = [443]\n";
 
-#[test]
-fn the_api_from_setup_to_a_signed_in_machine_fetching_policy() {
-    let s = start();
+on_both!(the_api_from_setup_to_a_signed_in_machine_fetching_policy);
+fn the_api_from_setup_to_a_signed_in_machine_fetching_policy(store: Store) {
+    let s = start(store, "api_flow");
     let api = Api {
         s: &s,
         c: Client::new(),
@@ -401,9 +460,9 @@ fn the_api_from_setup_to_a_signed_in_machine_fetching_policy() {
     );
 }
 
-#[test]
-fn unauthenticated_malformed_and_oversized_requests_are_refused() {
-    let s = start();
+on_both!(unauthenticated_malformed_and_oversized_requests_are_refused);
+fn unauthenticated_malformed_and_oversized_requests_are_refused(store: Store) {
+    let s = start(store, "api_refusals");
     let api = Api {
         s: &s,
         c: Client::new(),
@@ -421,6 +480,12 @@ fn unauthenticated_malformed_and_oversized_requests_are_refused() {
         ("PUT", "/api/v1/policy/org"),
         ("GET", "/api/v1/policy/org"),
         ("PUT", "/api/v1/policy/teams/web"),
+        ("POST", "/api/v1/audit"),
+        ("GET", "/api/v1/audit"),
+        ("GET", "/api/v1/audit/heads"),
+        ("GET", "/api/v1/audit/flags"),
+        ("GET", "/api/v1/admin-log"),
+        ("GET", "/api/v1/admin-log/verify"),
     ] {
         for token in [None, Some("sbxu_not-a-real-token")] {
             let r = api
@@ -483,4 +548,304 @@ fn unauthenticated_malformed_and_oversized_requests_are_refused() {
     assert!(limited > 0, "no rate limit on the device flow");
     let doc = ok(api.get("/api/v1/openapi.json", None));
     assert!(doc["paths"]["/api/v1/policy"].is_object());
+}
+
+/// The first org admin's token.
+fn first_admin(api: &Api<'_>) -> String {
+    let admin = ok(api.json(
+        "POST",
+        "/api/v1/setup",
+        None,
+        json!({"setup_token": api.s.setup, "email": "root@acme.example"}),
+    ));
+    admin["token"].as_str().unwrap().to_string()
+}
+
+on_both!(the_admin_log_is_a_chain_that_shows_an_edited_row);
+fn the_admin_log_is_a_chain_that_shows_an_edited_row(store: Store) {
+    let s = start(store, "admin_log");
+    let api = Api {
+        s: &s,
+        c: Client::new(),
+    };
+    let admin = first_admin(&api);
+    ok(api.json(
+        "POST",
+        "/api/v1/teams",
+        Some(&admin),
+        json!({"name": "web"}),
+    ));
+    let audrey = ok(api.json(
+        "POST",
+        "/api/v1/users",
+        Some(&admin),
+        json!({"email": "audrey@acme.example", "role": "auditor"}),
+    ))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(api.text("PUT", "/api/v1/policy/org", Some(&admin), ORG));
+    ok(api.text("PUT", "/api/v1/policy/org", Some(&admin), ORG));
+
+    // Who did what, in order, chained like a session's log.
+    let text = api
+        .get("/api/v1/admin-log", Some(&audrey))
+        .error_for_status()
+        .unwrap()
+        .text()
+        .unwrap();
+    let v = sbx_audit::verify_lines(&text).expect("an intact chain");
+    assert_eq!(v.records, 5, "{text}");
+    let records: Vec<sbx_audit::Record> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let actions: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.user.as_str(),
+                r.event.action.as_str(),
+                r.event.resource.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("root@acme.example", "setup", "root@acme.example"),
+            ("root@acme.example", "create_team", "web"),
+            ("root@acme.example", "create_user", "audrey@acme.example"),
+            ("root@acme.example", "push_policy", "org"),
+            ("root@acme.example", "push_policy", "org"),
+        ]
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.category == sbx_audit::Category::Admin));
+    assert_eq!(
+        ok(api.get("/api/v1/admin-log/verify", Some(&admin)))["intact"],
+        true
+    );
+    let (c, _) = status(api.get("/api/v1/admin-log", Some(&bob_token(&api, &admin))));
+    assert_eq!(
+        c,
+        StatusCode::FORBIDDEN,
+        "members do not read the admin log"
+    );
+
+    // Someone with the database in hand deletes a row: the server names
+    // the record after the gap.
+    s.db.run_now(|tx| {
+        tx.execute(
+            "DELETE FROM admin_log WHERE seq = 2",
+            sbx_server::db::params![],
+        )
+    })
+    .unwrap();
+    let v = ok(api.get("/api/v1/admin-log/verify", Some(&audrey)));
+    assert_eq!(
+        (v["intact"].as_bool(), v["seq"].as_i64()),
+        (Some(false), Some(3)),
+        "{v}"
+    );
+    assert!(v["problem"].as_str().unwrap().contains("missing"), "{v}");
+    // Or rewrites what a push said.
+    s.db.run_now(|tx| {
+        tx.execute(
+            "UPDATE admin_log SET line = replace(line, '\"version\":2', '\"version\":1') WHERE seq = 5",
+            sbx_server::db::params![],
+        )
+    })
+    .unwrap();
+    let v = ok(api.get("/api/v1/admin-log/verify", Some(&audrey)));
+    assert_eq!(v["seq"], 5, "{v}");
+    assert!(v["problem"].as_str().unwrap().contains("edited"), "{v}");
+}
+
+/// A member's token, made by `admin`.
+fn bob_token(api: &Api<'_>, admin: &str) -> String {
+    ok(api.json(
+        "POST",
+        "/api/v1/users",
+        Some(admin),
+        json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
+    ))["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+on_both!(a_token_past_its_rate_is_refused_until_the_minute_is_over);
+fn a_token_past_its_rate_is_refused_until_the_minute_is_over(store: Store) {
+    let s = start_with(database(store, "token_rate"), 20);
+    let api = Api {
+        s: &s,
+        c: Client::new(),
+    };
+    let admin = first_admin(&api);
+    let audrey = ok(api.json(
+        "POST",
+        "/api/v1/users",
+        Some(&admin),
+        json!({"email": "audrey@acme.example", "role": "auditor"}),
+    ))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let codes: Vec<StatusCode> = (0..25)
+        .map(|_| api.get("/api/v1/me", Some(&admin)).status())
+        .collect();
+    assert_eq!(
+        codes.iter().filter(|c| **c == StatusCode::OK).count(),
+        19,
+        "one of 20 went on making audrey: {codes:?}"
+    );
+    let (c, body) = status(api.get("/api/v1/me", Some(&admin)));
+    assert_eq!(c, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("too many"),
+        "{body}"
+    );
+    // Another token is counted on its own.
+    ok(api.get("/api/v1/me", Some(&audrey)));
+}
+
+/// What PostgreSQL is for: several instances behind a load balancer, one
+/// database. What one instance writes, the other serves; pushes through
+/// both at once get distinct versions; the admin chain stays one chain.
+#[test]
+fn two_instances_share_one_postgres_database() {
+    let db = database(Store::Postgres, "two_instances");
+    let a = start_with(db.clone(), 1200);
+    let b = start_with(db, 1200);
+    let api_a = Api {
+        s: &a,
+        c: Client::new(),
+    };
+    let api_b = Api {
+        s: &b,
+        c: Client::new(),
+    };
+    // Whichever instance printed the live setup token: the last to start.
+    let admin = ok(api_b.json(
+        "POST",
+        "/api/v1/setup",
+        None,
+        json!({"setup_token": b.setup, "email": "root@acme.example"}),
+    ))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        ok(api_a.get("/api/v1/me", Some(&admin)))["role"],
+        "org-admin"
+    );
+    let versions: Vec<i64> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let api = if i % 2 == 0 { &api_a } else { &api_b };
+                let admin = &admin;
+                sc.spawn(move || {
+                    (0..3)
+                        .map(|_| {
+                            ok(api.text("PUT", "/api/v1/policy/org", Some(admin), ORG))["version"]
+                                .as_i64()
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut sorted = versions.clone();
+    sorted.sort();
+    assert_eq!(sorted, (1..=24).collect::<Vec<_>>(), "{versions:?}");
+    let v = ok(api_a.get("/api/v1/admin-log/verify", Some(&admin)));
+    assert_eq!(
+        (v["intact"].as_bool(), v["records"].as_i64()),
+        (Some(true), Some(25)),
+        "{v}"
+    );
+    let fetched = ok(api_a.get("/api/v1/policy/org", Some(&admin)));
+    assert_eq!(fetched.as_array().unwrap().len(), 24);
+}
+
+on_both!(the_org_decides_what_teams_may_allow);
+fn the_org_decides_what_teams_may_allow(store: Store) {
+    let s = start(store, "delegation");
+    let api = Api {
+        s: &s,
+        c: Client::new(),
+    };
+    let admin = first_admin(&api);
+    ok(api.json(
+        "POST",
+        "/api/v1/teams",
+        Some(&admin),
+        json!({"name": "web"}),
+    ));
+    let org = format!("{ORG}\n[delegate]\nteam = [\"network\"]\n");
+    ok(api.text("PUT", "/api/v1/policy/org", Some(&admin), &org));
+    // An exec allow is not the team's to add: refused at its line.
+    let exec = "layer = \"team\"\n\n[[exec]]\naction = \"allow\"\ncommands = [\"curl\"]\n";
+    let (c, body) = status(api.text("PUT", "/api/v1/policy/teams/web", Some(&admin), exec));
+    assert_eq!(
+        (c, body["line"].as_i64()),
+        (StatusCode::BAD_REQUEST, Some(3)),
+        "{body}"
+    );
+    let e = body["error"].as_str().unwrap();
+    assert!(e.contains("team policy may not allow `exec`"), "{e}");
+    assert!(
+        e.contains("the org policy:9"),
+        "names the org's [delegate] line: {e}"
+    );
+    assert_eq!(
+        ok(api.text("PUT", "/api/v1/policy/teams/web", Some(&admin), TEAM))["version"],
+        1
+    );
+    // An org policy that stops delegating what a team allows would strand
+    // that team's machines: refused until the team changes.
+    let narrower = format!("{ORG}\n[delegate]\nteam = []\n");
+    let (c, body) = status(api.text("PUT", "/api/v1/policy/org", Some(&admin), &narrower));
+    assert_eq!(c, StatusCode::CONFLICT, "{body}");
+    let e = body["error"].as_str().unwrap();
+    assert!(
+        e.contains("team `web`'s policy (version 1)") && e.contains("line 3"),
+        "{e}"
+    );
+    let history = ok(api.get("/api/v1/policy/org", Some(&admin)));
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        1,
+        "the refused push is no version"
+    );
+}
+
+/// `sslmode=require`: TLS, the database's certificate checked against the
+/// given CA; without that CA, the connection is refused, not downgraded.
+#[test]
+fn postgres_over_tls_checks_the_certificate() {
+    let url = format!(
+        "{} sslmode=require",
+        database(Store::Postgres, "tls").unwrap()
+    );
+    let config = |ca: Option<std::path::PathBuf>| sbx_server::Config {
+        data: std::env::temp_dir().join("unused"),
+        database: Some(url.clone()),
+        database_ca: ca,
+        bundle_ttl: Duration::from_secs(3600),
+        public_url: "http://127.0.0.1:1".into(),
+        per_token_per_minute: 10,
+    };
+    let Err(e) = sbx_server::open(config(None)) else {
+        panic!("a certificate from an unknown CA was accepted")
+    };
+    let e = format!("{e:#}");
+    assert!(e.contains("certificate"), "{e}");
+    let opened = sbx_server::open(config(Some(sbx_server::testing::postgres_ca()))).unwrap();
+    assert!(opened.setup_token.is_some());
+    assert_eq!(opened.state.db.kind(), "postgres");
 }

@@ -1,6 +1,10 @@
 //! An `sbx-server` for the tests, in this process on the loopback: started
 //! (again on the same address and data, to come back after an outage),
 //! stopped, and called as a person would with a token.
+//!
+//! Its data is in SQLite, or with `SBX_TEST_DATABASE=postgres` in a
+//! PostgreSQL database of the test process's own (one per data directory,
+//! so a restart finds what it left).
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +17,17 @@ pub struct Server {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The PostgreSQL database for `data` when the tests run on PostgreSQL.
+fn database(data: &Path) -> Option<String> {
+    match std::env::var("SBX_TEST_DATABASE").as_deref() {
+        Ok("postgres") => Some(sbx_server::testing::postgres_database(
+            &data.display().to_string(),
+        )),
+        Ok("") | Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("SBX_TEST_DATABASE={other}: use sqlite or postgres"),
+    }
+}
+
 impl Server {
     /// A server on a free port; also its setup token (empty if not fresh).
     pub fn start(data: &Path, ttl: Duration) -> (Server, String) {
@@ -21,25 +36,33 @@ impl Server {
 
     /// The same, on `addr` (to come back where machines expect it).
     pub fn start_at(data: &Path, ttl: Duration, addr: &str) -> (Server, String) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let opened = sbx_server::open(sbx_server::Config {
             data: data.to_path_buf(),
+            database: database(data),
+            database_ca: None,
             bundle_ttl: ttl,
             public_url: url.clone(),
+            per_token_per_minute: 1200,
         })
         .unwrap();
         let setup = opened.setup_token.clone().unwrap_or_default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let _ = rt.block_on(sbx_server::serve_until(opened.state, listener, async {
-                let _ = rx.await;
-            }));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let _ = sbx_server::serve_until(opened.state, listener, async {
+                    let _ = rx.await;
+                })
+                .await;
+            });
         });
         (
             Server {

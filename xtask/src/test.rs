@@ -3,7 +3,7 @@
 //! KVM cannot).
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -113,6 +113,15 @@ fn misspelt_fragment_is_caught() -> anyhow::Result<()> {
 }
 
 /// Builds the real-guest test binaries and returns their paths.
+/// Whether `bin` is cargo's build of the test file `name.rs`
+/// (`name-<hash>`).
+fn is_test_binary(bin: &Path, name: &str) -> bool {
+    bin.file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.rsplit_once('-'))
+        .is_some_and(|(stem, hash)| stem == name && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn build_guest_tests() -> anyhow::Result<Vec<PathBuf>> {
     let out = proc::output(cargo().args([
         "test",
@@ -180,6 +189,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     if !run_counting(&mut unit, &mut tally)? {
         failures.push("unit tests");
     }
+    // sbx-server's own tests run on both databases; the CLI's, which start
+    // a server through sbx-tests, run again with theirs in PostgreSQL.
+    proc::step("the CLI's control-plane tests, on PostgreSQL");
+    let mut pg = cargo();
+    pg.args(["test", "-p", "host-cli", "--test", "login"])
+        .env("SBX_TEST_DATABASE", "postgres");
+    if let Some(f) = &args.filter {
+        pg.args(["--", f]);
+    }
+    if !run_counting(&mut pg, &mut tally)? {
+        failures.push("control-plane tests on PostgreSQL");
+    }
 
     // A short run keeps the fuzz targets building and catches shallow
     // crashes; `cargo xtask fuzz` runs them for real.
@@ -217,10 +238,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .as_deref()
         .map(|f| format!(" '{}'", f.replace('\'', "")))
         .unwrap_or_default();
-    let script: String = bins
+    let mut script: String = bins
         .iter()
         .map(|b| format!("'{}' --test-threads=1{filter} || rc=1\n", b.display()))
         .collect();
+    // The control plane's real-guest test again, its server on PostgreSQL.
+    for b in bins.iter().filter(|b| is_test_binary(b, "server")) {
+        script.push_str(&format!(
+            "SBX_TEST_DATABASE=postgres '{}' --test-threads=1{filter} || rc=1\n",
+            b.display()
+        ));
+    }
     let argv = vec![
         "sh".into(),
         "-c".into(),
@@ -260,6 +288,19 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_binaries_are_known_by_their_file() {
+        assert!(is_test_binary(
+            Path::new("/t/deps/server-0123abcd"),
+            "server"
+        ));
+        assert!(!is_test_binary(
+            Path::new("/t/deps/sbx_server-0123abcd"),
+            "server"
+        ));
+        assert!(!is_test_binary(Path::new("/t/deps/server-xyz"), "server"));
+    }
 
     #[test]
     fn tally_reads_libtest_lines() {

@@ -14,28 +14,26 @@ use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::Response;
 use axum::Json;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{Caller, Role};
-use crate::db;
+use crate::db::{self, params, Tx};
 use crate::error::ApiError;
 use crate::AppState;
 
 /// The server's head for one session of one machine: `(seq, hash)`.
-fn head(c: &Connection, machine: &str, session: &str) -> Result<(u64, String), ApiError> {
-    Ok(c.query_row(
+fn head(c: &mut Tx<'_>, machine: &str, session: &str) -> Result<(u64, String), ApiError> {
+    Ok(c.query_opt(
         "SELECT seq, hash FROM audit_heads WHERE machine = ?1 AND session = ?2",
         params![machine, session],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
-    )
-    .optional()?
+        |r| Ok((r.get::<i64>(0)? as u64, r.get(1)?)),
+    )?
     .unwrap_or((0, sbx_audit::GENESIS.to_string())))
 }
 
 fn flag(
-    c: &Connection,
+    c: &mut Tx<'_>,
     machine: &str,
     session: &str,
     seq: u64,
@@ -78,11 +76,10 @@ pub async fn ingest(
             },
         }
     }
-    s.db.run(move |c| {
-        let tx = c.transaction()?;
+    s.db.run(move |tx| {
         let (mut accepted, mut duplicates, mut flagged) = (0u64, 0u64, 0u64);
         for (r, why) in &edited {
-            flag(&tx, &machine, &r.session, r.seq, "edited", json!({ "id": r.id, "why": why }))?;
+            flag(tx, &machine, &r.session, r.seq, "edited", json!({ "id": r.id, "why": why }))?;
             flagged += 1;
         }
         let mut heads: HashMap<String, (u64, String)> = HashMap::new();
@@ -90,20 +87,18 @@ pub async fn ingest(
             let session = r.session.clone();
             let (seq, hash) = match heads.get(&session) {
                 Some(h) => h.clone(),
-                None => head(&tx, &machine, &session)?,
+                None => head(tx, &machine, &session)?,
             };
             if r.seq <= seq {
-                let held: Option<String> = tx
-                    .query_row(
-                        "SELECT hash FROM audit_records WHERE machine = ?1 AND session = ?2 AND seq = ?3",
-                        params![machine, session, r.seq as i64],
-                        |x| x.get(0),
-                    )
-                    .optional()?;
+                let held: Option<String> = tx.query_opt(
+                    "SELECT hash FROM audit_records WHERE machine = ?1 AND session = ?2 AND seq = ?3",
+                    params![machine, session, r.seq as i64],
+                    |x| x.get(0),
+                )?;
                 match held {
                     Some(h) if h == r.hash => duplicates += 1,
                     held => {
-                        flag(&tx, &machine, &session, r.seq, "edited", json!({
+                        flag(tx, &machine, &session, r.seq, "edited", json!({
                             "id": r.id, "held": held, "shipped": r.hash,
                             "why": "the machine's log now holds a different record at this place",
                         }))?;
@@ -113,13 +108,13 @@ pub async fn ingest(
                 continue;
             }
             if r.seq > seq + 1 {
-                flag(&tx, &machine, &session, seq + 1, "gap", json!({
+                flag(tx, &machine, &session, seq + 1, "gap", json!({
                     "missing": [seq + 1, r.seq - 1],
                     "why": "records between the server's head and this one never arrived: deleted from the machine's log?",
                 }))?;
                 flagged += 1;
             } else if r.prev != hash {
-                flag(&tx, &machine, &session, r.seq, "rewritten", json!({
+                flag(tx, &machine, &session, r.seq, "rewritten", json!({
                     "id": r.id, "expected_prev": hash, "prev": r.prev,
                     "why": "the chain does not continue from the record the server holds: the log was rewritten or truncated",
                 }))?;
@@ -139,7 +134,6 @@ pub async fn ingest(
             heads.insert(session, (r.seq, r.hash.clone()));
             accepted += 1;
         }
-        tx.commit()?;
         let heads: HashMap<String, u64> = heads.into_iter().map(|(k, (s, _))| (k, s)).collect();
         Ok(Json(json!({ "accepted": accepted, "duplicates": duplicates, "flagged": flagged, "heads": heads })))
     })
@@ -155,12 +149,13 @@ pub async fn heads(State(s): State<AppState>, caller: Caller) -> Result<Json<Val
         ));
     };
     s.db.run(move |c| {
-        let mut q = c.prepare("SELECT session, seq FROM audit_heads WHERE machine = ?1")?;
-        let m: serde_json::Map<String, Value> = q
-            .query_map([&machine], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })?
-            .filter_map(Result::ok)
+        let m: serde_json::Map<String, Value> = c
+            .query_map(
+                "SELECT session, seq FROM audit_heads WHERE machine = ?1",
+                params![machine],
+                |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+            )?
+            .into_iter()
             .map(|(k, v)| (k, json!(v)))
             .collect();
         Ok(Json(Value::Object(m)))
@@ -203,10 +198,10 @@ pub async fn query(
                 "SELECT a.id, a.line FROM audit_records a JOIN users u ON u.id = a.user_id
                  LEFT JOIN teams t ON t.id = a.team_id WHERE a.id > ?1",
             );
-            let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(f.after.unwrap_or(0))];
+            let mut args: Vec<Box<dyn db::Param + Send>> = vec![Box::new(f.after.unwrap_or(0))];
             let mut add = |cond: &str,
-                           v: Box<dyn rusqlite::ToSql>,
-                           args: &mut Vec<Box<dyn rusqlite::ToSql>>| {
+                           v: Box<dyn db::Param + Send>,
+                           args: &mut Vec<Box<dyn db::Param + Send>>| {
                 args.push(v);
                 sql.push_str(&format!(" AND {cond} ?{}", args.len()));
             };
@@ -247,12 +242,10 @@ pub async fn query(
                 add("a.ts <", Box::new(v), &mut args)
             }
             sql.push_str(&format!(" ORDER BY a.id LIMIT {limit}"));
-            let mut q = c.prepare(&sql)?;
-            let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|b| b.as_ref()).collect();
-            let rows: Vec<(i64, String)> = q
-                .query_map(refs.as_slice(), |r| Ok((r.get(0)?, r.get(1)?)))?
-                .filter_map(Result::ok)
-                .collect();
+            let refs: Vec<&dyn db::Param> =
+                args.iter().map(|b| b.as_ref() as &dyn db::Param).collect();
+            let rows: Vec<(i64, String)> =
+                c.query_map(&sql, &refs, |r| Ok((r.get(0)?, r.get(1)?)))?;
             let next = (rows.len() as i64 == limit)
                 .then(|| rows.last().map(|r| r.0))
                 .flatten();
@@ -277,15 +270,15 @@ pub async fn query(
 pub async fn flags(State(s): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::OrgAdmin, Role::Auditor], "read the audit flags")?;
     s.db.run(|c| {
-        let mut q = c.prepare("SELECT at, machine, session, seq, kind, details FROM audit_flags ORDER BY id DESC")?;
-        let v: Vec<Value> = q
-            .query_map([], |r| {
-                Ok(json!({ "at": r.get::<_, i64>(0)?, "machine": r.get::<_, String>(1)?,
-                    "session": r.get::<_, String>(2)?, "seq": r.get::<_, i64>(3)?, "kind": r.get::<_, String>(4)?,
-                    "details": serde_json::from_str::<Value>(&r.get::<_, String>(5)?).unwrap_or(Value::Null) }))
-            })?
-            .filter_map(Result::ok)
-            .collect();
+        let v: Vec<Value> = c.query_map(
+            "SELECT at, machine, session, seq, kind, details FROM audit_flags ORDER BY id DESC",
+            params![],
+            |r| {
+                Ok(json!({ "at": r.get::<i64>(0)?, "machine": r.get::<String>(1)?,
+                    "session": r.get::<String>(2)?, "seq": r.get::<i64>(3)?, "kind": r.get::<String>(4)?,
+                    "details": serde_json::from_str::<Value>(&r.get::<String>(5)?).unwrap_or(Value::Null) }))
+            },
+        )?;
         Ok(Json(json!(v)))
     })
     .await

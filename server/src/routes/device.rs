@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, State};
 use axum::response::Html;
 use axum::Json;
-use rusqlite::{params, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::admin_log;
 use crate::auth::{self, Caller};
-use crate::db::{self, log_admin};
+use crate::db::{self, params};
 use crate::error::ApiError;
 use crate::routes::identity;
 use crate::AppState;
@@ -60,7 +60,7 @@ pub async fn code(
     let user = user_code()?;
     let (d, u) = (auth::hash(&device), user.clone());
     s.db.run(move |c| {
-        c.execute("DELETE FROM device_codes WHERE expires < ?1", [db::now()])?;
+        c.execute("DELETE FROM device_codes WHERE expires < ?1", params![db::now()])?;
         c.execute(
             "INSERT INTO device_codes (device_hash, user_code, machine, created, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![d, u, req.machine, db::now(), db::now() + CODE_TTL],
@@ -93,13 +93,11 @@ pub async fn approve(
     caller.require_person("approve a sign-in")?;
     let code = req.user_code.trim().to_ascii_uppercase();
     s.db.run(move |c| {
-        let row: Option<(String, i64, Option<i64>)> = c
-            .query_row(
-                "SELECT machine, expires, user_id FROM device_codes WHERE user_code = ?1",
-                [&code],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
+        let row: Option<(String, i64, Option<i64>)> = c.query_opt(
+            "SELECT machine, expires, user_id FROM device_codes WHERE user_code = ?1",
+            params![code],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         let Some((machine, expires, user)) = row else {
             return Err(ApiError::NotFound(format!(
                 "no sign-in waits for code {code}: check it, or run `sbx login` again"
@@ -119,7 +117,7 @@ pub async fn approve(
             "UPDATE device_codes SET user_id = ?1 WHERE user_code = ?2",
             params![caller.user_id, code],
         )?;
-        log_admin(
+        admin_log::record(
             c,
             Some(caller.user_id),
             "approve_machine",
@@ -149,15 +147,12 @@ pub async fn token(
 ) -> Result<Json<Value>, ApiError> {
     s.limiter.check(peer.ip())?;
     let h = auth::hash(&req.device_code);
-    s.db.run(move |c| {
-        let tx = c.transaction()?;
-        let row: Option<(String, i64, Option<i64>, i64)> = tx
-            .query_row(
-                "SELECT machine, expires, user_id, used FROM device_codes WHERE device_hash = ?1",
-                [&h],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
+    s.db.run(move |tx| {
+        let row: Option<(String, i64, Option<i64>, i64)> = tx.query_opt(
+            "SELECT machine, expires, user_id, used FROM device_codes WHERE device_hash = ?1",
+            params![h],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
         let Some((machine, expires, user, used)) = row else {
             return Err(ApiError::Unauthenticated("unknown device code: run `sbx login` again".into()));
         };
@@ -172,16 +167,24 @@ pub async fn token(
         let Some(user) = user else {
             return Err(ApiError::Pending);
         };
-        tx.execute("UPDATE device_codes SET used = 1 WHERE device_hash = ?1", [&h])?;
-        let token = identity::issue(&tx, user, &machine)?;
-        let (email, role, team): (String, String, Option<String>) = tx.query_row(
+        // Once only: of two polls at the same time, one changes the row.
+        let claimed = tx.execute(
+            "UPDATE device_codes SET used = 1 WHERE device_hash = ?1 AND used = 0",
+            params![h],
+        )?;
+        if claimed == 0 {
+            return Err(ApiError::Unauthenticated(
+                "this device code was used already: run `sbx login` again".into(),
+            ));
+        }
+        let token = identity::issue(tx, user, &machine)?;
+        let (email, role, team): (String, String, Option<String>) = tx.query_one(
             "SELECT u.email, u.role, t.name FROM users u LEFT JOIN teams t ON t.id = u.team_id WHERE u.id = ?1",
-            [user],
+            params![user],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let key = identity::signing_key(&tx)?;
-        log_admin(&tx, Some(user), "machine_signed_in", &machine, json!({}))?;
-        tx.commit()?;
+        let key = identity::signing_key(tx)?;
+        admin_log::record(tx, Some(user), "machine_signed_in", &machine, json!({}))?;
         Ok(Json(json!({
             "token": token,
             "email": email,

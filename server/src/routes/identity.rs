@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::Json;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::admin_log;
 use crate::auth::{self, Caller, Role};
-use crate::db::{self, log_admin};
+use crate::db::{self, params, Tx};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -19,12 +19,14 @@ const SETUP_HASH: &str = "setup_token_hash";
 
 /// On open: makes the organisation's signing key on first start and, while
 /// nobody is set up, a setup token (returned to be printed once).
-pub fn prepare(c: &mut Connection) -> Result<Option<String>, ApiError> {
+pub fn prepare(c: &mut Tx<'_>) -> Result<Option<String>, ApiError> {
+    // Instances starting together on one database make one key.
+    c.serialize("prepare")?;
     if db::meta(c, SIGNING_KEY)?.is_none() {
         let key = sbx_policy::generate_key().map_err(|e| ApiError::Internal(e.to_string()))?;
         db::set_meta(c, SIGNING_KEY, sbx_policy::encode_secret_key(&key).trim())?;
     }
-    let users: i64 = c.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?;
+    let users: i64 = c.query_one("SELECT COUNT(*) FROM users", params![], |r| r.get(0))?;
     if users > 0 {
         return Ok(None);
     }
@@ -34,7 +36,7 @@ pub fn prepare(c: &mut Connection) -> Result<Option<String>, ApiError> {
 }
 
 /// The organisation's signing key.
-pub fn signing_key(c: &Connection) -> Result<sbx_policy::SigningKey, ApiError> {
+pub fn signing_key(c: &mut Tx<'_>) -> Result<sbx_policy::SigningKey, ApiError> {
     let text = db::meta(c, SIGNING_KEY)?
         .ok_or_else(|| ApiError::Internal("the organisation has no signing key".into()))?;
     sbx_policy::decode_secret_key(&text).map_err(|e| ApiError::Internal(e.to_string()))
@@ -72,7 +74,7 @@ fn check_email(email: &str) -> Result<(), ApiError> {
 }
 
 fn issue_token(
-    c: &Connection,
+    c: &mut Tx<'_>,
     user_id: i64,
     kind: &str,
     machine: Option<&str>,
@@ -86,7 +88,7 @@ fn issue_token(
     Ok(token)
 }
 
-pub(crate) fn issue(c: &Connection, user_id: i64, machine: &str) -> Result<String, ApiError> {
+pub(crate) fn issue(c: &mut Tx<'_>, user_id: i64, machine: &str) -> Result<String, ApiError> {
     issue_token(c, user_id, "machine", Some(machine))
 }
 
@@ -106,9 +108,8 @@ pub async fn setup(
 ) -> Result<Json<Value>, ApiError> {
     s.limiter.check(peer.ip())?;
     check_email(&req.email)?;
-    s.db.run(move |c| {
-        let tx = c.transaction()?;
-        let want = db::meta(&tx, SETUP_HASH)?.ok_or_else(|| {
+    s.db.run(move |tx| {
+        let want = db::meta(tx, SETUP_HASH)?.ok_or_else(|| {
             ApiError::Forbidden(
                 "this server is set up already: ask an org admin for an account".into(),
             )
@@ -118,15 +119,14 @@ pub async fn setup(
                 "wrong setup token: use the one sbx-server printed when it first started".into(),
             ));
         }
-        tx.execute("DELETE FROM meta WHERE key = ?1", [SETUP_HASH])?;
-        tx.execute(
-            "INSERT INTO users (email, role, created) VALUES (?1, 'org-admin', ?2)",
+        tx.execute("DELETE FROM meta WHERE key = ?1", params![SETUP_HASH])?;
+        let id: i64 = tx.query_one(
+            "INSERT INTO users (email, role, created) VALUES (?1, 'org-admin', ?2) RETURNING id",
             params![req.email, db::now()],
+            |r| r.get(0),
         )?;
-        let id = tx.last_insert_rowid();
-        let token = issue_token(&tx, id, "user", None)?;
-        log_admin(&tx, Some(id), "setup", &req.email, json!({}))?;
-        tx.commit()?;
+        let token = issue_token(tx, id, "user", None)?;
+        admin_log::record(tx, Some(id), "setup", &req.email, json!({}))?;
         Ok(Json(
             json!({ "email": req.email, "role": "org-admin", "token": token }),
         ))
@@ -170,7 +170,7 @@ pub async fn create_team(
                 req.name
             )));
         }
-        log_admin(c, Some(caller.user_id), "create_team", &req.name, json!({}))?;
+        admin_log::record(c, Some(caller.user_id), "create_team", &req.name, json!({}))?;
         Ok(Json(json!({ "name": req.name })))
     })
     .await
@@ -184,10 +184,11 @@ pub async fn list_teams(
 ) -> Result<Json<Value>, ApiError> {
     s.db.run(move |c| {
         let all = matches!(caller.role, Role::OrgAdmin | Role::Auditor);
-        let mut q = c.prepare("SELECT id, name FROM teams ORDER BY name")?;
-        let teams: Vec<Value> = q
-            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
-            .filter_map(Result::ok)
+        let teams: Vec<Value> = c
+            .query_map("SELECT id, name FROM teams ORDER BY name", params![], |r| {
+                Ok((r.get::<i64>(0)?, r.get::<String>(1)?))
+            })?
+            .into_iter()
             .filter(|(id, _)| all || caller.team_id == Some(*id))
             .map(|(_, name)| json!({ "name": name }))
             .collect();
@@ -196,14 +197,15 @@ pub async fn list_teams(
     .await
 }
 
-fn team_id(c: &Connection, name: &str) -> Result<i64, ApiError> {
-    c.query_row("SELECT id FROM teams WHERE name = ?1", [name], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no team `{name}`: create it first (POST /api/v1/teams)"
-            ))
-        })
+fn team_id(c: &mut Tx<'_>, name: &str) -> Result<i64, ApiError> {
+    c.query_opt("SELECT id FROM teams WHERE name = ?1", params![name], |r| {
+        r.get(0)
+    })?
+    .ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no team `{name}`: create it first (POST /api/v1/teams)"
+        ))
+    })
 }
 
 #[derive(Deserialize)]
@@ -250,27 +252,31 @@ pub async fn create_user(
             role.as_str()
         )));
     }
-    s.db.run(move |c| {
-        let tx = c.transaction()?;
-        let team = req.team.as_deref().map(|t| team_id(&tx, t)).transpose()?;
-        let done = tx.execute(
-            "INSERT INTO users (email, role, team_id, created) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(email) DO NOTHING",
+    s.db.run(move |tx| {
+        let team = req.team.as_deref().map(|t| team_id(tx, t)).transpose()?;
+        let id: Option<i64> = tx.query_opt(
+            "INSERT INTO users (email, role, team_id, created) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(email) DO NOTHING RETURNING id",
             params![req.email, role.as_str(), team, db::now()],
+            |r| r.get(0),
         )?;
-        if done == 0 {
-            return Err(ApiError::Conflict(format!("{} has an account already", req.email)));
-        }
-        let id = tx.last_insert_rowid();
-        let token = issue_token(&tx, id, "user", None)?;
-        log_admin(
-            &tx,
+        let Some(id) = id else {
+            return Err(ApiError::Conflict(format!(
+                "{} has an account already",
+                req.email
+            )));
+        };
+        let token = issue_token(tx, id, "user", None)?;
+        admin_log::record(
+            tx,
             Some(caller.user_id),
             "create_user",
             &req.email,
             json!({ "role": role.as_str(), "team": req.team }),
         )?;
-        tx.commit()?;
-        Ok(Json(json!({ "email": req.email, "role": role.as_str(), "team": req.team, "token": token })))
+        Ok(Json(
+            json!({ "email": req.email, "role": role.as_str(), "team": req.team, "token": token }),
+        ))
     })
     .await
 }
@@ -286,14 +292,13 @@ pub async fn list_users(
         "list people",
     )?;
     s.db.run(move |c| {
-        let mut q = c.prepare(
-            "SELECT u.email, u.role, u.team_id, t.name FROM users u LEFT JOIN teams t ON t.id = u.team_id ORDER BY u.email",
-        )?;
-        let users: Vec<Value> = q
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, Option<String>>(3)?))
-            })?
-            .filter_map(Result::ok)
+        let users: Vec<Value> = c
+            .query_map(
+                "SELECT u.email, u.role, u.team_id, t.name FROM users u LEFT JOIN teams t ON t.id = u.team_id ORDER BY u.email",
+                params![],
+                |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<Option<i64>>(2)?, r.get::<Option<String>>(3)?)),
+            )?
+            .into_iter()
             .filter(|(_, _, team, _)| caller.role != Role::TeamAdmin || *team == caller.team_id)
             .map(|(email, role, _, team)| json!({ "email": email, "role": role, "team": team }))
             .collect();
@@ -308,27 +313,27 @@ pub async fn list_tokens(
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     s.db.run(move |c| {
-        let mut q = c.prepare(
-            "SELECT t.id, t.kind, t.machine, u.email, t.created, t.last_used, t.revoked, t.user_id
-             FROM tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id",
-        )?;
-        let tokens: Vec<Value> = q
-            .query_map([], |r| {
+        let tokens: Vec<Value> = c
+            .query_map(
+                "SELECT t.id, t.kind, t.machine, u.email, t.created, t.last_used, t.revoked, t.user_id
+                 FROM tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id",
+                params![],
+                |r| {
                 Ok((
                     json!({
-                        "id": r.get::<_, i64>(0)?,
-                        "kind": r.get::<_, String>(1)?,
-                        "machine": r.get::<_, Option<String>>(2)?,
-                        "email": r.get::<_, String>(3)?,
-                        "created": r.get::<_, i64>(4)?,
-                        "last_used": r.get::<_, Option<i64>>(5)?,
-                        "revoked": r.get::<_, Option<i64>>(6)?,
-                        "current": r.get::<_, i64>(0)? == caller.token_id,
+                        "id": r.get::<i64>(0)?,
+                        "kind": r.get::<String>(1)?,
+                        "machine": r.get::<Option<String>>(2)?,
+                        "email": r.get::<String>(3)?,
+                        "created": r.get::<i64>(4)?,
+                        "last_used": r.get::<Option<i64>>(5)?,
+                        "revoked": r.get::<Option<i64>>(6)?,
+                        "current": r.get::<i64>(0)? == caller.token_id,
                     }),
-                    r.get::<_, i64>(7)?,
+                    r.get::<i64>(7)?,
                 ))
             })?
-            .filter_map(Result::ok)
+            .into_iter()
             .filter(|(_, user)| caller.role == Role::OrgAdmin || *user == caller.user_id)
             .map(|(v, _)| v)
             .collect();
@@ -345,13 +350,11 @@ pub async fn revoke_token(
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
     s.db.run(move |c| {
-        let owner: Option<(i64, String)> = c
-            .query_row(
-                "SELECT t.user_id, u.email FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let owner: Option<(i64, String)> = c.query_opt(
+            "SELECT t.user_id, u.email FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.id = ?1",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         let Some((owner, email)) = owner else {
             return Err(ApiError::NotFound(format!("no token {id}")));
         };
@@ -364,7 +367,7 @@ pub async fn revoke_token(
             "UPDATE tokens SET revoked = ?1 WHERE id = ?2 AND revoked IS NULL",
             params![db::now(), id],
         )?;
-        log_admin(c, Some(caller.user_id), "revoke_token", &id.to_string(), json!({ "owner": email }))?;
+        admin_log::record(c, Some(caller.user_id), "revoke_token", &id.to_string(), json!({ "owner": email }))?;
         Ok(Json(json!({ "revoked": id })))
     })
     .await

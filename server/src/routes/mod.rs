@@ -15,7 +15,8 @@ pub async fn openapi() -> Json<Value> {
         let mut o = json!({ "summary": summary, "responses": { "200": { "description": "OK" },
             "400": { "description": "bad input: the body says what and where" },
             "401": { "description": "no, unknown or revoked token" },
-            "403": { "description": "the caller's role may not" } } });
+            "403": { "description": "the caller's role may not" },
+            "429": { "description": "too many requests from this token or address this minute" } } });
         if secured {
             o["security"] = bearer.clone();
         }
@@ -43,6 +44,8 @@ pub async fn openapi() -> Json<Value> {
                                "get": op("Records as JSON lines, filtered (user, team, machine, session, surface, decision, action, since, until), a page at a time (after, limit; X-Next-Cursor)", true) },
             "/api/v1/audit/heads": { "get": op("Where each of the machine's sessions stands on the server (machine tokens)", true) },
             "/api/v1/audit/flags": { "get": op("Edits, rewrites and gaps found in machines' logs (org admins, auditors)", true) },
+            "/api/v1/admin-log": { "get": op("The server's own chained audit trail of administrative actions, as JSON lines (org admins, auditors)", true) },
+            "/api/v1/admin-log/verify": { "get": op("Whether that chain is intact, or its first broken record (org admins, auditors)", true) },
         }
     }))
 }

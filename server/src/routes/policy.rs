@@ -12,19 +12,21 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::admin_log;
 use crate::auth::{Caller, Role};
-use crate::db::{self, log_admin};
+use crate::db::{self, params, Tx};
 use crate::error::ApiError;
 use crate::routes::identity::{self, signing_key};
 use crate::AppState;
 
 /// Checks `text` as a policy of `layer` (`org` or `team`): it must say so
 /// itself (`layer = "..."`), so the file means the same wherever it is read.
-pub fn validate(text: &str, layer: &str) -> Result<(), ApiError> {
+/// A team policy is checked under `org`, the org policy's text, so an allow
+/// the org does not delegate is refused here, at its line.
+pub fn validate(text: &str, layer: &str, org: Option<&str>) -> Result<(), ApiError> {
     let declared = toml::from_str::<toml::Table>(text)
         .ok()
         .and_then(|t| t.get("layer").and_then(|l| l.as_str().map(str::to_string)));
@@ -50,16 +52,19 @@ pub fn validate(text: &str, layer: &str) -> Result<(), ApiError> {
     }
     let checked = (|| {
         let mut b = sbx_policy::PolicyBuilder::new();
+        if let Some(org) = org {
+            b.add_text("the org policy", org)?;
+        }
         b.add_text("policy", text)?;
         b.build().map(drop)
     })();
     checked.map_err(|e| match e {
         sbx_policy::PolicyError::Invalid {
+            file,
             line,
             column,
             message,
-            ..
-        } => ApiError::Policy {
+        } if file == "policy" => ApiError::Policy {
             line,
             message: format!("column {column}: {message}"),
         },
@@ -68,20 +73,16 @@ pub fn validate(text: &str, layer: &str) -> Result<(), ApiError> {
 }
 
 fn store(
-    c: &mut Connection,
+    tx: &mut Tx<'_>,
     scope: &str,
     team: Option<i64>,
     text: String,
     author: i64,
     target: &str,
 ) -> Result<i64, ApiError> {
-    let tx = c.transaction()?;
-    let last: i64 = tx.query_row(
-        "SELECT IFNULL(MAX(version), 0) FROM policies WHERE scope = ?1 AND IFNULL(team_id, 0) = IFNULL(?2, 0)",
-        params![scope, team],
-        |r| r.get(0),
-    )?;
-    let version = last + 1;
+    // Versions count up one at a time, also with several instances.
+    tx.serialize(&format!("policy/{target}"))?;
+    let version = latest(tx, scope, team)?.map_or(0, |(v, _)| v) + 1;
     let digest: String = Sha256::digest(text.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -90,14 +91,13 @@ fn store(
         "INSERT INTO policies (scope, team_id, version, text, author, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![scope, team, version, text, author, db::now()],
     )?;
-    log_admin(
-        &tx,
+    admin_log::record(
+        tx,
         Some(author),
         "push_policy",
         target,
         json!({ "version": version, "sha256": digest }),
     )?;
-    tx.commit()?;
     Ok(version)
 }
 
@@ -109,10 +109,21 @@ pub async fn push_org(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_person("push policy")?;
     caller.require(&[Role::OrgAdmin], "push the org policy")?;
-    validate(&body, "org")?;
+    validate(&body, "org", None)?;
     let version =
-        s.db.run(move |c| store(c, "org", None, body, caller.user_id, "org"))
-            .await?;
+        s.db.run(move |c| {
+            // A new org policy must not strand a team's: what it stops
+            // delegating, the teams must stop allowing first.
+            for (team, version, text) in latest_teams(c)? {
+                if let Err(e) = validate(&text, "team", Some(&body)) {
+                    return Err(ApiError::Conflict(format!(
+                        "this org policy would refuse team `{team}`'s policy (version {version}): {e}; change that policy first"
+                    )));
+                }
+            }
+            store(c, "org", None, body, caller.user_id, "org")
+        })
+        .await?;
     Ok(Json(json!({ "scope": "org", "version": version })))
 }
 
@@ -133,13 +144,15 @@ pub async fn push_team(
             caller.role.as_str()
         )));
     }
-    validate(&body, "team")?;
     let t = team.clone();
     let version =
         s.db.run(move |c| {
+            let org = latest(c, "org", None)?.map(|(_, text)| text);
+            validate(&body, "team", org.as_deref())?;
             let id: i64 = c
-                .query_row("SELECT id FROM teams WHERE name = ?1", [&t], |r| r.get(0))
-                .optional()?
+                .query_opt("SELECT id FROM teams WHERE name = ?1", params![t], |r| {
+                    r.get(0)
+                })?
                 .ok_or_else(|| ApiError::NotFound(format!("no team `{t}`")))?;
             store(
                 c,
@@ -163,34 +176,52 @@ pub async fn history_org(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(&[Role::OrgAdmin, Role::Auditor], "read the policy history")?;
     s.db.run(|c| {
-        let mut q = c.prepare(
+        let v: Vec<Value> = c.query_map(
             "SELECT p.version, u.email, p.created, p.text FROM policies p JOIN users u ON u.id = p.author
              WHERE p.scope = 'org' ORDER BY p.version DESC",
+            params![],
+            |r| {
+                Ok(json!({ "version": r.get::<i64>(0)?, "author": r.get::<String>(1)?,
+                           "created": r.get::<i64>(2)?, "text": r.get::<String>(3)? }))
+            },
         )?;
-        let v: Vec<Value> = q
-            .query_map([], |r| {
-                Ok(json!({ "version": r.get::<_, i64>(0)?, "author": r.get::<_, String>(1)?,
-                           "created": r.get::<_, i64>(2)?, "text": r.get::<_, String>(3)? }))
-            })?
-            .filter_map(Result::ok)
-            .collect();
         Ok(Json(json!(v)))
     })
     .await
 }
 
+/// Every team's newest policy: the team, the version, the text.
+fn latest_teams(c: &mut Tx<'_>) -> Result<Vec<(String, i64, String)>, ApiError> {
+    c.query_map(
+        "SELECT t.name, p.version, p.text FROM policies p JOIN teams t ON t.id = p.team_id
+         WHERE p.scope = 'team'
+           AND p.version = (SELECT MAX(q.version) FROM policies q WHERE q.scope = 'team' AND q.team_id = p.team_id)
+         ORDER BY t.name",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+}
+
 fn latest(
-    c: &Connection,
+    c: &mut Tx<'_>,
     scope: &str,
     team: Option<i64>,
 ) -> Result<Option<(i64, String)>, ApiError> {
-    Ok(c.query_row(
-        "SELECT version, text FROM policies WHERE scope = ?1 AND IFNULL(team_id, 0) = IFNULL(?2, 0)
-         ORDER BY version DESC LIMIT 1",
-        params![scope, team],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .optional()?)
+    let row = |r: &db::Row| Ok((r.get(0)?, r.get(1)?));
+    match team {
+        None => c.query_opt(
+            "SELECT version, text FROM policies WHERE scope = ?1 AND team_id IS NULL
+             ORDER BY version DESC LIMIT 1",
+            params![scope],
+            row,
+        ),
+        Some(id) => c.query_opt(
+            "SELECT version, text FROM policies WHERE scope = ?1 AND team_id = ?2
+             ORDER BY version DESC LIMIT 1",
+            params![scope, id],
+            row,
+        ),
+    }
 }
 
 /// `GET /api/v1/policy`: the caller's org and team policy as signed
@@ -210,7 +241,8 @@ pub async fn fetch(
                 Some(id) => latest(c, "team", Some(id))?,
                 None => None,
             };
-            Ok((org, team_policy, signing_key(c)?))
+            let key = signing_key(c)?;
+            Ok((org, team_policy, key))
         })
         .await?;
     // At least `ttl` away, rounded up: stable for a while.
