@@ -26,6 +26,10 @@ const PUBLIC_TAG: &str = "sbx-ed25519-public";
 /// Lines before the policy text in a bundle (v1; v2 has one more).
 const HEADER_LINES: usize = 4;
 
+/// Lines before the policy in a bundle from [`sign_until`]: its line N is
+/// the policy text's line N minus this.
+pub const UNTIL_HEADER_LINES: usize = HEADER_LINES + 1;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("not an sbx {0} key: expected one line `{1} <base64>`")]
@@ -126,7 +130,7 @@ pub struct Opened<'a> {
 /// why it must not be used.
 pub fn open<'a>(text: &'a str, trusted: &[VerifyingKey]) -> Result<Opened<'a>, String> {
     let v2 = text.starts_with(MAGIC_V2);
-    let header = if v2 { HEADER_LINES + 1 } else { HEADER_LINES };
+    let header = if v2 { UNTIL_HEADER_LINES } else { HEADER_LINES };
     let mut lines = text.splitn(header + 1, '\n');
     let mut next = || lines.next().unwrap_or("");
     let first = next();

@@ -28,7 +28,7 @@ mod source;
 
 pub use bundle::{
     decode_public_key, decode_secret_key, encode_public_key, encode_secret_key, generate_key,
-    is_bundle, key_id, open as bundle_open, sign, sign_until, KeyError,
+    is_bundle, key_id, open as bundle_open, sign, sign_until, KeyError, UNTIL_HEADER_LINES,
 };
 pub use credential::{CredentialGrant, Injection};
 pub use delegate::{Delegation, Grant, KINDS as DELEGABLE};

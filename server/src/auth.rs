@@ -121,57 +121,56 @@ impl FromRequestParts<AppState> for Caller {
             .trim()
             .to_string();
         let h = hash(&token);
-        let caller = state
-            .db
-            .run(move |c| {
-                let row = c.query_opt(
-                    "SELECT t.id, t.revoked, t.machine, u.id, u.email, u.role, u.team_id, tm.name
-                         FROM tokens t JOIN users u ON u.id = t.user_id
-                         LEFT JOIN teams tm ON tm.id = u.team_id WHERE t.hash = ?1",
-                    params![h],
-                    |r| {
-                        Ok((
-                            r.get::<i64>(0)?,
-                            r.get::<Option<i64>>(1)?,
-                            r.get::<Option<String>>(2)?,
-                            r.get::<i64>(3)?,
-                            r.get::<String>(4)?,
-                            r.get::<String>(5)?,
-                            r.get::<Option<i64>>(6)?,
-                            r.get::<Option<String>>(7)?,
-                        ))
-                    },
-                )?;
-                let Some((token_id, revoked, machine, user_id, email, role, team_id, team)) = row
-                else {
-                    return Err(ApiError::Unauthenticated(
-                        "unknown token: sign in again with `sbx login URL`".into(),
-                    ));
-                };
-                if revoked.is_some() {
-                    return Err(ApiError::Unauthenticated(
-                        "this token was revoked: sign in again with `sbx login URL`".into(),
-                    ));
-                }
-                c.execute(
-                    "UPDATE tokens SET last_used = ?1 WHERE id = ?2",
-                    params![db::now(), token_id],
-                )?;
-                let role = Role::parse(&role).ok_or_else(|| {
-                    ApiError::Internal(format!("user {email} has an unknown role {role}"))
-                })?;
-                Ok(Caller {
-                    token_id,
-                    user_id,
-                    email,
-                    role,
-                    team_id,
-                    team,
-                    machine,
-                })
-            })
-            .await?;
+        let caller = state.db.run(move |c| lookup(c, &h)).await?;
         state.token_limiter.check(caller.token_id)?;
         Ok(caller)
     }
+}
+
+/// The caller a token (by its hash) stands for; refuses unknown and revoked
+/// tokens. Counts as a use of the token.
+pub fn lookup(c: &mut db::Tx<'_>, token_hash: &str) -> Result<Caller, ApiError> {
+    let row = c.query_opt(
+        "SELECT t.id, t.revoked, t.machine, u.id, u.email, u.role, u.team_id, tm.name
+         FROM tokens t JOIN users u ON u.id = t.user_id
+         LEFT JOIN teams tm ON tm.id = u.team_id WHERE t.hash = ?1",
+        params![token_hash],
+        |r| {
+            Ok((
+                r.get::<i64>(0)?,
+                r.get::<Option<i64>>(1)?,
+                r.get::<Option<String>>(2)?,
+                r.get::<i64>(3)?,
+                r.get::<String>(4)?,
+                r.get::<String>(5)?,
+                r.get::<Option<i64>>(6)?,
+                r.get::<Option<String>>(7)?,
+            ))
+        },
+    )?;
+    let Some((token_id, revoked, machine, user_id, email, role, team_id, team)) = row else {
+        return Err(ApiError::Unauthenticated(
+            "unknown token: sign in again with `sbx login URL`".into(),
+        ));
+    };
+    if revoked.is_some() {
+        return Err(ApiError::Unauthenticated(
+            "this token was revoked: sign in again with `sbx login URL`".into(),
+        ));
+    }
+    c.execute(
+        "UPDATE tokens SET last_used = ?1 WHERE id = ?2",
+        params![db::now(), token_id],
+    )?;
+    let role = Role::parse(&role)
+        .ok_or_else(|| ApiError::Internal(format!("user {email} has an unknown role {role}")))?;
+    Ok(Caller {
+        token_id,
+        user_id,
+        email,
+        role,
+        team_id,
+        team,
+        machine,
+    })
 }

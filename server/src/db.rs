@@ -130,6 +130,17 @@ ALTER TABLE admin_log ADD COLUMN line TEXT;
 ALTER TABLE admin_log ADD COLUMN hash TEXT;
 CREATE UNIQUE INDEX admin_log_seq ON admin_log(seq);
 "#,
+    // People signed in to the dashboard: a cookie's hash, its CSRF token.
+    r#"
+CREATE TABLE web_sessions (
+    hash TEXT PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    csrf TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+);
+CREATE INDEX audit_records_session ON audit_records(machine, session, seq);
+"#,
 ];
 
 /// Which database, and its connections.

@@ -53,9 +53,10 @@ impl From<postgres::Error> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match &self {
+impl ApiError {
+    /// The HTTP status it answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
             ApiError::BadRequest(_) | ApiError::Policy { .. } | ApiError::Pending => {
                 StatusCode::BAD_REQUEST
             }
@@ -64,11 +65,17 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooMany => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Internal(m) => {
-                tracing::error!("{m}");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(m) = &self {
+            tracing::error!("{m}");
+        }
         let mut body = json!({ "error": self.to_string() });
         if let ApiError::Policy { line, .. } = &self {
             body["line"] = json!(line);

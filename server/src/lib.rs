@@ -13,7 +13,8 @@
 //!   concern: `identity.rs` (setup, teams, users, tokens), `device.rs` (the
 //!   device-code sign-in), `policy.rs` (push and fetch), `audit.rs` (the
 //!   machines' records: ingested with their chains checked, queried);
-//! - `limits.rs`: request size and rate limits.
+//! - `limits.rs`: request size and rate limits;
+//! - `web/`: the dashboard, pages for people signed in with a cookie.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ mod limits;
 mod routes;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod web;
 
 pub use error::ApiError;
 
@@ -137,6 +139,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin-log/verify", get(admin_log::verify))
         .route("/api/v1/openapi.json", get(routes::openapi))
         .route("/device", get(device::page))
+        .merge(web::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }

@@ -4,151 +4,14 @@
 
 use std::time::Duration;
 
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::Client;
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 
-struct Server {
-    url: String,
-    setup: String,
-    db: sbx_server::db::Db,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
+#[macro_use]
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-/// Where the server keeps its data: the suite runs on both.
-#[derive(Clone, Copy, Debug)]
-enum Store {
-    Sqlite,
-    Postgres,
-}
-
-/// The database `test` uses on `store`: None for SQLite (a file in the
-/// data directory), a database of its own on the tests' PostgreSQL.
-fn database(store: Store, test: &str) -> Option<String> {
-    match store {
-        Store::Sqlite => None,
-        Store::Postgres => Some(sbx_server::testing::postgres_database(test)),
-    }
-}
-
-fn start(store: Store, test: &str) -> Server {
-    start_with(database(store, test), 1200)
-}
-
-/// An instance on `database`, with `per_token` requests a minute allowed.
-fn start_with(database: Option<String>, per_token: u32) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let opened = sbx_server::open(sbx_server::Config {
-        data: dir.path().join("data"),
-        database,
-        database_ca: None,
-        bundle_ttl: Duration::from_secs(3600),
-        public_url: format!("http://{addr}"),
-        per_token_per_minute: per_token,
-    })
-    .unwrap();
-    let setup = opened.setup_token.clone().unwrap_or_default();
-    let db = opened.state.db.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let _ = sbx_server::serve_until(opened.state, listener, async {
-                let _ = rx.await;
-            })
-            .await;
-        })
-    });
-    Server {
-        url: format!("http://{addr}"),
-        setup,
-        db,
-        stop: Some(tx),
-        _dir: dir,
-    }
-}
-
-/// Runs the test function `$name(Store)` on SQLite and on PostgreSQL, as
-/// `$name::sqlite` and `$name::postgres`.
-macro_rules! on_both {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn sqlite() {
-                super::$name(super::Store::Sqlite)
-            }
-            #[test]
-            fn postgres() {
-                super::$name(super::Store::Postgres)
-            }
-        }
-    };
-}
-
-struct Api<'a> {
-    s: &'a Server,
-    c: Client,
-}
-
-impl Api<'_> {
-    fn req(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-    ) -> reqwest::blocking::RequestBuilder {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut r = self.c.request(m, format!("{}{path}", self.s.url));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        r
-    }
-    fn json(&self, method: &str, path: &str, token: Option<&str>, body: Value) -> Response {
-        self.req(method, path, token).json(&body).send().unwrap()
-    }
-    fn text(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> Response {
-        self.req(method, path, token)
-            .body(body.to_string())
-            .send()
-            .unwrap()
-    }
-    fn get(&self, path: &str, token: Option<&str>) -> Response {
-        self.req("GET", path, token).send().unwrap()
-    }
-}
-
-fn ok(r: Response) -> Value {
-    let status = r.status();
-    let body: Value = r.json().unwrap_or(Value::Null);
-    assert!(status.is_success(), "{status}: {body}");
-    body
-}
-
-fn status(r: Response) -> (StatusCode, Value) {
-    let s = r.status();
-    (s, r.json().unwrap_or(Value::Null))
-}
-
-const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"no-pastebin\"\naction = \"deny\"\nto = [\"pastebin.com\"]\n";
-const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"web-api\"\naction = \"allow\"\nto = [\"api.web.example\"]\nports = [443]\n";
+use common::*;
 
 on_both!(the_api_from_setup_to_a_signed_in_machine_fetching_policy);
 fn the_api_from_setup_to_a_signed_in_machine_fetching_policy(store: Store) {
@@ -548,17 +411,6 @@ fn unauthenticated_malformed_and_oversized_requests_are_refused(store: Store) {
     assert!(limited > 0, "no rate limit on the device flow");
     let doc = ok(api.get("/api/v1/openapi.json", None));
     assert!(doc["paths"]["/api/v1/policy"].is_object());
-}
-
-/// The first org admin's token.
-fn first_admin(api: &Api<'_>) -> String {
-    let admin = ok(api.json(
-        "POST",
-        "/api/v1/setup",
-        None,
-        json!({"setup_token": api.s.setup, "email": "root@acme.example"}),
-    ));
-    admin["token"].as_str().unwrap().to_string()
 }
 
 on_both!(the_admin_log_is_a_chain_that_shows_an_edited_row);

@@ -101,29 +101,76 @@ fn store(
     Ok(version)
 }
 
+/// Refuses unless `caller` may push the org policy (`team` None) or that
+/// team's: org admins push any, a team's admins their own.
+pub(crate) fn may_push(caller: &Caller, team: Option<&str>) -> Result<(), ApiError> {
+    caller.require_person("push policy")?;
+    match team {
+        None => caller.require(&[Role::OrgAdmin], "push the org policy"),
+        Some(team) => {
+            identity::check_name("team", team)?;
+            let own_team = caller.role == Role::TeamAdmin && caller.team.as_deref() == Some(team);
+            if caller.role == Role::OrgAdmin || own_team {
+                Ok(())
+            } else {
+                Err(ApiError::Forbidden(format!(
+                    "{} ({}) may not push team `{team}`'s policy: org admins and that team's admins may",
+                    caller.email,
+                    caller.role.as_str()
+                )))
+            }
+        }
+    }
+}
+
+/// A new version of the org policy (`team` None) or a team's, checked as
+/// `sbx policy check` would (a team's under the org's delegation; the org's
+/// against every team's current policy, which it must not strand); returns
+/// its number. The caller was checked with [`may_push`].
+pub(crate) fn push(
+    c: &mut Tx<'_>,
+    caller: &Caller,
+    team: Option<&str>,
+    body: String,
+) -> Result<i64, ApiError> {
+    let Some(team) = team else {
+        validate(&body, "org", None)?;
+        // What a new org policy stops delegating, the teams must stop
+        // allowing first.
+        for (team, version, text) in latest_teams(c)? {
+            if let Err(e) = validate(&text, "team", Some(&body)) {
+                return Err(ApiError::Conflict(format!(
+                    "this org policy would refuse team `{team}`'s policy (version {version}): {e}; change that policy first"
+                )));
+            }
+        }
+        return store(c, "org", None, body, caller.user_id, "org");
+    };
+    let org = latest(c, "org", None)?.map(|(_, text)| text);
+    validate(&body, "team", org.as_deref())?;
+    let id: i64 = c
+        .query_opt("SELECT id FROM teams WHERE name = ?1", params![team], |r| {
+            r.get(0)
+        })?
+        .ok_or_else(|| ApiError::NotFound(format!("no team `{team}`")))?;
+    store(
+        c,
+        "team",
+        Some(id),
+        body,
+        caller.user_id,
+        &format!("team/{team}"),
+    )
+}
+
 /// `PUT /api/v1/policy/org` (org admins): a new version of the org policy.
 pub async fn push_org(
     State(s): State<AppState>,
     caller: Caller,
     body: String,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_person("push policy")?;
-    caller.require(&[Role::OrgAdmin], "push the org policy")?;
-    validate(&body, "org", None)?;
-    let version =
-        s.db.run(move |c| {
-            // A new org policy must not strand a team's: what it stops
-            // delegating, the teams must stop allowing first.
-            for (team, version, text) in latest_teams(c)? {
-                if let Err(e) = validate(&text, "team", Some(&body)) {
-                    return Err(ApiError::Conflict(format!(
-                        "this org policy would refuse team `{team}`'s policy (version {version}): {e}; change that policy first"
-                    )));
-                }
-            }
-            store(c, "org", None, body, caller.user_id, "org")
-        })
-        .await?;
+    may_push(&caller, None)?;
+    let version = s.db.run(move |c| push(c, &caller, None, body)).await?;
     Ok(Json(json!({ "scope": "org", "version": version })))
 }
 
@@ -134,36 +181,9 @@ pub async fn push_team(
     Path(team): Path<String>,
     body: String,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_person("push policy")?;
-    identity::check_name("team", &team)?;
-    let own_team = caller.role == Role::TeamAdmin && caller.team.as_deref() == Some(team.as_str());
-    if caller.role != Role::OrgAdmin && !own_team {
-        return Err(ApiError::Forbidden(format!(
-            "{} ({}) may not push team `{team}`'s policy: org admins and that team's admins may",
-            caller.email,
-            caller.role.as_str()
-        )));
-    }
+    may_push(&caller, Some(&team))?;
     let t = team.clone();
-    let version =
-        s.db.run(move |c| {
-            let org = latest(c, "org", None)?.map(|(_, text)| text);
-            validate(&body, "team", org.as_deref())?;
-            let id: i64 = c
-                .query_opt("SELECT id FROM teams WHERE name = ?1", params![t], |r| {
-                    r.get(0)
-                })?
-                .ok_or_else(|| ApiError::NotFound(format!("no team `{t}`")))?;
-            store(
-                c,
-                "team",
-                Some(id),
-                body,
-                caller.user_id,
-                &format!("team/{t}"),
-            )
-        })
-        .await?;
+    let version = s.db.run(move |c| push(c, &caller, Some(&t), body)).await?;
     Ok(Json(
         json!({ "scope": "team", "team": team, "version": version }),
     ))
@@ -202,7 +222,7 @@ fn latest_teams(c: &mut Tx<'_>) -> Result<Vec<(String, i64, String)>, ApiError> 
     )
 }
 
-fn latest(
+pub(crate) fn latest(
     c: &mut Tx<'_>,
     scope: &str,
     team: Option<i64>,
