@@ -23,7 +23,14 @@ pub const NESTED: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 pub const IMAGES: &[&str] = &["mmdebstrap", "e2fsprogs", "curl"];
 /// What the tests drive sbx with (`sbx shell` runs under tmux; images are
 /// pushed with skopeo to a real registry; the MCP test server is Python).
-pub const TESTS: &[&str] = &["tmux", "docker-registry", "skopeo", "python3", "postgresql"];
+pub const TESTS: &[&str] = &[
+    "tmux",
+    "docker-registry",
+    "skopeo",
+    "python3",
+    "postgresql",
+    "chromium",
+];
 
 fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
