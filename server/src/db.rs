@@ -141,6 +141,48 @@ CREATE TABLE web_sessions (
 );
 CREATE INDEX audit_records_session ON audit_records(machine, session, seq);
 "#,
+    // Alerts, the webhooks they go to, and every attempt to deliver them.
+    r#"
+CREATE TABLE webhooks (
+    id INTEGER PRIMARY KEY,
+    url TEXT NOT NULL,
+    format TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    removed INTEGER
+);
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    user_id INTEGER REFERENCES users(id),
+    team_id INTEGER REFERENCES teams(id),
+    summary TEXT NOT NULL,
+    acked_by INTEGER REFERENCES users(id),
+    acked_at INTEGER
+);
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    alert_id INTEGER NOT NULL REFERENCES alerts(id),
+    webhook_id INTEGER NOT NULL REFERENCES webhooks(id),
+    attempts INTEGER NOT NULL,
+    next_at INTEGER NOT NULL,
+    delivered_at INTEGER,
+    last_status INTEGER,
+    last_error TEXT
+);
+CREATE INDEX deliveries_due ON deliveries(next_at);
+CREATE TABLE delivery_attempts (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+    at INTEGER NOT NULL,
+    status INTEGER,
+    error TEXT
+);
+"#,
 ];
 
 /// Which database, and its connections.

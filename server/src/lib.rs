@@ -8,6 +8,9 @@
 //!   and its migrations;
 //! - `admin_log.rs`: the server's own chained audit trail of
 //!   administrative actions;
+//! - `alerts.rs`: alerts raised as records arrive, webhooks, and
+//!   `deliver.rs`, the worker that delivers them (retried, every attempt
+//!   recorded);
 //! - `auth.rs`: tokens and roles, checked on every route;
 //! - `routes/`: the versioned JSON API (`/api/v1/...`), one file per
 //!   concern: `identity.rs` (setup, teams, users, tokens), `device.rs` (the
@@ -24,8 +27,10 @@ use axum::routing::{delete, get, post, put};
 use axum::Router;
 
 pub mod admin_log;
+mod alerts;
 pub mod auth;
 pub mod db;
+mod deliver;
 mod error;
 mod limits;
 mod routes;
@@ -68,6 +73,8 @@ pub struct AppState {
     pub limiter: Arc<limits::RateLimiter<std::net::IpAddr>>,
     /// Every other route's, per token.
     pub token_limiter: Arc<limits::RateLimiter<i64>>,
+    /// Wakes the alert delivery worker.
+    pub alerts: Arc<tokio::sync::Notify>,
 }
 
 /// The server, opened: the state and, on a fresh database, the one-time
@@ -101,6 +108,7 @@ pub fn open(config: Config) -> anyhow::Result<Opened> {
             db,
             limiter: Arc::new(limits::RateLimiter::new(60)),
             token_limiter: Arc::new(limits::RateLimiter::new(config.per_token_per_minute)),
+            alerts: Arc::new(tokio::sync::Notify::new()),
             config: Arc::new(config),
         },
         setup_token,
@@ -135,6 +143,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", post(audit::ingest).get(audit::query))
         .route("/api/v1/audit/heads", get(audit::heads))
         .route("/api/v1/audit/flags", get(audit::flags))
+        .route("/api/v1/alerts", get(alerts::get_alerts))
+        .route("/api/v1/alerts/{id}/ack", post(alerts::ack))
+        .route(
+            "/api/v1/webhooks",
+            post(alerts::add_webhook).get(alerts::list_webhooks),
+        )
+        .route("/api/v1/webhooks/{id}", delete(alerts::remove_webhook))
         .route("/api/v1/admin-log", get(admin_log::export))
         .route("/api/v1/admin-log/verify", get(admin_log::verify))
         .route("/api/v1/openapi.json", get(routes::openapi))
@@ -155,10 +170,14 @@ pub async fn serve_until(
     listener: tokio::net::TcpListener,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
+    // Alerts go out for as long as the server serves.
+    let worker = tokio::spawn(deliver::run(state.clone()));
+    let served = axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(stop)
-    .await
+    .await;
+    worker.abort();
+    served
 }

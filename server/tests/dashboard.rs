@@ -174,48 +174,6 @@ fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
     );
 }
 
-/// A client that keeps no cookies and follows no redirects: each request
-/// says what it carries.
-fn bare() -> Client {
-    Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-/// Signs in at `/ui/signin` with `token`: the cookie and the CSRF token.
-fn sign_in(url: &str, token: &str) -> (String, String) {
-    let r = bare()
-        .post(format!("{url}/ui/signin"))
-        .form(&[("token", token)])
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER, "sign-in");
-    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
-    assert!(
-        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
-        "{cookie}"
-    );
-    let cookie = cookie.split(';').next().unwrap().to_string();
-    let page = get(url, "/ui/sessions", &cookie).1;
-    let csrf = page
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap()
-        .to_string();
-    (cookie, csrf)
-}
-
-fn get(url: &str, path: &str, cookie: &str) -> (StatusCode, String) {
-    let r = bare()
-        .get(format!("{url}{path}"))
-        .header("cookie", cookie)
-        .send()
-        .unwrap();
-    (r.status(), r.text().unwrap())
-}
-
 fn save(url: &str, team: &str, cookie: &str, csrf: Option<&str>) -> StatusCode {
     let mut form = vec![("text", TEAM.replace("api.web.example", "api2.web.example"))];
     if let Some(c) = csrf {
@@ -273,14 +231,14 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
 
     // An auditor sees everything and changes nothing.
     let (cookie, csrf) = sign_in(url, &org.audrey);
-    let (c, page) = get(url, "/ui/sessions/bob-laptop/s-1", &cookie);
+    let (c, page) = get_page(url, "/ui/sessions/bob-laptop/s-1", &cookie);
     assert_eq!(c, StatusCode::OK);
     assert!(page.contains("pastebin.com:443"));
-    let (c, page) = get(url, "/ui/policy/teams/web", &cookie);
+    let (c, page) = get_page(url, "/ui/policy/teams/web", &cookie);
     assert_eq!(c, StatusCode::OK);
     assert!(!page.contains("id=\"edit\""), "no edit link for an auditor");
     assert_eq!(
-        get(url, "/ui/policy/teams/web/edit", &cookie).0,
+        get_page(url, "/ui/policy/teams/web/edit", &cookie).0,
         StatusCode::FORBIDDEN
     );
     assert_eq!(
@@ -290,18 +248,18 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
 
     // A team admin sees their team only.
     let (cookie, csrf) = sign_in(url, &org.carol);
-    let (c, page) = get(url, "/ui/sessions", &cookie);
+    let (c, page) = get_page(url, "/ui/sessions", &cookie);
     assert_eq!(c, StatusCode::OK);
     assert!(
         !page.contains("bob-laptop"),
         "another team's session is listed"
     );
     assert_eq!(
-        get(url, "/ui/sessions/bob-laptop/s-1", &cookie).0,
+        get_page(url, "/ui/sessions/bob-laptop/s-1", &cookie).0,
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        get(url, "/ui/policy/teams/web", &cookie).0,
+        get_page(url, "/ui/policy/teams/web", &cookie).0,
         StatusCode::FORBIDDEN
     );
     assert_eq!(
@@ -350,5 +308,8 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
         .send()
         .unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    assert_eq!(get(url, "/ui/sessions", &cookie).0, StatusCode::SEE_OTHER);
+    assert_eq!(
+        get_page(url, "/ui/sessions", &cookie).0,
+        StatusCode::SEE_OTHER
+    );
 }

@@ -17,6 +17,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::alerts;
 use crate::auth::{Caller, Role};
 use crate::db::{self, params, Tx};
 use crate::error::ApiError;
@@ -32,8 +33,10 @@ fn head(c: &mut Tx<'_>, machine: &str, session: &str) -> Result<(u64, String), A
     .unwrap_or((0, sbx_audit::GENESIS.to_string())))
 }
 
+/// Flags a log that fails its chain, and raises the alert for it.
 fn flag(
     c: &mut Tx<'_>,
+    caller: &Caller,
     machine: &str,
     session: &str,
     seq: u64,
@@ -45,7 +48,23 @@ fn flag(
         "INSERT INTO audit_flags (at, machine, session, seq, kind, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![db::now(), machine, session, seq as i64, kind, details.to_string()],
     )?;
-    Ok(())
+    let why = details["why"].as_str().unwrap_or(kind);
+    alerts::raise(
+        c,
+        "log-tampered",
+        &origin(caller, machine, session, seq),
+        &format!("{kind}: {why}"),
+    )
+}
+
+fn origin<'a>(caller: &Caller, machine: &'a str, session: &'a str, seq: u64) -> alerts::Origin<'a> {
+    alerts::Origin {
+        machine,
+        session,
+        seq,
+        user_id: caller.user_id,
+        team_id: caller.team_id,
+    }
 }
 
 /// `POST /api/v1/audit` (machine tokens): records as JSON lines, in order.
@@ -76,10 +95,10 @@ pub async fn ingest(
             },
         }
     }
-    s.db.run(move |tx| {
-        let (mut accepted, mut duplicates, mut flagged) = (0u64, 0u64, 0u64);
+    let done = s.db.run(move |tx| {
+        let (mut accepted, mut duplicates, mut flagged, mut raised) = (0u64, 0u64, 0u64, 0u64);
         for (r, why) in &edited {
-            flag(tx, &machine, &r.session, r.seq, "edited", json!({ "id": r.id, "why": why }))?;
+            flag(tx, &caller, &machine, &r.session, r.seq, "edited", json!({ "id": r.id, "why": why }))?;
             flagged += 1;
         }
         let mut heads: HashMap<String, (u64, String)> = HashMap::new();
@@ -98,7 +117,7 @@ pub async fn ingest(
                 match held {
                     Some(h) if h == r.hash => duplicates += 1,
                     held => {
-                        flag(tx, &machine, &session, r.seq, "edited", json!({
+                        flag(tx, &caller, &machine, &session, r.seq, "edited", json!({
                             "id": r.id, "held": held, "shipped": r.hash,
                             "why": "the machine's log now holds a different record at this place",
                         }))?;
@@ -108,13 +127,13 @@ pub async fn ingest(
                 continue;
             }
             if r.seq > seq + 1 {
-                flag(tx, &machine, &session, seq + 1, "gap", json!({
+                flag(tx, &caller, &machine, &session, seq + 1, "gap", json!({
                     "missing": [seq + 1, r.seq - 1],
                     "why": "records between the server's head and this one never arrived: deleted from the machine's log?",
                 }))?;
                 flagged += 1;
             } else if r.prev != hash {
-                flag(tx, &machine, &session, r.seq, "rewritten", json!({
+                flag(tx, &caller, &machine, &session, r.seq, "rewritten", json!({
                     "id": r.id, "expected_prev": hash, "prev": r.prev,
                     "why": "the chain does not continue from the record the server holds: the log was rewritten or truncated",
                 }))?;
@@ -131,13 +150,24 @@ pub async fn ingest(
                  ON CONFLICT(machine, session) DO UPDATE SET seq = ?3, hash = ?4",
                 params![machine, session, r.seq as i64, r.hash],
             )?;
+            if let Some(kind) = alerts::kind_of(&r) {
+                alerts::raise(tx, kind, &origin(&caller, &machine, &session, r.seq), &alerts::describe(&r))?;
+                raised += 1;
+            }
             heads.insert(session, (r.seq, r.hash.clone()));
             accepted += 1;
         }
         let heads: HashMap<String, u64> = heads.into_iter().map(|(k, (s, _))| (k, s)).collect();
-        Ok(Json(json!({ "accepted": accepted, "duplicates": duplicates, "flagged": flagged, "heads": heads })))
+        let reply = json!({ "accepted": accepted, "duplicates": duplicates, "flagged": flagged,
+                            "alerts": raised, "heads": heads });
+        Ok((reply, raised + flagged > 0))
     })
-    .await
+    .await?;
+    let (reply, wake) = done;
+    if wake {
+        s.alerts.notify_one();
+    }
+    Ok(Json(reply))
 }
 
 /// `GET /api/v1/audit/heads` (machine tokens): where each of the machine's

@@ -44,6 +44,11 @@ pub async fn openapi() -> Json<Value> {
                                "get": op("Records as JSON lines, filtered (user, team, machine, session, surface, decision, action, since, until), a page at a time (after, limit; X-Next-Cursor)", true) },
             "/api/v1/audit/heads": { "get": op("Where each of the machine's sessions stands on the server (machine tokens)", true) },
             "/api/v1/audit/flags": { "get": op("Edits, rewrites and gaps found in machines' logs (org admins, auditors)", true) },
+            "/api/v1/alerts": { "get": op("Alerts (exfiltration, rug-pull, log-tampered), newest first, with their deliveries (by role)", true) },
+            "/api/v1/alerts/{id}/ack": { "post": op("Acknowledge an alert (org admins; team admins their team's)", true) },
+            "/api/v1/webhooks": { "post": op("Add a webhook for alerts: {url, format: json|slack}; returns its signing secret once (org admins)", true),
+                                  "get": op("Webhooks with delivered, pending and attempted counts (org admins, auditors)", true) },
+            "/api/v1/webhooks/{id}": { "delete": op("Remove a webhook (org admins)", true) },
             "/api/v1/admin-log": { "get": op("The server's own chained audit trail of administrative actions, as JSON lines (org admins, auditors)", true) },
             "/api/v1/admin-log/verify": { "get": op("Whether that chain is intact, or its first broken record (org admins, auditors)", true) },
         }

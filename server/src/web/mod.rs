@@ -6,6 +6,7 @@
 //! - `signin.rs`: signing in and out, the `Viewer` of every page, CSRF;
 //! - `sessions.rs`: the sessions machines shipped, and one's timeline;
 //! - `policy.rs`: org and team policy, versions, diffs, the editor;
+//! - `alerts.rs`: alerts, and acknowledging them;
 //! - `diff.rs`: a line diff for policy versions.
 
 use axum::response::{Html, IntoResponse, Response};
@@ -15,6 +16,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::AppState;
 
+mod alerts;
 mod diff;
 mod policy;
 mod sessions;
@@ -30,6 +32,8 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/signin", get(signin::form).post(signin::submit))
         .route("/ui/signout", post(signin::signout))
         .route("/ui/sessions", get(sessions::list))
+        .route("/ui/alerts", get(alerts::list))
+        .route("/ui/alerts/{id}/ack", post(alerts::ack))
         .route("/ui/sessions/{machine}/{session}", get(sessions::timeline))
         .route("/ui/policy", get(policy::index))
         .route("/ui/policy/check", post(policy::check))
@@ -128,7 +132,7 @@ pub(crate) fn page(viewer: &Viewer, title: &str, body: &str) -> Html<String> {
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title} · sbx</title>
 <meta name="viewport" content="width=device-width"><style>{STYLE}</style></head><body>
-<header><strong>sbx</strong><a href="/ui/sessions">Sessions</a><a href="/ui/policy">Policy</a>
+<header><strong>sbx</strong><a href="/ui/sessions">Sessions</a><a href="/ui/alerts">Alerts</a><a href="/ui/policy">Policy</a>
 <form method="post" action="/ui/signout"><input type="hidden" name="csrf" value="{csrf}">
 <span class="muted">{who} ({role})</span> <button>Sign out</button></form></header>
 <main><h1>{title}</h1>{body}</main></body></html>"#,

@@ -48,6 +48,9 @@ pub fn start(store: Store, test: &str) -> Server {
 
 /// An instance on `database`, with `per_token` requests a minute allowed.
 pub fn start_with(database: Option<String>, per_token: u32) -> Server {
+    // The server's HTTP client brings no TLS provider of its own (it is
+    // given egress's); the tests' clients use ring's.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -206,4 +209,46 @@ pub fn sign_in_machine(api: &Api<'_>, token: &str, machine: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// A client that keeps no cookies and follows no redirects: each request
+/// says what it carries.
+pub fn bare() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in at `/ui/signin` with `token`: the cookie and the CSRF token.
+pub fn sign_in(url: &str, token: &str) -> (String, String) {
+    let r = bare()
+        .post(format!("{url}/ui/signin"))
+        .form(&[("token", token)])
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SEE_OTHER, "sign-in");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = get_page(url, "/ui/sessions", &cookie).1;
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    (cookie, csrf)
+}
+
+pub fn get_page(url: &str, path: &str, cookie: &str) -> (reqwest::StatusCode, String) {
+    let r = bare()
+        .get(format!("{url}{path}"))
+        .header("cookie", cookie)
+        .send()
+        .unwrap();
+    (r.status(), r.text().unwrap())
 }
