@@ -119,22 +119,35 @@ fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
     b.type_into("#token", &alice);
     b.click("#signin");
     b.settle();
+
+    // First the overview: the session, its decisions by surface, what was
+    // refused.
+    b.wait_for("document.querySelector('#chart rect')");
+    b.shot("1-overview");
+    assert!(
+        b.text("#refused").contains("pastebin.com:443"),
+        "{}",
+        b.text("#refused")
+    );
+    assert!(b.text("#totals").contains("1"), "{}", b.text("#totals"));
+    b.click("header a[href='/ui/sessions']");
+    b.settle();
     b.wait_for("document.querySelector('#sessions')");
-    b.shot("1-sessions");
+    b.shot("2-sessions");
     assert!(b.text("#sessions").contains("bob-laptop"));
 
     // The session's timeline; the refusal names its rule, with a link.
     b.click("#sessions a");
     b.settle();
     b.wait_for("document.querySelector('#timeline')");
-    b.shot("2-timeline");
+    b.shot("3-timeline");
     let timeline = b.text("#timeline");
     assert!(timeline.contains("pastebin.com:443"), "{timeline}");
     assert!(b.text("#chain").contains("Chain intact: 3 records"));
     b.click("tr.deny a.rule");
     b.settle();
     b.wait_for("document.querySelector('#text')");
-    b.shot("3-rule");
+    b.shot("4-rule");
     let url = b.url();
     assert!(url.ends_with("/ui/policy/org?v=1#L3"), "{url}");
     assert!(b.text("#L3").contains("[[network]]"), "{}", b.text("#L3"));
@@ -147,7 +160,7 @@ fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
         "layer = \"team\"\n\n[[network]]\naction = \"perhaps\"\nto = [\"api.web.example\"]\n";
     b.type_into("#text", broken);
     b.wait_for("document.querySelector('#error').textContent.includes('line 4')");
-    b.shot("4-error");
+    b.shot("5-error");
     assert!(b.text("#error").contains("perhaps"), "{}", b.text("#error"));
     let fixed = "layer = \"team\"\n\n[[network]]\nid = \"web-api\"\naction = \"allow\"\nto = [\"api.web.example\", \"cdn.web.example\"]\nports = [443]\n";
     b.type_into("#text", fixed);
@@ -155,7 +168,7 @@ fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
     b.click("#save");
     b.settle();
     b.wait_for("document.querySelector('#diff')");
-    b.shot("5-history");
+    b.shot("6-history");
     assert!(
         b.url().contains("/ui/policy/teams/web?v=2&diff=1"),
         "{}",
@@ -231,6 +244,12 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
 
     // An auditor sees everything and changes nothing.
     let (cookie, csrf) = sign_in(url, &org.audrey);
+    let (c, page) = get_page(url, "/ui/overview?days=30", &cookie);
+    assert_eq!(c, StatusCode::OK);
+    assert!(
+        page.contains("pastebin.com:443") && page.contains("<svg id=\"chart\""),
+        "{page}"
+    );
     let (c, page) = get_page(url, "/ui/sessions/bob-laptop/s-1", &cookie);
     assert_eq!(c, StatusCode::OK);
     assert!(page.contains("pastebin.com:443"));
@@ -248,6 +267,12 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
 
     // A team admin sees their team only.
     let (cookie, csrf) = sign_in(url, &org.carol);
+    let (c, page) = get_page(url, "/ui/overview", &cookie);
+    assert_eq!(c, StatusCode::OK);
+    assert!(
+        !page.contains("pastebin.com"),
+        "another team's refusals in the overview"
+    );
     let (c, page) = get_page(url, "/ui/sessions", &cookie);
     assert_eq!(c, StatusCode::OK);
     assert!(

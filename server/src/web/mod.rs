@@ -4,6 +4,8 @@
 //! styles and the one script are in the pages.
 //!
 //! - `signin.rs`: signing in and out, the `Viewer` of every page, CSRF;
+//! - `overview.rs`: a period at a glance: sessions, decisions by surface
+//!   over time, the most refused, the alerts;
 //! - `sessions.rs`: the sessions machines shipped, and one's timeline;
 //! - `policy.rs`: org and team policy, versions, diffs, the editor;
 //! - `alerts.rs`: alerts, and acknowledging them;
@@ -18,6 +20,7 @@ use crate::AppState;
 
 mod alerts;
 mod diff;
+mod overview;
 mod policy;
 mod sessions;
 mod signin;
@@ -31,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/", get(sessions::home))
         .route("/ui/signin", get(signin::form).post(signin::submit))
         .route("/ui/signout", post(signin::signout))
+        .route("/ui/overview", get(overview::show))
         .route("/ui/sessions", get(sessions::list))
         .route("/ui/alerts", get(alerts::list))
         .route("/ui/alerts/{id}/ack", post(alerts::ack))
@@ -132,7 +136,7 @@ pub(crate) fn page(viewer: &Viewer, title: &str, body: &str) -> Html<String> {
     Html(format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title} · sbx</title>
 <meta name="viewport" content="width=device-width"><style>{STYLE}</style></head><body>
-<header><strong>sbx</strong><a href="/ui/sessions">Sessions</a><a href="/ui/alerts">Alerts</a><a href="/ui/policy">Policy</a>
+<header><strong>sbx</strong><a href="/ui/overview">Overview</a><a href="/ui/sessions">Sessions</a><a href="/ui/alerts">Alerts</a><a href="/ui/policy">Policy</a>
 <form method="post" action="/ui/signout"><input type="hidden" name="csrf" value="{csrf}">
 <span class="muted">{who} ({role})</span> <button>Sign out</button></form></header>
 <main><h1>{title}</h1>{body}</main></body></html>"#,

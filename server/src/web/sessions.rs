@@ -14,7 +14,7 @@ use crate::AppState;
 
 /// What of the audit trail `caller` may see, as a condition on
 /// `audit_records a` with one parameter.
-fn visible(caller: &Caller) -> (&'static str, i64) {
+pub(crate) fn visible(caller: &Caller) -> (&'static str, i64) {
     match caller.role {
         // Every record: ids start at 1.
         Role::OrgAdmin | Role::Auditor => ("a.id > ?", 0),
@@ -23,9 +23,9 @@ fn visible(caller: &Caller) -> (&'static str, i64) {
     }
 }
 
-/// `GET /ui`: the sessions.
+/// `GET /ui`: the overview.
 pub async fn home(_viewer: Viewer) -> Response {
-    Redirect::to("/ui/sessions").into_response()
+    Redirect::to("/ui/overview").into_response()
 }
 
 /// `GET /ui/sessions`: the newest sessions the viewer may see.

@@ -188,7 +188,7 @@ pub async fn submit(
                 "{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={LIFETIME}{secure}"
             ),
         )],
-        Redirect::to("/ui/sessions"),
+        Redirect::to("/ui/overview"),
     )
         .into_response()
 }
