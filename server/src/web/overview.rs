@@ -32,10 +32,7 @@ pub async fn show(
     viewer: Viewer,
     Query(p): Query<Period>,
 ) -> Result<Html<String>, PageError> {
-    let days = match p.days {
-        Some(d @ (1 | 7 | 30)) => d,
-        _ => 7,
-    };
+    let days = p.days.filter(|d| [1, 7, 30].contains(d)).unwrap_or(7);
     let now = time::OffsetDateTime::now_utc();
     let fmt = |t: time::OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
