@@ -12,7 +12,7 @@ mod verify;
 use std::path::PathBuf;
 
 pub use entry::{denial, Entry, GuestReport, RuleCite};
-pub use log::{chained, decision_event, Appended, AuditLog, Identity};
+pub use log::{chained, chained_at, decision_event, Appended, AuditLog, Identity};
 pub use printable::printable;
 pub use query::{parse_time, read_records, Cursor, Filter};
 pub use record::{check_line, Category, Event, Record, GENESIS, SCHEMA};

@@ -105,12 +105,24 @@ pub fn chained(
     category: Category,
     event: Event,
 ) -> (Record, String) {
+    chained_at(prev, identity, category, event, now_rfc3339())
+}
+
+/// The same, stamped `ts` (RFC 3339) rather than now: for records made up
+/// elsewhere (benchmarks, imports).
+pub fn chained_at(
+    prev: (u64, &str),
+    identity: &Identity,
+    category: Category,
+    event: Event,
+    ts: String,
+) -> (Record, String) {
     let seq = prev.0 + 1;
     let mut record = Record {
         schema: SCHEMA.to_string(),
         seq,
         id: format!("{}-{seq}", identity.session),
-        ts: now_rfc3339(),
+        ts,
         category,
         session: identity.session.clone(),
         user: identity.user.clone(),

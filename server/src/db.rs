@@ -139,7 +139,6 @@ CREATE TABLE web_sessions (
     created INTEGER NOT NULL,
     expires INTEGER NOT NULL
 );
-CREATE INDEX audit_records_session ON audit_records(machine, session, seq);
 "#,
     // Alerts, the webhooks they go to, and every attempt to deliver them.
     r#"
@@ -182,6 +181,51 @@ CREATE TABLE delivery_attempts (
     status INTEGER,
     error TEXT
 );
+"#,
+    // Running totals for the dashboard (`rollup.rs`), filled from what is
+    // stored already; refusals by resource count from here on (the
+    // resource is only in the records' lines).
+    r#"
+CREATE TABLE audit_sessions (
+    machine TEXT NOT NULL,
+    session TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    team_id INTEGER NOT NULL,
+    first_ts TEXT NOT NULL,
+    last_ts TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    denied INTEGER NOT NULL,
+    stopped INTEGER NOT NULL,
+    PRIMARY KEY (machine, session)
+);
+CREATE INDEX audit_sessions_last ON audit_sessions(last_ts);
+CREATE TABLE audit_counts (
+    hour TEXT NOT NULL,
+    surface TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    team_id INTEGER NOT NULL,
+    allowed INTEGER NOT NULL,
+    denied INTEGER NOT NULL,
+    PRIMARY KEY (hour, surface, user_id, team_id)
+);
+CREATE TABLE audit_refusals (
+    day TEXT NOT NULL,
+    surface TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    user_id INTEGER NOT NULL,
+    team_id INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (day, surface, resource, user_id, team_id)
+);
+INSERT INTO audit_sessions
+    SELECT machine, session, MIN(user_id), COALESCE(MIN(team_id), 0), MIN(ts), MAX(ts), COUNT(*),
+           COUNT(CASE WHEN decision IS NOT NULL AND decision <> 'allow' THEN 1 END),
+           CASE WHEN COUNT(CASE WHEN action = 'stop' THEN 1 END) > 0 THEN 1 ELSE 0 END
+    FROM audit_records GROUP BY machine, session;
+INSERT INTO audit_counts
+    SELECT substr(ts, 1, 13), COALESCE(surface, ''), user_id, COALESCE(team_id, 0),
+           COUNT(CASE WHEN decision = 'allow' THEN 1 END), COUNT(CASE WHEN decision <> 'allow' THEN 1 END)
+    FROM audit_records WHERE decision IS NOT NULL GROUP BY 1, 2, 3, 4;
 "#,
 ];
 

@@ -33,6 +33,7 @@ pub mod db;
 mod deliver;
 mod error;
 mod limits;
+mod rollup;
 mod routes;
 #[cfg(feature = "testing")]
 pub mod testing;

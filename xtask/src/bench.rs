@@ -22,6 +22,9 @@ pub enum Which {
     Mcp,
     /// The control plane: policy fetch latency at session start (host only).
     Server,
+    /// The dashboard's pages with 1,000,000 audit records, on SQLite and
+    /// PostgreSQL (host only).
+    Dashboard,
     /// Exec round trip and vsock throughput of a session (boots a real guest).
     Session,
     /// Egress proxy: connection setup and tunnel throughput on the host's
@@ -80,6 +83,15 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         proc::step("sbx-server's policy fetch, on this host");
         proc::run(&mut Command::new(release.join("sbx-bench-server")))?;
         if args.which == Which::Server {
+            return Ok(0);
+        }
+    }
+    if matches!(args.which, Which::All | Which::Dashboard) {
+        proc::step("dashboard pages with a million records, on SQLite");
+        proc::run(&mut Command::new(release.join("sbx-bench-dashboard")))?;
+        proc::step("the same on PostgreSQL");
+        proc::run(Command::new(release.join("sbx-bench-dashboard")).arg("--postgres"))?;
+        if args.which == Which::Dashboard {
             return Ok(0);
         }
     }

@@ -21,6 +21,7 @@ use crate::alerts;
 use crate::auth::{Caller, Role};
 use crate::db::{self, params, Tx};
 use crate::error::ApiError;
+use crate::rollup;
 use crate::AppState;
 
 /// The server's head for one session of one machine: `(seq, hash)`.
@@ -102,6 +103,7 @@ pub async fn ingest(
             flagged += 1;
         }
         let mut heads: HashMap<String, (u64, String)> = HashMap::new();
+        let mut totals = rollup::Batch::default();
         for (r, line) in records {
             let session = r.session.clone();
             let (seq, hash) = match heads.get(&session) {
@@ -154,9 +156,11 @@ pub async fn ingest(
                 alerts::raise(tx, kind, &origin(&caller, &machine, &session, r.seq), &alerts::describe(&r))?;
                 raised += 1;
             }
+            totals.add(&r);
             heads.insert(session, (r.seq, r.hash.clone()));
             accepted += 1;
         }
+        totals.store(tx, &machine, caller.user_id, caller.team_id)?;
         let heads: HashMap<String, u64> = heads.into_iter().map(|(k, (s, _))| (k, s)).collect();
         let reply = json!({ "accepted": accepted, "duplicates": duplicates, "flagged": flagged,
                             "alerts": raised, "heads": heads });

@@ -49,26 +49,23 @@ pub async fn show(
         .run(move |c| {
             let w = |sql: &str| sql.replace("{cond}", &cond.replace('?', "?2"));
             let totals = c.query_one(
-                &w("SELECT COUNT(DISTINCT a.machine || '/' || a.session), COUNT(DISTINCT a.machine),
-                           COUNT(DISTINCT a.user_id), COUNT(*)
-                    FROM audit_records a WHERE a.ts >= ?1 AND {cond}"),
+                &w("SELECT COUNT(*), COUNT(DISTINCT a.machine), COUNT(DISTINCT a.user_id),
+                           CAST(COALESCE(SUM(a.records), 0) AS BIGINT)
+                    FROM audit_sessions a WHERE a.last_ts >= ?1 AND {cond}"),
                 params![since, arg],
                 |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?)),
             )?;
             // Running: a record in the last ten minutes, and no stop yet.
             let running = c.query_one(
-                &w("SELECT COUNT(*) FROM (SELECT a.machine, a.session FROM audit_records a WHERE {cond}
-                    GROUP BY a.machine, a.session
-                    HAVING MAX(a.ts) >= ?1 AND COUNT(CASE WHEN a.action = 'stop' THEN 1 END) = 0) s"),
+                &w("SELECT COUNT(*) FROM audit_sessions a WHERE a.last_ts >= ?1 AND a.stopped = 0 AND {cond}"),
                 params![recent, arg],
                 |r| r.get::<i64>(0),
             )?;
             let counts = c.query_map(
-                &w("SELECT substr(a.ts, 1, ?3), COALESCE(a.surface, ''),
-                           COUNT(CASE WHEN a.decision = 'allow' THEN 1 END),
-                           COUNT(CASE WHEN a.decision <> 'allow' THEN 1 END)
-                    FROM audit_records a WHERE a.ts >= ?1 AND a.decision IS NOT NULL AND {cond}
-                    GROUP BY substr(a.ts, 1, ?3), COALESCE(a.surface, '') ORDER BY 1"),
+                &w("SELECT substr(a.hour, 1, ?3), a.surface,
+                           CAST(SUM(a.allowed) AS BIGINT), CAST(SUM(a.denied) AS BIGINT)
+                    FROM audit_counts a WHERE a.hour >= substr(?1, 1, 13) AND {cond}
+                    GROUP BY substr(a.hour, 1, ?3), a.surface ORDER BY 1"),
                 params![since, arg, width],
                 |r| {
                     Ok(Count {
@@ -79,18 +76,18 @@ pub async fn show(
                     })
                 },
             )?;
-            let denials = c.query_map(
-                &w("SELECT a.line FROM audit_records a
-                    WHERE a.ts >= ?1 AND a.decision IS NOT NULL AND a.decision <> 'allow' AND {cond}
-                    ORDER BY a.id DESC LIMIT 5000"),
+            let refused = c.query_map(
+                &w("SELECT a.surface, a.resource, CAST(SUM(a.n) AS BIGINT) FROM audit_refusals a
+                    WHERE a.day >= substr(?1, 1, 10) AND {cond}
+                    GROUP BY a.surface, a.resource ORDER BY 3 DESC, 2 LIMIT 15"),
                 params![since, arg],
-                |r| r.get::<String>(0),
+                |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<i64>(2)?)),
             )?;
             let alerts = crate::alerts::list(c, &caller)?;
-            Ok((totals, running, counts, denials, alerts))
+            Ok((totals, running, counts, refused, alerts))
         })
         .await?;
-    let ((sessions, machines, people, records), running, counts, denials, alerts) = data;
+    let ((sessions, machines, people, records), running, counts, refused, alerts) = data;
 
     let mut body = String::new();
     body.push_str("<p>");
@@ -136,18 +133,8 @@ pub async fn show(
     body.push_str("<h2>Decisions by surface</h2>");
     body.push_str(&chart(&counts));
 
-    // The most refused, from the records themselves.
-    let mut top: std::collections::BTreeMap<(String, String), i64> = Default::default();
-    for line in &denials {
-        if let Ok(r) = serde_json::from_str::<sbx_audit::Record>(line) {
-            let surface = r.event.surface.clone().unwrap_or_default();
-            *top.entry((surface, r.event.resource.clone())).or_default() += 1;
-        }
-    }
-    let mut top: Vec<_> = top.into_iter().collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     body.push_str("<h2>Refused most</h2><table id=\"refused\"><tr><th>Surface</th><th>What</th><th>Times</th></tr>");
-    for ((surface, resource), n) in top.iter().take(15) {
+    for (surface, resource, n) in &refused {
         body.push_str(&format!(
             "<tr><td>{}</td><td class=\"deny\">{}</td><td>{n}</td></tr>",
             esc(surface),

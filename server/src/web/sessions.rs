@@ -16,8 +16,8 @@ use crate::AppState;
 /// `audit_records a` with one parameter.
 pub(crate) fn visible(caller: &Caller) -> (&'static str, i64) {
     match caller.role {
-        // Every record: ids start at 1.
-        Role::OrgAdmin | Role::Auditor => ("a.id > ?", 0),
+        // Everyone's: user ids start at 1.
+        Role::OrgAdmin | Role::Auditor => ("a.user_id > ?", 0),
         Role::TeamAdmin => ("a.team_id = ?", caller.team_id.unwrap_or(-1)),
         Role::Member => ("a.user_id = ?", caller.user_id),
     }
@@ -40,10 +40,9 @@ pub async fn list(State(s): State<AppState>, viewer: Viewer) -> Result<Html<Stri
                 |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
             )?;
             let sql = format!(
-                "SELECT a.machine, a.session, MIN(a.ts), MAX(a.ts), COUNT(*),
-                        COUNT(CASE WHEN a.decision = 'deny' THEN 1 END), MAX(u.email), MAX(t.name)
-                 FROM audit_records a JOIN users u ON u.id = a.user_id LEFT JOIN teams t ON t.id = a.team_id
-                 WHERE {} GROUP BY a.machine, a.session ORDER BY MAX(a.id) DESC LIMIT 200",
+                "SELECT a.machine, a.session, a.first_ts, a.last_ts, a.records, a.denied, u.email, t.name
+                 FROM audit_sessions a JOIN users u ON u.id = a.user_id LEFT JOIN teams t ON t.id = a.team_id
+                 WHERE {} ORDER BY a.last_ts DESC LIMIT 200",
                 cond.replace('?', "?1")
             );
             let rows = c.query_map(&sql, params![arg], |r| {
