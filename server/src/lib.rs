@@ -17,6 +17,8 @@
 //!   device-code sign-in), `policy.rs` (push and fetch), `audit.rs` (the
 //!   machines' records: ingested with their chains checked, queried);
 //! - `limits.rs`: request size and rate limits;
+//! - `rollup.rs`: running totals of the audit trail, kept at ingestion,
+//!   that the dashboard reads;
 //! - `web/`: the dashboard, pages for people signed in with a cookie.
 
 use std::path::PathBuf;
