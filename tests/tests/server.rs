@@ -107,6 +107,32 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
         count("m"),
         local("m")
     );
+
+    // The dashboard shows this real session to bob: the refusal links to
+    // the line of the org policy version that made it.
+    let nc = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = nc
+        .post(format!("{url}/ui/signin"))
+        .form(&[("token", bob.as_str())])
+        .send()
+        .unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = nc
+        .get(format!("{url}/ui/sessions/bobs-laptop/m"))
+        .header("cookie", &cookie)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        page.contains("paste.test") && page.contains("/ui/policy/org?v=1#L"),
+        "{page}"
+    );
+    assert!(page.contains("Chain intact"), "{page}");
     host.ok(&["stop", "m"]);
 
     // A second session; the server goes away; the session is killed mid-stream.
