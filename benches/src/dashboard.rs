@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
+mod local_server;
 mod stats;
 
 #[derive(Parser)]
@@ -36,30 +37,8 @@ const SURFACES: [&str; 5] = ["net", "fs", "credential", "mcp", "exec"];
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let database = args
-        .postgres
-        .then(|| sbx_server::testing::postgres_database(&format!("dash-{}", std::process::id())));
-    let opened = sbx_server::open(sbx_server::Config {
-        data: dir.path().join("server"),
-        database,
-        database_ca: None,
-        bundle_ttl: Duration::from_secs(3600),
-        public_url: url.clone(),
-        per_token_per_minute: u32::MAX,
-    })?;
-    let kind = opened.state.db.kind();
-    let setup = opened.setup_token.clone().unwrap_or_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        sbx_server::serve(opened.state, listener).await
-    });
+    let server = local_server::start(dir.path(), args.postgres, Duration::from_secs(3600))?;
+    let (url, setup, kind) = (server.url.clone(), server.setup.clone(), server.kind);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let c = reqwest::blocking::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

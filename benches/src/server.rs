@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
+mod local_server;
 mod stats;
 
 #[derive(Parser)]
@@ -43,31 +44,9 @@ fn main() -> anyhow::Result<()> {
     // The refresh reads and writes the sign-in under these.
     std::env::set_var("SBX_CONFIG_DIR", dir.path().join("config"));
     std::env::set_var("SBX_STATE_DIR", dir.path().join("state"));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let database = args
-        .postgres
-        .then(|| sbx_server::testing::postgres_database(&format!("bench-{}", std::process::id())));
-    let opened = sbx_server::open(sbx_server::Config {
-        data: dir.path().join("server"),
-        database,
-        database_ca: None,
-        bundle_ttl: Duration::from_secs(72 * 3600),
-        public_url: url.clone(),
-        // The bench is one token asking as fast as it can.
-        per_token_per_minute: u32::MAX,
-    })?;
-    println!("database: {}", opened.state.db.kind());
-    let setup = opened.setup_token.clone().unwrap_or_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        sbx_server::serve(opened.state, listener).await
-    });
+    let server = local_server::start(dir.path(), args.postgres, Duration::from_secs(72 * 3600))?;
+    println!("database: {}", server.kind);
+    let (url, setup) = (server.url.clone(), server.setup.clone());
 
     let c = reqwest::blocking::Client::new();
     let call = |method: reqwest::Method,

@@ -269,3 +269,31 @@ fn start() -> Result<Cluster, String> {
         }
     }
 }
+
+/// Serves `state` on `listener` (non-blocking) from a thread and a runtime
+/// of its own, until the sender is used or dropped; the thread ends then.
+pub fn serve_in_thread(
+    state: crate::AppState,
+    listener: std::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the server");
+        rt.block_on(async {
+            let listener =
+                tokio::net::TcpListener::from_std(listener).expect("a non-blocking listener");
+            let _ = crate::serve_until(state, listener, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+    });
+    (tx, thread)
+}

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
-use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -169,10 +168,7 @@ fn wait_for(got: &Arc<Mutex<Vec<Got>>>, path: &str, n: usize, secs: u64) -> Vec<
 on_both!(alerts_reach_webhooks_signed_and_once_through_an_outage);
 fn alerts_reach_webhooks_signed_and_once_through_an_outage(store: Store) {
     let s = start(store, "alerts");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let admin = first_admin(&api);
     for t in ["web", "data"] {
         ok(api.json("POST", "/api/v1/teams", Some(&admin), json!({"name": t})));
@@ -364,17 +360,9 @@ fn alerts_reach_webhooks_signed_and_once_through_an_outage(store: Store) {
 on_both!(a_tampered_log_raises_an_alert);
 fn a_tampered_log_raises_an_alert(store: Store) {
     let s = start(store, "alerts_tampered");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let admin = first_admin(&api);
-    ok(api.json(
-        "POST",
-        "/api/v1/teams",
-        Some(&admin),
-        json!({"name": "web"}),
-    ));
+    add_team(&api, &admin, "web");
     let bob = add_person(&api, &admin, "bob@acme.example", "member", Some("web"));
     let machine = sign_in_machine(&api, &bob, "bob-laptop");
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -16,10 +15,7 @@ use common::*;
 on_both!(the_api_from_setup_to_a_signed_in_machine_fetching_policy);
 fn the_api_from_setup_to_a_signed_in_machine_fetching_policy(store: Store) {
     let s = start(store, "api_flow");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
 
     // Setup: once, with the right token.
     let (code, _) = status(api.json(
@@ -326,10 +322,7 @@ fn the_api_from_setup_to_a_signed_in_machine_fetching_policy(store: Store) {
 on_both!(unauthenticated_malformed_and_oversized_requests_are_refused);
 fn unauthenticated_malformed_and_oversized_requests_are_refused(store: Store) {
     let s = start(store, "api_refusals");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     for (method, path) in [
         ("GET", "/api/v1/me"),
         ("GET", "/api/v1/teams"),
@@ -416,17 +409,9 @@ fn unauthenticated_malformed_and_oversized_requests_are_refused(store: Store) {
 on_both!(the_admin_log_is_a_chain_that_shows_an_edited_row);
 fn the_admin_log_is_a_chain_that_shows_an_edited_row(store: Store) {
     let s = start(store, "admin_log");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let admin = first_admin(&api);
-    ok(api.json(
-        "POST",
-        "/api/v1/teams",
-        Some(&admin),
-        json!({"name": "web"}),
-    ));
+    add_team(&api, &admin, "web");
     let audrey = ok(api.json(
         "POST",
         "/api/v1/users",
@@ -531,10 +516,7 @@ fn bob_token(api: &Api<'_>, admin: &str) -> String {
 on_both!(a_token_past_its_rate_is_refused_until_the_minute_is_over);
 fn a_token_past_its_rate_is_refused_until_the_minute_is_over(store: Store) {
     let s = start_with(database(store, "token_rate"), 20);
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let admin = first_admin(&api);
     let audrey = ok(api.json(
         "POST",
@@ -571,14 +553,8 @@ fn two_instances_share_one_postgres_database() {
     let db = database(Store::Postgres, "two_instances");
     let a = start_with(db.clone(), 1200);
     let b = start_with(db, 1200);
-    let api_a = Api {
-        s: &a,
-        c: Client::new(),
-    };
-    let api_b = Api {
-        s: &b,
-        c: Client::new(),
-    };
+    let api_a = Api::new(&a);
+    let api_b = Api::new(&b);
     // Whichever instance printed the live setup token: the last to start.
     let admin = ok(api_b.json(
         "POST",
@@ -627,17 +603,9 @@ fn two_instances_share_one_postgres_database() {
 on_both!(the_org_decides_what_teams_may_allow);
 fn the_org_decides_what_teams_may_allow(store: Store) {
     let s = start(store, "delegation");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let admin = first_admin(&api);
-    ok(api.json(
-        "POST",
-        "/api/v1/teams",
-        Some(&admin),
-        json!({"name": "web"}),
-    ));
+    add_team(&api, &admin, "web");
     let org = format!("{ORG}\n[delegate]\nteam = [\"network\"]\n");
     ok(api.text("PUT", "/api/v1/policy/org", Some(&admin), &org));
     // An exec allow is not the team's to add: refused at its line.

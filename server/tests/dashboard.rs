@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -105,10 +104,7 @@ fn org(api: &Api<'_>) -> Org {
 #[test]
 fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
     let s = start(Store::Sqlite, "dashboard_browser");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let Org { alice, .. } = org(&api);
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     let mut b = Browser::start(&shots);
@@ -204,10 +200,7 @@ fn save(url: &str, team: &str, cookie: &str, csrf: Option<&str>) -> StatusCode {
 on_both!(the_dashboard_checks_who_signs_in_and_what_each_role_may_do);
 fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
     let s = start(store, "dashboard_roles");
-    let api = Api {
-        s: &s,
-        c: Client::new(),
-    };
+    let api = Api::new(&s);
     let org = org(&api);
     let url = &s.url;
 

@@ -49,21 +49,7 @@ impl Server {
         })
         .unwrap();
         let setup = opened.setup_token.clone().unwrap_or_default();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let _ = sbx_server::serve_until(opened.state, listener, async {
-                    let _ = rx.await;
-                })
-                .await;
-            });
-        });
+        let (tx, thread) = sbx_server::testing::serve_in_thread(opened.state, listener);
         (
             Server {
                 url,

@@ -66,21 +66,7 @@ pub fn start_with(database: Option<String>, per_token: u32) -> Server {
     .unwrap();
     let setup = opened.setup_token.clone().unwrap_or_default();
     let db = opened.state.db.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let _ = sbx_server::serve_until(opened.state, listener, async {
-                let _ = rx.await;
-            })
-            .await;
-        })
-    });
+    let (tx, _thread) = sbx_server::testing::serve_in_thread(opened.state, listener);
     Server {
         url: format!("http://{addr}"),
         setup,
@@ -110,6 +96,25 @@ macro_rules! on_both {
 pub struct Api<'a> {
     pub s: &'a Server,
     pub c: Client,
+}
+
+impl<'a> Api<'a> {
+    pub fn new(s: &'a Server) -> Api<'a> {
+        Api {
+            s,
+            c: Client::new(),
+        }
+    }
+}
+
+/// Makes team `name` as `admin`.
+pub fn add_team(api: &Api<'_>, admin: &str, name: &str) {
+    ok(api.json(
+        "POST",
+        "/api/v1/teams",
+        Some(admin),
+        serde_json::json!({ "name": name }),
+    ));
 }
 
 impl Api<'_> {
