@@ -412,15 +412,7 @@ fn the_admin_log_is_a_chain_that_shows_an_edited_row(store: Store) {
     let api = Api::new(&s);
     let admin = first_admin(&api);
     add_team(&api, &admin, "web");
-    let audrey = ok(api.json(
-        "POST",
-        "/api/v1/users",
-        Some(&admin),
-        json!({"email": "audrey@acme.example", "role": "auditor"}),
-    ))["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let audrey = add_person(&api, &admin, "audrey@acme.example", "auditor", None);
     ok(api.text("PUT", "/api/v1/policy/org", Some(&admin), ORG));
     ok(api.text("PUT", "/api/v1/policy/org", Some(&admin), ORG));
 
@@ -464,7 +456,16 @@ fn the_admin_log_is_a_chain_that_shows_an_edited_row(store: Store) {
         ok(api.get("/api/v1/admin-log/verify", Some(&admin)))["intact"],
         true
     );
-    let (c, _) = status(api.get("/api/v1/admin-log", Some(&bob_token(&api, &admin))));
+    let (c, _) = status(api.get(
+        "/api/v1/admin-log",
+        Some(&add_person(
+            &api,
+            &admin,
+            "bob@acme.example",
+            "member",
+            Some("web"),
+        )),
+    ));
     assert_eq!(
         c,
         StatusCode::FORBIDDEN,
@@ -500,33 +501,12 @@ fn the_admin_log_is_a_chain_that_shows_an_edited_row(store: Store) {
     assert!(v["problem"].as_str().unwrap().contains("edited"), "{v}");
 }
 
-/// A member's token, made by `admin`.
-fn bob_token(api: &Api<'_>, admin: &str) -> String {
-    ok(api.json(
-        "POST",
-        "/api/v1/users",
-        Some(admin),
-        json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
-    ))["token"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 on_both!(a_token_past_its_rate_is_refused_until_the_minute_is_over);
 fn a_token_past_its_rate_is_refused_until_the_minute_is_over(store: Store) {
     let s = start_with(database(store, "token_rate"), 20);
     let api = Api::new(&s);
     let admin = first_admin(&api);
-    let audrey = ok(api.json(
-        "POST",
-        "/api/v1/users",
-        Some(&admin),
-        json!({"email": "audrey@acme.example", "role": "auditor"}),
-    ))["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let audrey = add_person(&api, &admin, "audrey@acme.example", "auditor", None);
     let codes: Vec<StatusCode> = (0..25)
         .map(|_| api.get("/api/v1/me", Some(&admin)).status())
         .collect();
