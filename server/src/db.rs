@@ -135,6 +135,7 @@ CREATE UNIQUE INDEX admin_log_seq ON admin_log(seq);
 CREATE TABLE web_sessions (
     hash TEXT PRIMARY KEY,
     user_id INTEGER NOT NULL REFERENCES users(id),
+    token_id INTEGER NOT NULL REFERENCES tokens(id),
     csrf TEXT NOT NULL,
     created INTEGER NOT NULL,
     expires INTEGER NOT NULL

@@ -2,7 +2,9 @@
 //! the one an admin handed them); the server answers with a cookie of its
 //! own that is `HttpOnly`, `SameSite=Strict` and `Secure` behind https, and
 //! stores only its hash. Every form and script request carries the
-//! session's CSRF token as well. Machine tokens sign no one in.
+//! session's CSRF token as well. Machine tokens sign no one in, and
+//! revoking the token a person signed in with ends their dashboard
+//! sessions too.
 
 use std::net::SocketAddr;
 
@@ -73,6 +75,7 @@ impl FromRequestParts<AppState> for Viewer {
                 let row = c.query_opt(
                     "SELECT w.user_id, w.csrf, w.expires, u.email, u.role, u.team_id, t.name
                      FROM web_sessions w JOIN users u ON u.id = w.user_id
+                     JOIN tokens k ON k.id = w.token_id AND k.revoked IS NULL
                      LEFT JOIN teams t ON t.id = u.team_id WHERE w.hash = ?1",
                     params![h],
                     |r| {
@@ -166,8 +169,8 @@ pub async fn submit(
             }
             c.execute("DELETE FROM web_sessions WHERE expires < ?1", params![db::now()])?;
             c.execute(
-                "INSERT INTO web_sessions (hash, user_id, csrf, created, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![h, caller.user_id, csrf, db::now(), db::now() + LIFETIME],
+                "INSERT INTO web_sessions (hash, user_id, token_id, csrf, created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![h, caller.user_id, caller.token_id, csrf, db::now(), db::now() + LIFETIME],
             )?;
             admin_log::record(c, Some(caller.user_id), "person_signed_in", &caller.email, json!({ "via": "dashboard" }))?;
             Ok(())
