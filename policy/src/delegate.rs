@@ -149,45 +149,29 @@ impl Delegation {
 
 /// Every allow rule of a file: its kind and where its table starts.
 fn allows(raw: &RawFile) -> Vec<(&'static str, usize)> {
-    let allow = |a: &toml::Spanned<String>| a.get_ref() == "allow";
-    let mut out: Vec<(&'static str, usize)> = Vec::new();
-    out.extend(raw.mount.iter().map(|t| ("mount", t.span().start)));
-    out.extend(
-        raw.fs
+    /// The tables of one kind whose `action` is allow.
+    fn of<'a, T>(
+        kind: &'static str,
+        tables: &'a [toml::Spanned<T>],
+        action: fn(&T) -> &toml::Spanned<String>,
+    ) -> impl Iterator<Item = (&'static str, usize)> + 'a {
+        tables
             .iter()
-            .filter(|t| allow(&t.get_ref().action))
-            .map(|t| ("fs", t.span().start)),
-    );
-    out.extend(
-        raw.network
-            .iter()
-            .filter(|t| allow(&t.get_ref().action))
-            .map(|t| ("network", t.span().start)),
-    );
-    out.extend(
-        raw.http
-            .iter()
-            .filter(|t| allow(&t.get_ref().action))
-            .map(|t| ("http", t.span().start)),
-    );
-    out.extend(
-        raw.credential
-            .iter()
-            .filter(|t| allow(&t.get_ref().action))
-            .map(|t| ("credential", t.span().start)),
-    );
-    out.extend(
-        raw.mcp
-            .iter()
-            .filter(|t| allow(&t.get_ref().action))
-            .map(|t| ("mcp", t.span().start)),
-    );
-    out.extend(
-        raw.exec
-            .iter()
-            .filter(|t| allow(&t.get_ref().action))
-            .map(|t| ("exec", t.span().start)),
-    );
+            .filter(move |t| action(t.get_ref()).get_ref() == "allow")
+            .map(move |t| (kind, t.span().start))
+    }
+    // Every mount is a grant.
+    let mut out: Vec<(&'static str, usize)> = raw
+        .mount
+        .iter()
+        .map(|t| ("mount", t.span().start))
+        .collect();
+    out.extend(of("fs", &raw.fs, |t| &t.action));
+    out.extend(of("network", &raw.network, |t| &t.action));
+    out.extend(of("http", &raw.http, |t| &t.action));
+    out.extend(of("credential", &raw.credential, |t| &t.action));
+    out.extend(of("mcp", &raw.mcp, |t| &t.action));
+    out.extend(of("exec", &raw.exec, |t| &t.action));
     out.sort_by_key(|(_, at)| *at);
     out
 }

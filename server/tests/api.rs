@@ -289,15 +289,7 @@ fn the_api_from_setup_to_a_signed_in_machine_fetching_policy(store: Store) {
         .unwrap()["id"]
         .as_i64()
         .unwrap();
-    let admins = ok(api.get("/api/v1/tokens", Some(&admin)));
-    let admin_id = admins
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["current"] == true)
-        .unwrap()["id"]
-        .as_i64()
-        .unwrap();
+    let admin_id = token_id(&api, &admin);
     assert_eq!(
         status(
             api.req("DELETE", &format!("/api/v1/tokens/{admin_id}"), Some(bob))

@@ -333,15 +333,7 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
 
     // Revoking the token alice signed in with ends her dashboard session.
     let (other_cookie, _) = sign_in(url, &org.alice);
-    let tokens = ok(api.get("/api/v1/tokens", Some(&org.alice)));
-    let id = tokens
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["current"] == true)
-        .unwrap()["id"]
-        .as_i64()
-        .unwrap();
+    let id = token_id(&api, &org.alice);
     assert_eq!(
         get_page(url, "/ui/sessions", &other_cookie).0,
         StatusCode::OK

@@ -257,3 +257,15 @@ pub fn get_page(url: &str, path: &str, cookie: &str) -> (reqwest::StatusCode, St
         .unwrap();
     (r.status(), r.text().unwrap())
 }
+
+/// The id of `token` itself, as `GET /api/v1/tokens` lists it.
+pub fn token_id(api: &Api<'_>, token: &str) -> i64 {
+    ok(api.get("/api/v1/tokens", Some(token)))
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["current"] == true)
+        .unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
