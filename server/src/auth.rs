@@ -56,10 +56,12 @@ pub fn new_token(prefix: &str) -> Result<String, ApiError> {
 
 /// How a token is stored: its SHA-256, so the database cannot sign anyone in.
 pub fn hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+/// Bytes (a digest, a MAC) as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The authenticated caller of a request.

@@ -139,12 +139,7 @@ fn body(public_url: &str, d: &Due) -> (String, Vec<(&'static str, String)>) {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(d.secret.as_bytes())
         .expect("HMAC takes a key of any length");
     mac.update(body.as_bytes());
-    let sig: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sig = crate::auth::hex(&mac.finalize().into_bytes());
     (
         body,
         vec![

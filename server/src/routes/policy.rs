@@ -83,10 +83,7 @@ fn store(
     // Versions count up one at a time, also with several instances.
     tx.serialize(&format!("policy/{target}"))?;
     let version = latest(tx, scope, team)?.map_or(0, |(v, _)| v) + 1;
-    let digest: String = Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = crate::auth::hex(&Sha256::digest(text.as_bytes()));
     tx.execute(
         "INSERT INTO policies (scope, team_id, version, text, author, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![scope, team, version, text, author, db::now()],

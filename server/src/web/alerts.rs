@@ -7,7 +7,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Form;
 use serde::Deserialize;
 
-use super::{esc, page, seg, PageError, Viewer};
+use super::{esc, page, seg, when, PageError, Viewer};
 use crate::alerts;
 use crate::auth::Role;
 use crate::AppState;
@@ -23,13 +23,7 @@ pub async fn list(State(s): State<AppState>, viewer: Viewer) -> Result<Html<Stri
     );
     for a in &rows {
         let s = |k: &str| a[k].as_str().unwrap_or("").to_string();
-        let at = time::OffsetDateTime::from_unix_timestamp(a["at"].as_i64().unwrap_or(0))
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
+        let at = when(a["at"].as_i64().unwrap_or(0));
         let ack = match a["acked_by"].as_str() {
             Some(by) => format!("seen by {}", esc(by)),
             None if may_ack => format!(

@@ -95,6 +95,17 @@ pub(crate) fn esc(s: &str) -> String {
     out
 }
 
+/// Seconds since the epoch as people read them (RFC 3339).
+pub(crate) fn when(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
 /// A path segment made safe inside a URL.
 pub(crate) fn seg(s: &str) -> String {
     let mut out = String::new();

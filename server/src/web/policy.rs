@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::diff::{self, Op};
-use super::{esc, page, seg, PageError, Viewer};
+use super::{esc, page, seg, when, PageError, Viewer};
 use crate::auth::{Caller, Role};
 use crate::db::{params, Tx};
 use crate::error::ApiError;
@@ -24,16 +24,6 @@ struct Version {
     author: String,
     created: i64,
     text: String,
-}
-
-fn when(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
 }
 
 /// Refuses a team's pages to people of other teams.
