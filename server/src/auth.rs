@@ -91,6 +91,19 @@ impl Caller {
         }
     }
 
+    /// What of the audit trail the caller may see: a column of a table
+    /// aliased `a` (the records, or the dashboard's running totals) and a
+    /// comparison, to complete with one parameter, and its value. Org
+    /// admins and auditors see everyone's (user ids start at 1), team
+    /// admins their team's, members their own.
+    pub fn audit_scope(&self) -> (&'static str, i64) {
+        match self.role {
+            Role::OrgAdmin | Role::Auditor => ("a.user_id >", 0),
+            Role::TeamAdmin => ("a.team_id =", self.team_id.unwrap_or(-1)),
+            Role::Member => ("a.user_id =", self.user_id),
+        }
+    }
+
     /// Refuses machine tokens: some things only a person does.
     pub fn require_person(&self, what: &str) -> Result<(), ApiError> {
         match &self.machine {

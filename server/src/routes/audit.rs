@@ -276,15 +276,8 @@ pub async fn query(
                 args.push(v);
                 sql.push_str(&format!(" AND {cond} ?{}", args.len()));
             };
-            match caller.role {
-                Role::OrgAdmin | Role::Auditor => {}
-                Role::TeamAdmin => add(
-                    "a.team_id =",
-                    Box::new(caller.team_id.unwrap_or(-1)),
-                    &mut args,
-                ),
-                Role::Member => add("a.user_id =", Box::new(caller.user_id), &mut args),
-            }
+            let (scope, who) = caller.audit_scope();
+            add(scope, Box::new(who), &mut args);
             if let Some(v) = f.user {
                 add("u.email =", Box::new(v), &mut args)
             }

@@ -7,7 +7,6 @@ use axum::extract::{Query, State};
 use axum::response::Html;
 use serde::Deserialize;
 
-use super::sessions::visible;
 use super::{esc, page, PageError, Viewer};
 use crate::db::params;
 use crate::AppState;
@@ -42,12 +41,12 @@ pub async fn show(
     let recent = fmt(now - time::Duration::minutes(10));
     // A day's buckets are hours; longer periods' are days.
     let width: i64 = if days == 1 { 13 } else { 10 };
-    let (cond, arg) = visible(&viewer.caller);
+    let (cond, arg) = viewer.caller.audit_scope();
     let caller = viewer.caller.clone();
     let data = s
         .db
         .run(move |c| {
-            let w = |sql: &str| sql.replace("{cond}", &cond.replace('?', "?2"));
+            let w = |sql: &str| sql.replace("{cond}", &format!("{cond} ?2"));
             let totals = c.query_one(
                 &w("SELECT COUNT(*), COUNT(DISTINCT a.machine), COUNT(DISTINCT a.user_id),
                            CAST(COALESCE(SUM(a.records), 0) AS BIGINT)

@@ -7,21 +7,9 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde_json::Value;
 
 use super::{esc, page, seg, PageError, Viewer};
-use crate::auth::{Caller, Role};
 use crate::db::params;
 use crate::error::ApiError;
 use crate::AppState;
-
-/// What of the audit trail `caller` may see, as a condition on
-/// `audit_records a` with one parameter.
-pub(crate) fn visible(caller: &Caller) -> (&'static str, i64) {
-    match caller.role {
-        // Everyone's: user ids start at 1.
-        Role::OrgAdmin | Role::Auditor => ("a.user_id > ?", 0),
-        Role::TeamAdmin => ("a.team_id = ?", caller.team_id.unwrap_or(-1)),
-        Role::Member => ("a.user_id = ?", caller.user_id),
-    }
-}
 
 /// `GET /ui`: the overview.
 pub async fn home(_viewer: Viewer) -> Response {
@@ -30,7 +18,7 @@ pub async fn home(_viewer: Viewer) -> Response {
 
 /// `GET /ui/sessions`: the newest sessions the viewer may see.
 pub async fn list(State(s): State<AppState>, viewer: Viewer) -> Result<Html<String>, PageError> {
-    let (cond, arg) = visible(&viewer.caller);
+    let (cond, arg) = viewer.caller.audit_scope();
     let rows = s
         .db
         .run(move |c| {
@@ -42,8 +30,7 @@ pub async fn list(State(s): State<AppState>, viewer: Viewer) -> Result<Html<Stri
             let sql = format!(
                 "SELECT a.machine, a.session, a.first_ts, a.last_ts, a.records, a.denied, u.email, t.name
                  FROM audit_sessions a JOIN users u ON u.id = a.user_id LEFT JOIN teams t ON t.id = a.team_id
-                 WHERE {} ORDER BY a.last_ts DESC LIMIT 200",
-                cond.replace('?', "?1")
+                 WHERE {cond} ?1 ORDER BY a.last_ts DESC LIMIT 200"
             );
             let rows = c.query_map(&sql, params![arg], |r| {
                 Ok((
@@ -115,14 +102,13 @@ pub async fn timeline(
     viewer: Viewer,
     Path((machine, session)): Path<(String, String)>,
 ) -> Result<Html<String>, PageError> {
-    let (cond, arg) = visible(&viewer.caller);
+    let (cond, arg) = viewer.caller.audit_scope();
     let (m, se) = (machine.clone(), session.clone());
     let (lines, flags, head) = s
         .db
         .run(move |c| {
             let sql = format!(
-                "SELECT a.line FROM audit_records a WHERE a.machine = ?1 AND a.session = ?2 AND {} ORDER BY a.seq",
-                cond.replace('?', "?3")
+                "SELECT a.line FROM audit_records a WHERE a.machine = ?1 AND a.session = ?2 AND {cond} ?3 ORDER BY a.seq"
             );
             let lines = c.query_map(&sql, params![m, se, arg], |r| r.get::<String>(0))?;
             if lines.is_empty() {
