@@ -1,5 +1,6 @@
-//! A root file system from disks: the image's read-only disk with the
-//! session's writable layer over it (overlayfs), made the root before
+//! A root file system from disks: the image's read-only disk, the layers
+//! saved from earlier sessions (a template's build) over it, and the
+//! session's writable layer over them all (overlayfs), made the root before
 //! anything else runs. The agent stays PID 1: it moves the new root over
 //! the initramfs (which cannot be pivoted away) and chroots into it, as
 //! switch_root does, and runs from memory from then on.
@@ -7,13 +8,15 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use sbx_protocol::cmdline::{Root, LAYER_VIEW};
+use sbx_protocol::cmdline::{Root, SAVED_TREE};
 
 use crate::init::mount;
 
 /// Where the disks are mounted before the switch (in the initramfs, so
 /// they vanish from view with it).
 const IMAGE: &str = "/sbx/image";
+/// Saved layer N is mounted at `/sbx/saved/N`.
+const SAVED: &str = "/sbx/saved";
 const LAYER: &str = "/sbx/layer";
 const NEW_ROOT: &str = "/sbx/root";
 /// Mounts the initramfs already has that move into the new root.
@@ -43,6 +46,19 @@ pub fn switch(root: &Root) -> Result<(), String> {
     if !mount(&image, IMAGE, "ext4", ro, "noload") {
         return Err(format!("cannot mount the image disk {image}"));
     }
+    // overlayfs's lowerdir lists the topmost first, as `root.saved` does.
+    let mut lower = Vec::new();
+    for (i, serial) in root.saved.iter().enumerate() {
+        let disk = disk_by_serial(serial)?;
+        let disk = disk.to_string_lossy();
+        let at = format!("{SAVED}/{i}");
+        // The host checked it and took its journal away when it saved it.
+        if !mount(&disk, &at, "ext4", ro, "noload") {
+            return Err(format!("cannot mount the saved layer {disk}"));
+        }
+        lower.push(format!("{at}/{SAVED_TREE}"));
+    }
+    lower.push(IMAGE.to_string());
     match &root.layer {
         Some(serial) => {
             let layer = disk_by_serial(serial)?;
@@ -62,7 +78,10 @@ pub fn switch(root: &Root) -> Result<(), String> {
     for d in [&upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| format!("cannot create {d}: {e}"))?;
     }
-    let data = format!("lowerdir={IMAGE},upperdir={upper},workdir={work}");
+    let data = format!(
+        "lowerdir={},upperdir={upper},workdir={work}",
+        lower.join(":")
+    );
     if !mount("overlay", NEW_ROOT, "overlay", 0, &data) {
         return Err("cannot join the writable layer over the image".into());
     }
@@ -71,7 +90,6 @@ pub fn switch(root: &Root) -> Result<(), String> {
         let _ = std::fs::create_dir_all(&target);
         move_mount(m, &target)?;
     }
-    show_layer(&format!("{NEW_ROOT}{LAYER_VIEW}"));
     std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
     move_mount(".", "/")?;
     let dot = CString::new(".").unwrap_or_default();
@@ -103,16 +121,6 @@ fn resolve_own_name() {
         if let Err(e) = added {
             eprintln!("sbx-guest-agent: cannot add the host name to /etc/hosts: {e}");
         }
-    }
-}
-
-/// A read-only view of the writable layer inside the new root (under the
-/// carried /run), for saving a session's changes as an image layer.
-fn show_layer(target: &str) {
-    let _ = std::fs::create_dir_all(target);
-    let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
-    if !mount(LAYER, target, "", libc::MS_BIND, "") || !mount("", target, "", ro, "") {
-        eprintln!("sbx-guest-agent: cannot show the writable layer at {LAYER_VIEW}");
     }
 }
 

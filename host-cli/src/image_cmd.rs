@@ -121,7 +121,13 @@ pub fn run(a: Args) -> anyhow::Result<u8> {
         Cmd::Inspect(n) => {
             let rec: ImageRecord = store.find(&n.name)?;
             let mut v = serde_json::to_value(&rec)?;
-            v["root"] = store.root_path(&rec).display().to_string().into();
+            let roots: Vec<String> = store
+                .root_paths(&rec)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            // The disks the root is made of, topmost first.
+            v["roots"] = roots.into();
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Cmd::Rm(r) => {

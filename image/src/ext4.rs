@@ -77,6 +77,35 @@ pub fn build(tree: &Tree, out: &Path, scratch: &Path) -> Result<u64> {
     Ok(size)
 }
 
+/// Makes the ext4 file system in `disk` consistent (its journal replayed,
+/// anything a VM ended mid-write left fixed), as `e2fsck -fy` does.
+pub fn repair(disk: &Path) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(disk)
+        .output()
+        .map_err(|e| ImageError::Tool {
+            what: format!("check {}", disk.display()),
+            tool: "e2fsck",
+            detail: format!("{e} (install e2fsprogs)"),
+        })?;
+    // 0: clean; 1 and 2: errors were fixed; 4 and above: they were not.
+    match out.status.code() {
+        Some(0..=2) => Ok(()),
+        _ => Err(ImageError::Tool {
+            what: format!("check {}", disk.display()),
+            tool: "e2fsck",
+            detail: String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .chain(String::from_utf8_lossy(&out.stderr).lines())
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    }
+}
+
 fn check_tool(
     tool: &'static str,
     what: &str,

@@ -104,7 +104,7 @@ pub fn write_archive(
 
 /// Gzips the layer tar at `input` into `out`; returns the compressed
 /// blob's digest and size, and the uncompressed tar's digest (its diff_id).
-pub fn compress_layer(input: &Path, out: &Path) -> Result<(Digest, u64, Digest)> {
+fn compress_layer(input: &Path, out: &Path) -> Result<(Digest, u64, Digest)> {
     let mut src =
         Hashing::new(File::open(input).at(|| format!("cannot open {}", input.display()))?);
     let gz = File::create(out).at(|| format!("cannot create {}", out.display()))?;
@@ -127,8 +127,6 @@ pub fn compress_layer(input: &Path, out: &Path) -> Result<(Digest, u64, Digest)>
     let (digest, size) = hash_file(out)?;
     Ok((digest, size, diff_id))
 }
-
-pub(crate) const LAYER_MEDIA_TYPE: &str = LAYER_TYPE;
 
 pub(crate) fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
     Descriptor {

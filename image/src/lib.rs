@@ -8,7 +8,6 @@ pub mod error;
 pub mod ext4;
 pub mod layout;
 pub mod manifest;
-pub mod overlay;
 pub mod pull;
 pub mod store;
 #[doc(hidden)]

@@ -5,6 +5,7 @@
 //! images/
 //!   blobs/sha256/<hex>     manifests, configs and layers, as fetched
 //!   roots/<config hex>.ext4  the read-only root file systems
+//!   roots/saved-<hex>.ext4   layers saved from sessions (template builds)
 //!   index.json             names -> records (replaced whole, atomically)
 //!   tmp/                   work in progress (removed on failure)
 //!   lock                   held while the store changes
@@ -13,6 +14,11 @@
 //! Everything lands in `tmp/` first and is renamed into place when
 //! complete and checked, so an interrupted pull or import leaves nothing
 //! half-written where a session could find it.
+//!
+//! An image made from a session (a template's build) is its base image's
+//! root with the session's writable layer kept as it was, stacked over it:
+//! saving it copies and converts nothing, and every template shares its
+//! base's root file system.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -24,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, Hashing};
 use crate::error::{malformed, At, ImageError, Result};
-use crate::manifest::{Config, Document, Manifest};
+use crate::manifest::{Config, Manifest};
 use crate::{ext4, unpack};
 
 /// What the store knows of one named image.
@@ -37,6 +43,11 @@ pub struct ImageRecord {
     pub layers: Vec<Digest>,
     /// Bytes of the root file system image (sparse on disk).
     pub root_size: u64,
+    /// The files under `roots/` the root is made of, topmost first: layers
+    /// saved from sessions, then the unpacked image. Records from before
+    /// saved layers leave it empty: `<config hex>.ext4`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<String>,
     /// Where it came from: `pulled from …` or `imported from …`.
     pub source: String,
     /// Unix seconds.
@@ -219,11 +230,14 @@ impl Store {
         Ok(found.clone())
     }
 
-    /// The root file system image of `record`.
-    pub fn root_path(&self, record: &ImageRecord) -> PathBuf {
-        self.root
-            .join("roots")
-            .join(format!("{}.ext4", record.config.hex()))
+    /// The disks `record`'s root is made of, topmost first; the last is
+    /// the unpacked image, the others saved layers.
+    pub fn root_paths(&self, record: &ImageRecord) -> Vec<PathBuf> {
+        let dir = self.root.join("roots");
+        if record.roots.is_empty() {
+            return vec![dir.join(unpacked_root(&record.config))];
+        }
+        record.roots.iter().map(|f| dir.join(f)).collect()
     }
 
     /// Unpacks `manifest`'s layers (already stored) into a root file system
@@ -245,20 +259,25 @@ impl Store {
             config: manifest.config.digest.clone(),
             layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
             root_size: 0,
+            roots: vec![unpacked_root(&manifest.config.digest)],
             source: source.to_string(),
             added: now(),
             env: config.config.env.clone().unwrap_or_default(),
             user: config.config.user.clone().filter(|u| !u.is_empty()),
             workdir: config.config.working_dir.clone().filter(|w| !w.is_empty()),
         };
-        let root = self.root_path(&probe);
+        let root = self.root.join("roots").join(&probe.roots[0]);
         if !root.is_file() {
             self.build_root(name, manifest, &config, &root, progress)?;
         }
         let root_size = fs::metadata(&root)
             .at(|| format!("cannot stat {}", root.display()))?
             .len();
-        let record = ImageRecord { root_size, ..probe };
+        self.record(ImageRecord { root_size, ..probe })
+    }
+
+    /// Adds `record` to the index (replacing one of its name).
+    fn record(&self, record: ImageRecord) -> Result<ImageRecord> {
         let mut index = self.read_index()?;
         index.images.retain(|i| i.name != record.name);
         index.images.push(record.clone());
@@ -308,71 +327,66 @@ impl Store {
         result
     }
 
-    /// A new image: `base` with one more layer (an uncompressed tar at
-    /// `layer`) on top, named and set up as `new` says.
-    pub fn derive(
+    /// A new image: `base` with `disk` (the writable layer of a session
+    /// made from `base`, its VM ended) stacked over it, named and set up
+    /// as `new` says. The disk moves into the store as it is, after
+    /// `e2fsck` has made it consistent (the VM may have ended mid-write).
+    pub fn save(
         &self,
         base: &ImageRecord,
-        layer: &Path,
+        disk: &Path,
         new: &Derived,
         progress: Progress<'_>,
     ) -> Result<ImageRecord> {
-        let (name, env, user, source) = (&new.name, &new.env, new.user.as_deref(), &new.source);
-        let gz = self.tmp("layer");
-        let compressed = crate::layout::compress_layer(layer, &gz);
-        let stored = compressed.and_then(|(digest, size, diff_id)| {
-            let mut f = File::open(&gz).at(|| format!("cannot read {}", gz.display()))?;
-            self.put_blob(&mut f, Some(&digest))?;
-            Ok((digest, size, diff_id))
-        });
-        let _ = fs::remove_file(&gz);
-        let (digest, size, diff_id) = stored?;
-
-        let mut config: serde_json::Value = serde_json::from_slice(&self.read_blob(&base.config)?)
-            .map_err(|e| ImageError::Malformed(format!("image {}: its config: {e}", base.name)))?;
-        let diff_ids = &mut config["rootfs"]["diff_ids"];
-        match diff_ids.as_array_mut() {
-            Some(ids) => ids.push(diff_id.to_string().into()),
-            None => *diff_ids = serde_json::json!([diff_id.to_string()]),
-        }
-        let mut vars: Vec<String> = config["config"]["Env"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for kv in env {
-            let key = kv.split('=').next().unwrap_or_default();
-            vars.retain(|v| v.split('=').next() != Some(key));
-            vars.push(kv.clone());
-        }
-        config["config"]["Env"] = vars.into();
-        if let Some(u) = user {
-            config["config"]["User"] = u.into();
-        }
-        let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
-        let (config_digest, config_size) = self.put_blob(&mut &config_bytes[..], None)?;
-
-        let base_manifest = self.read_blob(&base.digest)?;
-        let Document::Manifest(mut manifest) =
-            Document::parse(&base_manifest, &format!("manifest {}", base.digest))?
-        else {
-            malformed!("image {}: its manifest is an index", base.name);
+        progress("checking the saved layer's file system");
+        ext4::repair(disk)?;
+        let config_bytes = derived_config(&self.read_blob(&base.config)?, base, new)?;
+        let config = Config::parse(&config_bytes, &new.name)?;
+        let (config_digest, _) = self.put_blob(&mut &config_bytes[..], None)?;
+        // A saved layer has no manifest; its digest names this save.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let digest = Digest::of(
+            format!(
+                "sbx saved layer\0{}\0{config_digest}\0{}\0{stamp}\0{}",
+                base.digest,
+                new.source,
+                std::process::id()
+            )
+            .as_bytes(),
+        );
+        let file = format!("saved-{}.ext4", &digest.hex()[..32]);
+        let dest = self.root.join("roots").join(&file);
+        let _lock = self.lock()?;
+        move_file(disk, &dest, &self.tmp("saved"))?;
+        let allocated = {
+            use std::os::unix::fs::MetadataExt as _;
+            fs::metadata(&dest).map_or(0, |m| m.blocks() * 512)
         };
-        manifest.config.digest = config_digest;
-        manifest.config.size = config_size;
-        manifest.layers.push(crate::layout::descriptor(
-            crate::layout::LAYER_MEDIA_TYPE,
-            &digest,
-            size,
-        ));
-        let mut doc = serde_json::to_value(&manifest).unwrap_or_default();
-        doc["schemaVersion"] = 2.into();
-        let bytes = serde_json::to_vec(&doc).unwrap_or_default();
-        let (manifest_digest, _) = self.put_blob(&mut &bytes[..], None)?;
-        self.install(name, &manifest_digest, &manifest, source, progress)
+        let mut roots = vec![file];
+        roots.extend(
+            self.root_paths(base)
+                .iter()
+                .filter_map(|p| p.file_name().map(|f| f.to_string_lossy().into_owned())),
+        );
+        let recorded = self.record(ImageRecord {
+            name: new.name.clone(),
+            digest,
+            config: config_digest,
+            layers: base.layers.clone(),
+            root_size: base.root_size + allocated,
+            roots,
+            source: new.source.clone(),
+            added: now(),
+            env: config.config.env.clone().unwrap_or_default(),
+            user: config.config.user.clone().filter(|u| !u.is_empty()),
+            workdir: config.config.working_dir.clone().filter(|w| !w.is_empty()),
+        });
+        if recorded.is_err() {
+            let _ = fs::remove_file(&dest);
+        }
+        recorded
     }
 
     /// Forgets `name`; its root file system and blobs go when no other
@@ -380,19 +394,33 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<ImageRecord> {
         let _lock = self.lock()?;
         let record = self.find(name)?;
-        let root = self.root_path(&record);
         let mut index = self.read_index()?;
         index.images.retain(|i| i.name != record.name);
-        if !index.images.iter().any(|i| i.config == record.config) {
-            if let Ok(f) = File::open(&root) {
-                // Running VMs hold a shared lock on the images they boot from.
+        let used: std::collections::HashSet<PathBuf> = index
+            .images
+            .iter()
+            .flat_map(|i| self.root_paths(i))
+            .collect();
+        let unused: Vec<PathBuf> = self
+            .root_paths(&record)
+            .into_iter()
+            .filter(|p| !used.contains(p))
+            .collect();
+        // Running VMs hold a shared lock on the disks they boot from.
+        let mut held = Vec::new();
+        for root in &unused {
+            if let Ok(f) = File::open(root) {
                 // SAFETY: flock on a descriptor we own.
                 if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                     return Err(ImageError::InUse(record.name.clone()));
                 }
-                let _ = fs::remove_file(&root);
+                held.push(f);
             }
         }
+        for root in &unused {
+            let _ = fs::remove_file(root);
+        }
+        drop(held);
         self.write_index(&index)?;
         let kept: std::collections::HashSet<&Digest> = index
             .images
@@ -413,6 +441,60 @@ impl Store {
         }
         Ok(record)
     }
+}
+
+/// The unpacked root file system of the image whose config is `config`.
+fn unpacked_root(config: &Digest) -> String {
+    format!("{}.ext4", config.hex())
+}
+
+/// `base`'s config with `new`'s environment and user.
+fn derived_config(base_config: &[u8], base: &ImageRecord, new: &Derived) -> Result<Vec<u8>> {
+    let mut config: serde_json::Value = serde_json::from_slice(base_config)
+        .map_err(|e| ImageError::Malformed(format!("image {}: its config: {e}", base.name)))?;
+    let mut vars: Vec<String> = config["config"]["Env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for kv in &new.env {
+        let key = kv.split('=').next().unwrap_or_default();
+        vars.retain(|v| v.split('=').next() != Some(key));
+        vars.push(kv.clone());
+    }
+    config["config"]["Env"] = vars.into();
+    if let Some(u) = &new.user {
+        config["config"]["User"] = u.as_str().into();
+    }
+    Ok(serde_json::to_vec(&config).unwrap_or_default())
+}
+
+/// Moves `from` to `to`, copying (holes kept) through `tmp` across file
+/// systems.
+fn move_file(from: &Path, to: &Path, tmp: &Path) -> Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        other => return other.at(|| format!("cannot move {} to {}", from.display(), to.display())),
+    }
+    let out = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(tmp)
+        .output()
+        .at(|| "cannot run cp".into())?;
+    if !out.status.success() {
+        let _ = fs::remove_file(tmp);
+        return Err(ImageError::Tool {
+            what: format!("copy {} into the image store", from.display()),
+            tool: "cp",
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    fs::rename(tmp, to).at(|| format!("cannot store {}", to.display()))?;
+    fs::remove_file(from).at(|| format!("cannot remove {}", from.display()))
 }
 
 /// A layer's tar stream, whatever it was compressed with.

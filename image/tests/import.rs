@@ -47,7 +47,7 @@ fn an_oci_archive_becomes_a_root_file_system() {
     assert_eq!(rec.name, "test/base:1");
     assert_eq!(rec.digest, digest);
     assert_eq!(rec.user.as_deref(), Some("agent"));
-    let root = store.root_path(&rec);
+    let root = store.root_paths(&rec)[0].clone();
     let profile = debugfs(&root, "stat /home/agent/.profile");
     assert!(profile.contains("User:  1000"), "{profile}");
     assert_eq!(debugfs(&root, "cat /etc/hostname"), "sbx\n");
@@ -61,7 +61,7 @@ fn an_oci_archive_becomes_a_root_file_system() {
 
     // A second name for the same image shares its root; removing one keeps it.
     let again = archive::import(&store, &archive_path, Some("copy"), &quiet).unwrap();
-    assert_eq!(store.root_path(&again), root);
+    assert_eq!(store.root_paths(&again)[0], root);
     store.remove("test/base:1").unwrap();
     assert!(root.is_file());
     store.remove("copy").unwrap();

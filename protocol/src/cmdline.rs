@@ -18,14 +18,15 @@ pub const SESSION: &str = "sbx.session";
 pub const SHARE: &str = "sbx.fs";
 /// Where commands start when a request names no directory.
 pub const WORKDIR: &str = "sbx.workdir";
-/// The root file system from disks: `sbx.root=IMAGE[,LAYER]`, each the
-/// serial of a virtio-blk device: IMAGE read-only, LAYER the writable layer
-/// joined over it (a RAM-backed layer when absent).
+/// The root file system from disks: `sbx.root=[SAVED:...:]IMAGE[,LAYER]`,
+/// each the serial of a virtio-blk device: IMAGE read-only; each SAVED a
+/// read-only layer saved from an earlier session (a template build), whose
+/// `upper/` stacks over the image, the first topmost; LAYER the writable
+/// layer joined over them all (a RAM-backed layer when absent).
 pub const ROOT: &str = "sbx.root";
-/// Where the guest shows its writable layer (read-only): `upper/` holds
-/// what the session changed in the image, in overlayfs's form, which is
-/// how a template build saves its work.
-pub const LAYER_VIEW: &str = "/run/sbx/layer";
+/// Where a saved layer's disk holds its tree: a session's writable layer,
+/// kept as it was, is overlayfs's upper directory.
+pub const SAVED_TREE: &str = "upper";
 /// The session CA (its PEM body: the base64 of the DER, no line breaks);
 /// present only when the session has egress.
 pub const EGRESS_CA: &str = "sbx.egress";
@@ -54,6 +55,8 @@ pub struct Share {
 /// letters, digits, `-`, `_`, `.`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Root {
+    /// Saved layers over the image, topmost first.
+    pub saved: Vec<String>,
     pub image: String,
     pub layer: Option<String>,
 }
@@ -143,12 +146,17 @@ impl Boot {
             words.push(format!("{WORKDIR}={w}"));
         }
         if let Some(root) = &self.root {
-            let mut word = format!("{ROOT}={}", root.image);
+            let mut word = format!("{ROOT}=");
+            for saved in &root.saved {
+                word.push_str(saved);
+                word.push(':');
+            }
+            word.push_str(&root.image);
             if let Some(layer) = &root.layer {
                 word.push(',');
                 word.push_str(layer);
             }
-            for serial in std::iter::once(&root.image).chain(&root.layer) {
+            for serial in root.saved.iter().chain([&root.image]).chain(&root.layer) {
                 check_serial(serial)?;
             }
             words.push(word);
@@ -202,16 +210,28 @@ impl Boot {
             .collect();
         let root = value(ROOT).into_iter().filter_map(|spec| {
             let mut parts = spec.split(',');
-            let image = parts.next().unwrap_or_default().to_string();
+            let mut lower: Vec<String> = parts
+                .next()
+                .unwrap_or_default()
+                .split(':')
+                .map(str::to_string)
+                .collect();
+            let image = lower.pop().unwrap_or_default();
             let layer = parts.next().map(str::to_string);
-            let all_ok = std::iter::once(&image)
+            let all_ok = lower
+                .iter()
+                .chain([&image])
                 .chain(&layer)
                 .all(|s| check_serial(s).is_ok());
             if !all_ok || parts.next().is_some() {
                 bad.push(format!("{ROOT}={spec}"));
                 return None;
             }
-            Some(Root { image, layer })
+            Some(Root {
+                saved: lower,
+                image,
+                layer,
+            })
         });
         let root = root.last();
         let boot = Boot {
@@ -280,6 +300,7 @@ mod tests {
             ],
             workdir: Some("/workspace".into()),
             root: Some(Root {
+                saved: vec!["sbx-saved0".into(), "sbx-saved1".into()],
                 image: "sbx-image".into(),
                 layer: Some("sbx-layer".into()),
             }),
@@ -292,7 +313,7 @@ mod tests {
             line,
             "console=ttyS0 reboot=k panic=-1 quiet noxsave sbx.session \
              sbx.fs=sbx0,/workspace,rw sbx.fs=sbx1,/ref,ro sbx.workdir=/workspace \
-             sbx.root=sbx-image,sbx-layer sbx.egress=QUJD sbx.mcp"
+             sbx.root=sbx-saved0:sbx-saved1:sbx-image,sbx-layer sbx.egress=QUJD sbx.mcp"
         );
         assert_eq!(Boot::parse(&line), (boot, Vec::new()));
     }
@@ -338,18 +359,28 @@ mod tests {
         let (b, bad) = Boot::parse("sbx.fs=onlytag sbx.fs=t,/ok,ro");
         assert_eq!(bad, ["sbx.fs=onlytag"]);
         assert_eq!(b.shares.len(), 1);
-        let (b, bad) = Boot::parse("sbx.root=a/b sbx.root=a,b,c");
-        assert_eq!(bad, ["sbx.root=a/b", "sbx.root=a,b,c"]);
+        let (b, bad) = Boot::parse("sbx.root=a/b sbx.root=a,b,c sbx.root=:a sbx.root=a::b");
+        assert_eq!(
+            bad,
+            [
+                "sbx.root=a/b",
+                "sbx.root=a,b,c",
+                "sbx.root=:a",
+                "sbx.root=a::b"
+            ]
+        );
         assert_eq!(b.root, None);
         assert_eq!(
             Boot::parse("sbx.root=img").0.root,
             Some(Root {
+                saved: Vec::new(),
                 image: "img".into(),
                 layer: None
             })
         );
         let long = Boot {
             root: Some(Root {
+                saved: Vec::new(),
                 image: "x".repeat(21),
                 layer: None,
             }),

@@ -1,8 +1,9 @@
 //! A session's disks when its root is an image: the image's read-only
-//! root file system, shared by every session made from it, and the
-//! session's own writable layer, a sparse ext4 file that overlayfs joins
-//! over the image in the guest. The layer outlives the VM (it is the
-//! session's disk) until the session is removed.
+//! root file system, shared by every session made from it, the layers a
+//! template's build saved over it (read-only too), and the session's own
+//! writable layer, a sparse ext4 file that overlayfs joins over them all
+//! in the guest. The layer outlives the VM (it is the session's disk)
+//! until the session is removed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +19,8 @@ use crate::spec::RootSpec;
 /// The serials the guest finds its disks by.
 pub const IMAGE_SERIAL: &str = "sbx-image";
 pub const LAYER_SERIAL: &str = "sbx-layer";
+/// Saved layer N's serial is this and N.
+const SAVED_SERIAL: &str = "sbx-saved";
 
 /// The writable layer's size when neither the spec nor the policy says.
 pub const DEFAULT_LAYER_SIZE: u64 = 8 << 30;
@@ -31,10 +34,13 @@ pub fn image_store() -> Result<Store> {
 pub fn resolve(name: &str, layer_size: Option<u64>) -> Result<RootSpec> {
     let store = image_store()?;
     let record: ImageRecord = store.find(name).map_err(Error::Image)?;
+    let mut roots = store.root_paths(&record);
+    let path = roots.pop().unwrap_or_default();
     Ok(RootSpec {
         image: record.name.clone(),
         digest: record.digest.to_string(),
-        path: store.root_path(&record),
+        path,
+        saved: roots,
         layer_size,
         env: record.env.clone(),
     })
@@ -105,29 +111,43 @@ pub fn layer_size(root: &RootSpec, policy: &sbx_policy::Policy) -> u64 {
 /// The block devices for `root` (its layer `size` bytes) and what the
 /// guest is told of them.
 pub fn devices(name: &str, root: &RootSpec, size: u64) -> Result<(Vec<BlockConfig>, Root)> {
-    if !root.path.is_file() {
-        fail!(
-            Invalid,
-            "the root file system of image {} ({}) is missing; pull or import the image again",
-            root.image,
-            root.path.display()
-        );
+    for path in root.saved.iter().chain([&root.path]) {
+        if !path.is_file() {
+            fail!(
+                Invalid,
+                "the root file system of image {} ({}) is missing; pull or import the image again (or build its template again)",
+                root.image,
+                path.display()
+            );
+        }
     }
     let layer = layer_path(name);
     ensure_layer(&layer, size)?;
-    let disks = vec![
-        BlockConfig {
-            path: root.path.clone(),
+    let saved: Vec<String> = (0..root.saved.len())
+        .map(|i| format!("{SAVED_SERIAL}{i}"))
+        .collect();
+    let mut disks: Vec<BlockConfig> = root
+        .saved
+        .iter()
+        .zip(&saved)
+        .map(|(path, serial)| BlockConfig {
+            path: path.clone(),
             read_only: true,
-            serial: IMAGE_SERIAL.into(),
-        },
-        BlockConfig {
-            path: layer,
-            read_only: false,
-            serial: LAYER_SERIAL.into(),
-        },
-    ];
+            serial: serial.clone(),
+        })
+        .collect();
+    disks.push(BlockConfig {
+        path: root.path.clone(),
+        read_only: true,
+        serial: IMAGE_SERIAL.into(),
+    });
+    disks.push(BlockConfig {
+        path: layer,
+        read_only: false,
+        serial: LAYER_SERIAL.into(),
+    });
     let boot = Root {
+        saved,
         image: IMAGE_SERIAL.into(),
         layer: Some(LAYER_SERIAL.into()),
     };

@@ -157,6 +157,9 @@ fn wait_dead(dir: &Dir, timeout: Duration) -> bool {
     true
 }
 
+/// How [`stop`] says the guest shut down as asked.
+pub const STOPPED: &str = "stopped";
+
 /// Asks the guest agent to shut down; then SIGTERM (the VMM stops the VM);
 /// then SIGKILL. Records the stop and returns how it ended.
 pub fn stop(dir: &Dir, pid: u32, timeout: Duration) -> &'static str {
@@ -175,7 +178,7 @@ pub fn stop(dir: &Dir, pid: u32, timeout: Duration) -> &'static str {
         }
     })();
     let how = if graceful.is_ok() && wait_dead(dir, timeout) {
-        "stopped"
+        STOPPED
     } else {
         end_process(dir, pid, Duration::from_secs(3))
     };

@@ -65,6 +65,10 @@ pub struct RootSpec {
     pub digest: String,
     /// The image's read-only root file system.
     pub path: PathBuf,
+    /// Layers saved from earlier sessions (a template's build) that stack
+    /// over it, topmost first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub saved: Vec<PathBuf>,
     /// The writable layer's size in bytes (sparse: only what is written
     /// takes host disk); None: 8 GiB, or the policy's `disk_mib` if less.
     #[serde(default)]

@@ -1,17 +1,16 @@
 //! Building a template: a session from its base image, under the build
 //! policy (balanced by default: the package registries), runs the
-//! template's steps as root; what they changed (the session's writable
-//! layer, read through the guest's view of it) becomes one more image
-//! layer, stored as the image `template/NAME`.
+//! template's steps as root; then its VM is shut down and its writable
+//! layer, what the steps changed, is kept as it is as the image
+//! `template/NAME`, stacked over the base image's root: nothing is copied
+//! through the guest or unpacked again.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
 use sandbox::attach;
 use sandbox::{disks, launch, Selection, SessionSpec};
 use sbx_image::{ImageRecord, Store};
-use sbx_protocol::cmdline::LAYER_VIEW;
 
 use crate::{Result, Template, TemplateError};
 
@@ -21,6 +20,14 @@ pub type Progress<'a> = &'a dyn Fn(&str);
 /// The build session's size: npm and compilers want more than the default.
 const BUILD_MEM_MIB: u64 = 1024;
 const BUILD_DISK: u64 = 16 << 30;
+/// Package managers' download caches go to the guest's /tmp (memory) while
+/// steps run, so the template does not keep what it installed twice; npm
+/// does not look for a newer npm.
+const BUILD_ENV: [(&str, &str); 3] = [
+    ("npm_config_cache", "/tmp/sbx-build/npm"),
+    ("npm_config_update_notifier", "false"),
+    ("PIP_CACHE_DIR", "/tmp/sbx-build/pip"),
+];
 
 /// The built image of `t`, if its current recipe was built.
 pub fn image_of(t: &Template, store: &Store) -> Result<Option<ImageRecord>> {
@@ -71,6 +78,14 @@ pub fn build(t: &Template, sbx: &Path, progress: Progress<'_>) -> Result<ImageRe
     spec.vm.mem_mib = BUILD_MEM_MIB;
     spec.root = Some(disks::resolve(&t.image, Some(BUILD_DISK))?);
     spec.env = t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (k, v) in BUILD_ENV {
+        if !spec.env.iter().any(|(have, _)| have == k) {
+            spec.env.push((k.into(), v.into()));
+        }
+    }
+    // A build killed before it cleaned up (the host went down) may have
+    // left a disk under this name; it is no one's work.
+    let _ = disks::remove_layer(&name);
 
     progress(&format!(
         "building template {} on {} ({})",
@@ -79,36 +94,25 @@ pub fn build(t: &Template, sbx: &Path, progress: Progress<'_>) -> Result<ImageRe
         sbx_image::store::count(t.build.steps.len(), "step")
     ));
     let dir = launch::start(&spec, sbx, || {})?;
-    let work = store.tmp("template");
-    let result = (|| {
-        run_steps(t, &dir, progress)?;
-        progress("saving what the steps changed as a layer");
-        std::fs::create_dir_all(&work).map_err(|source| TemplateError::Read {
-            path: work.clone(),
-            source,
-        })?;
-        let upper = work.join("upper.tar");
-        capture_upper(&dir, &upper)?;
-        let layer = work.join("layer.tar");
-        let out = std::fs::File::create(&layer).map_err(|source| TemplateError::Read {
-            path: layer.clone(),
-            source,
-        })?;
-        let input = std::fs::File::open(&upper).map_err(|source| TemplateError::Read {
-            path: upper.clone(),
-            source,
-        })?;
-        sbx_image::overlay::layer_from_upper(
-            std::io::BufReader::new(input),
-            std::io::BufWriter::new(out),
-        )?;
+    let result = run_steps(t, &dir, progress).and_then(|()| {
+        progress("saving what the steps changed");
+        // The guest syncs its disks as it shuts down; a VM ended any other
+        // way may have lost writes, which no check of the disk would show.
+        let info = dir.read_info()?;
+        let how = launch::stop(&dir, info.pid, Duration::from_secs(30));
+        if how != launch::STOPPED {
+            return Err(TemplateError::Session(sandbox::Error::Session(format!(
+                "the build session of template {} did not shut down cleanly ({how}); build it again",
+                t.name
+            ))));
+        }
         let source = format!(
             "built from template {} ({}, recipe {recipe})",
             t.name, t.origin
         );
-        let record = store.derive(
+        let record = store.save(
             &base,
-            &layer,
+            &disks::layer_path(&name),
             &sbx_image::store::Derived {
                 name: t.image_name(),
                 env: t.env_words(),
@@ -118,9 +122,11 @@ pub fn build(t: &Template, sbx: &Path, progress: Progress<'_>) -> Result<ImageRe
             progress,
         )?;
         Ok(record)
-    })();
+    });
     if let Ok(info) = dir.read_info() {
-        launch::end_process(&dir, info.pid, Duration::from_secs(10));
+        if dir.alive() {
+            launch::end_process(&dir, info.pid, Duration::from_secs(10));
+        }
     }
     if result.is_err() {
         // The session goes with the build; what it said first, for the error.
@@ -139,7 +145,6 @@ pub fn build(t: &Template, sbx: &Path, progress: Progress<'_>) -> Result<ImageRe
         }
     }
     let _ = launch::remove(&dir);
-    let _ = std::fs::remove_dir_all(&work);
     result
 }
 
@@ -157,31 +162,6 @@ fn run_steps(t: &Template, dir: &sandbox::state::Dir, progress: Progress<'_>) ->
                 command: step.clone(),
             });
         }
-    }
-    Ok(())
-}
-
-/// The guest's writable layer as a tar stream (GNU tar in the image, with
-/// the attributes overlayfs marks deletions and opaque directories with).
-fn capture_upper(dir: &sandbox::state::Dir, out: &Path) -> Result<()> {
-    let file = std::fs::File::create(out).map_err(|source| TemplateError::Read {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    let upper = format!("{LAYER_VIEW}/upper");
-    let tar = format!(
-        "sync && exec tar --create --file=- --numeric-owner --xattrs \
-         --xattrs-include='trusted.overlay.*' --xattrs-include='security.capability' \
-         --directory={upper} ."
-    );
-    let status = attach::script(dir, &tar, Some("root"), file.as_raw_fd())?;
-    if status != 0 {
-        return Err(TemplateError::Step {
-            template: dir.name.clone(),
-            step: 0,
-            status,
-            command: format!("tar of {upper} (the image needs GNU tar)"),
-        });
     }
     Ok(())
 }

@@ -584,6 +584,116 @@ fn agent_templates_run_their_agents_with_placeholder_keys() {
     assert!(out.contains("0.171.0"), "codex --version: {out}");
 }
 
+/// A template built here: its steps' changes (a file added, one of the
+/// base's deleted) are saved as a layer stacked over the base, and a
+/// session from it sees them, as the template's user.
+#[test]
+fn a_built_template_stacks_its_changes_over_the_base() {
+    let host = Host::new();
+    let dir = host.dir.path();
+    let layer = dir.join("layer.tar");
+    let bb = std::fs::read("/bin/busybox").unwrap();
+    sbx_image::testing::Layer::new()
+        .dir("bin/", 0o755, 0)
+        .dir("etc/", 0o755, 0)
+        .file("bin/busybox", 0o755, 0, &bb)
+        .symlink("bin/sh", "busybox")
+        .file(
+            "etc/passwd",
+            0o644,
+            0,
+            b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000::/tmp:/bin/sh\n",
+        )
+        .file("etc/gone", 0o644, 0, b"deleted by the build\n")
+        .write(&layer)
+        .unwrap();
+    let archive = dir.join("small.oci.tar");
+    sbx_image::layout::write_archive(
+        &archive,
+        "small",
+        &[&layer],
+        sbx_image::manifest::RunConfig::default(),
+        &dir.join("scratch"),
+    )
+    .unwrap();
+    let template = dir.join("stacked.toml");
+    std::fs::write(
+        &template,
+        r#"name = "stacked"
+image = "small"
+user = "agent"
+[env]
+GREETING = "from the template"
+[build]
+steps = ["busybox mkdir -p /opt && busybox echo built > /opt/built && busybox rm /etc/gone"]
+"#,
+    )
+    .unwrap();
+    // A store of this test's own (the suite's is read-only here).
+    let cache = dir.join("cache");
+    let sbx = |args: &[&str]| {
+        let mut c = host.cmd(args);
+        c.env("SBX_CACHE_DIR", &cache);
+        sbx_tests::output_within(&mut c, sbx_tests::SBX_TIMEOUT)
+    };
+    let ok = |args: &[&str]| {
+        let out = sbx(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "sbx {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    ok(&["image", "import", archive.to_str().unwrap()]);
+    let t = template.to_str().unwrap();
+    let out = sbx(&["template", "build", t]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("saving what the steps changed"), "{err}");
+
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(&["image", "inspect", "template/stacked"])).unwrap();
+    let roots = inspect["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 2, "{inspect}");
+    let base: serde_json::Value =
+        serde_json::from_str(&ok(&["image", "inspect", "small"])).unwrap();
+    assert_eq!(roots[1], base["roots"][0], "the base's root is shared");
+
+    let out = ok(&[
+        "run",
+        "--template",
+        t,
+        "--no-workspace",
+        "--",
+        "sh",
+        "-c",
+        "busybox id -u; busybox cat /opt/built; busybox test -e /etc/gone || echo gone; echo $GREETING",
+    ]);
+    assert_eq!(out, "1000\nbuilt\ngone\nfrom the template\n");
+    // Built once: a second build finds it.
+    let again = sbx(&["template", "build", t]);
+    assert!(
+        !text(&again.stderr).contains("step 1/1"),
+        "{}",
+        text(&again.stderr)
+    );
+    // The base's name can go; the template's image keeps its root.
+    ok(&["image", "rm", "small"]);
+    let out = ok(&[
+        "run",
+        "--image",
+        "template/stacked",
+        "--no-workspace",
+        "--",
+        "busybox",
+        "cat",
+        "/opt/built",
+    ]);
+    assert_eq!(out, "built\n");
+}
+
 fn git(dir: &std::path::Path, args: &[&str]) -> String {
     sbx_tests::run(
         std::process::Command::new("git")

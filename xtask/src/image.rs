@@ -298,6 +298,11 @@ pub fn test_templates(sbx: &Path, store: &Path, env: &[(&str, &Path)]) -> anyhow
         "building agent templates {} (npm registry, through the egress proxy)",
         missing.join(", ")
     ));
+    // What a build killed midway (a timeout) left: nothing else uses
+    // this store while xtask runs.
+    for dir in [store.join("build-state/disks"), store.join("images/tmp")] {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     // The build sessions' disks go beside the store (the nested host's own
     // directories are in memory).
     let mut argv: Vec<String> = vec![
