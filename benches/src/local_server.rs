@@ -26,6 +26,8 @@ pub fn start(dir: &Path, postgres: bool, ttl: Duration) -> anyhow::Result<LocalS
         bundle_ttl: ttl,
         public_url: url.clone(),
         per_token_per_minute: u32::MAX,
+        refusal_burst: Default::default(),
+        siem: Default::default(),
     })?;
     let (setup, kind) = (
         opened.setup_token.clone().unwrap_or_default(),

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use sbx_policy::{
-    Access, Decision, Locations, Policy, PolicyBuilder, RuleInfo, Selection, Surface,
+    Access, Answer, Decision, Locations, Policy, PolicyBuilder, Question, RuleInfo, Selection,
+    Surface,
 };
 
 /// Exit status of `explain` for a denial; 2 is for usage and policy errors.
@@ -196,61 +197,25 @@ fn check(files: &[PathBuf], select: &Select) -> anyhow::Result<u8> {
 
 fn explain(select: &Select, json: bool, query: Query) -> anyhow::Result<u8> {
     let policy = select.load()?;
-    let (surface, request, d) = match &query {
-        Query::Net { target, resolved } => {
-            let (host, port) = sbx_policy::parse_host_port(target)?;
-            (
-                Surface::Net,
-                target.clone(),
-                policy.explain_net(&host, *resolved, port),
-            )
-        }
-        Query::Fs { path, access } => {
-            let access = match access {
+    let question = match query {
+        Query::Net { target, resolved } => Question::Net { target, resolved },
+        Query::Fs { path, access } => Question::Fs {
+            path,
+            access: match access {
                 AccessArg::Read => Access::Read,
                 AccessArg::Write => Access::Write,
-            };
-            (
-                Surface::Fs,
-                format!("{path} {}", access.as_str()),
-                policy.explain_fs(path, access),
-            )
-        }
-        Query::Mcp { call, args } => {
-            let Some((server, tool)) = call.split_once('.') else {
-                bail!("`{call}` is not SERVER.TOOL, such as github.get_issue");
-            };
-            let args: serde_json::Value = serde_json::from_str(args.as_deref().unwrap_or("{}"))
-                .context("the arguments are not valid JSON")?;
-            let Some(args) = args.as_object() else {
-                bail!("the arguments must be a JSON object, such as '{{\"repo\": \"acme/web\"}}'");
-            };
-            let (d, rate) = policy.explain_mcp(server, tool, args);
-            let request = match rate {
-                Some(n) => format!("{call} (at most {n} calls per minute)"),
-                None => call.clone(),
-            };
-            (Surface::Mcp, request, d)
-        }
-        Query::Credential { secret, host } => {
-            let h = sbx_policy::normalize_host(host)?;
-            let (d, grant) = policy.explain_credential(secret, &h);
-            let how = match grant.map(|g| &g.injection) {
-                Some(sbx_policy::Injection::Header { name, format }) => {
-                    format!(" as {name}: {format}")
-                }
-                Some(sbx_policy::Injection::Placeholder) => " by placeholder".into(),
-                None => String::new(),
-            };
-            (Surface::Credential, format!("{secret} to {host}{how}"), d)
-        }
-        Query::Exec { command } => (Surface::Exec, command.clone(), policy.explain_exec(command)),
-        Query::Limits { vcpus, memory_mib } => (
-            Surface::Limits,
-            format!("{vcpus} vCPUs, {memory_mib} MiB"),
-            policy.decide_limits(*vcpus, *memory_mib),
-        ),
+            },
+        },
+        Query::Mcp { call, args } => Question::Mcp { call, args },
+        Query::Credential { secret, host } => Question::Credential { secret, host },
+        Query::Exec { command } => Question::Exec { command },
+        Query::Limits { vcpus, memory_mib } => Question::Limits { vcpus, memory_mib },
     };
+    let Answer {
+        surface,
+        request,
+        decision: d,
+    } = policy.explain(&question)?;
     if json {
         let v = serde_json::json!({
             "decision": d.outcome(),

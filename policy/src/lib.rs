@@ -14,6 +14,7 @@ mod delegate;
 mod discovery;
 mod error;
 mod exec;
+mod explain;
 mod format;
 mod fs;
 mod host;
@@ -35,6 +36,7 @@ pub use delegate::{Delegation, Grant, KINDS as DELEGABLE};
 pub use discovery::{xdg_dir, Locations, Selection};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::PolicyError;
+pub use explain::{Answer, Question, QuestionError};
 pub use fs::{normalize_guest_path, Access};
 pub use host::{
     address_class, canonical_ip, normalize_host, Cidr, HostError, HostPattern, NetHost,

@@ -1,10 +1,13 @@
 //! Alerts: what a security team must hear about at once, raised as the
 //! records arrive: an exfiltration attempt (a secret's placeholder sent
 //! where policy does not allow it), a tool rug pull (an MCP tool that
-//! changed under its pin), and a machine's log that fails its chain
-//! (edited, rewritten, or with a gap). Each alert is kept, listed on the
-//! dashboard until someone acknowledges it, and delivered to every webhook
-//! (`deliver.rs`).
+//! changed under its pin), a machine's log that fails its chain (edited,
+//! rewritten, or with a gap), and a burst of refusals by one person; and,
+//! by the delivery worker's clock, a machine silent past its policy
+//! bundle's expiry. Each alert is kept, listed on the dashboard until
+//! someone acknowledges it, and delivered to every webhook (`deliver.rs`).
+
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -25,6 +28,116 @@ pub fn kind_of(r: &sbx_audit::Record) -> Option<&'static str> {
         "tool_changed" => Some("rug-pull"),
         _ => None,
     }
+}
+
+/// "N refusals by one person in M minutes" (`count` 0: never).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusalBurst {
+    pub count: u32,
+    pub window: Duration,
+}
+
+impl Default for RefusalBurst {
+    /// 20 in 10 minutes: more than a person's typos, less than an agent
+    /// probing what it may reach.
+    fn default() -> Self {
+        RefusalBurst {
+            count: 20,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Raises a `refusals` alert when the person `at` names has been refused
+/// `rule.count` times within `rule.window` (by the server's clock of
+/// arrival), once per window. `at` is the latest refusal.
+pub fn check_refusals(
+    c: &mut Tx<'_>,
+    rule: &RefusalBurst,
+    at: &Origin<'_>,
+) -> Result<bool, ApiError> {
+    if rule.count == 0 {
+        return Ok(false);
+    }
+    let since = db::now() - rule.window.as_secs() as i64;
+    let n: i64 = c.query_one(
+        "SELECT COUNT(*) FROM audit_records
+         WHERE user_id = ?1 AND received >= ?2 AND decision IS NOT NULL AND decision <> 'allow'",
+        params![at.user_id, since],
+        |r| r.get(0),
+    )?;
+    if n < i64::from(rule.count) {
+        return Ok(false);
+    }
+    let raised: Option<i64> = c.query_opt(
+        "SELECT id FROM alerts WHERE kind = 'refusals' AND user_id = ?1 AND at >= ?2 LIMIT 1",
+        params![at.user_id, since],
+        |r| r.get(0),
+    )?;
+    if raised.is_some() {
+        return Ok(false);
+    }
+    let email: String = c.query_one(
+        "SELECT email FROM users WHERE id = ?1",
+        params![at.user_id],
+        |r| r.get(0),
+    )?;
+    let minutes = rule.window.as_secs().div_ceil(60);
+    raise(
+        c,
+        "refusals",
+        at,
+        &format!("{n} refusals for {email} in the last {minutes} minutes (the alert is at {}): an agent probing what it may reach?", rule.count),
+    )?;
+    Ok(true)
+}
+
+/// Raises a `silent` alert for each machine whose last request is older
+/// than `ttl` (the life of the policy bundles it was given), once per
+/// silence: the alert's `seq` is the time the machine was last heard from.
+/// Returns how many it raised.
+pub fn check_silent(c: &mut Tx<'_>, ttl: Duration) -> Result<u64, ApiError> {
+    // Instances sharing a database must not raise one silence twice.
+    c.serialize("silent machines")?;
+    let before = db::now() - ttl.as_secs() as i64;
+    let silent = c.query_map(
+        "SELECT t.machine, MAX(t.last_used), MIN(t.user_id) FROM tokens t
+         WHERE t.kind = 'machine' AND t.revoked IS NULL AND t.machine IS NOT NULL
+           AND t.last_used IS NOT NULL
+         GROUP BY t.machine HAVING MAX(t.last_used) < ?1",
+        params![before],
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?, r.get::<i64>(2)?)),
+    )?;
+    let mut raised = 0;
+    for (machine, last, user_id) in silent {
+        let known: Option<i64> = c.query_opt(
+            "SELECT id FROM alerts WHERE kind = 'silent' AND machine = ?1 AND seq = ?2 LIMIT 1",
+            params![machine, last],
+            |r| r.get(0),
+        )?;
+        if known.is_some() {
+            continue;
+        }
+        let (email, team_id): (String, Option<i64>) = c.query_one(
+            "SELECT email, team_id FROM users WHERE id = ?1",
+            params![user_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let at = Origin {
+            machine: &machine,
+            session: "",
+            seq: last as u64,
+            user_id,
+            team_id,
+        };
+        let summary = format!(
+            "machine {machine} ({email}) has not reached the server since {}, and the policy it holds has expired: sbx there may be stopped, cut off from the server, or removed",
+            crate::web::when(last)
+        );
+        raise(c, "silent", &at, &summary)?;
+        raised += 1;
+    }
+    Ok(raised)
 }
 
 /// Where an alert comes from.

@@ -228,6 +228,22 @@ INSERT INTO audit_counts
            COUNT(CASE WHEN decision = 'allow' THEN 1 END), COUNT(CASE WHEN decision <> 'allow' THEN 1 END)
     FROM audit_records WHERE decision IS NOT NULL GROUP BY 1, 2, 3, 4;
 "#,
+    // A person's refusals in the last minutes (`alerts::check_refusals`).
+    r#"
+CREATE INDEX audit_records_user_received ON audit_records(user_id, received);
+"#,
+    // Where each SIEM sink is in the records (`siem.rs`).
+    r#"
+CREATE TABLE siem_cursors (
+    sink TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL,
+    leased_until INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    delivered INTEGER NOT NULL,
+    last_ok INTEGER,
+    last_error TEXT
+);
+"#,
 ];
 
 /// Which database, and its connections.

@@ -1,5 +1,6 @@
 //! Delivering alerts to webhooks, at least once: a worker wakes when an
-//! alert is raised (and every second), takes the deliveries that are due,
+//! alert is raised (and every second; now and then it also looks for
+//! silent machines, `alerts::check_silent`), takes the deliveries that are due,
 //! posts each, and records every attempt. A failed one is tried again
 //! after 1, 2, 4... seconds, at most five minutes apart, until it gets a
 //! 2xx. A delivery is leased while it is being sent, so instances sharing
@@ -43,10 +44,24 @@ pub async fn run(state: AppState) {
             return;
         }
     };
+    // Silent machines are looked for a few times per bundle lifetime.
+    let ttl = state.config.bundle_ttl;
+    let every = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut looked = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = state.alerts.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if looked.elapsed() >= every {
+            looked = tokio::time::Instant::now();
+            if let Err(e) = state
+                .db
+                .run(move |c| crate::alerts::check_silent(c, ttl))
+                .await
+            {
+                tracing::warn!("cannot look for silent machines: {e}");
+            }
         }
         let due = match state.db.run(take_due).await {
             Ok(d) => d,
@@ -69,7 +84,7 @@ pub async fn run(state: AppState) {
     }
 }
 
-fn client() -> Result<reqwest::Client, String> {
+pub(crate) fn client() -> Result<reqwest::Client, String> {
     let tls = sbx_egress::mitm::upstream_config(&[]).map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .tls_backend_preconfigured((*tls).clone())

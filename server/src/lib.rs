@@ -37,10 +37,12 @@ mod error;
 mod limits;
 mod rollup;
 mod routes;
+pub mod siem;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod web;
 
+pub use alerts::RefusalBurst;
 pub use error::ApiError;
 
 /// Largest request body the API reads.
@@ -65,6 +67,10 @@ pub struct Config {
     /// Requests one token may make a minute (the anonymous routes allow 60
     /// per client address).
     pub per_token_per_minute: u32,
+    /// When refusals for one person raise an alert.
+    pub refusal_burst: RefusalBurst,
+    /// Where every record is pushed besides the pull API.
+    pub siem: siem::Siem,
 }
 
 /// What every request handler shares.
@@ -78,6 +84,8 @@ pub struct AppState {
     pub token_limiter: Arc<limits::RateLimiter<i64>>,
     /// Wakes the alert delivery worker.
     pub alerts: Arc<tokio::sync::Notify>,
+    /// Wakes the SIEM worker: records arrived.
+    pub records: Arc<tokio::sync::Notify>,
 }
 
 /// The server, opened: the state and, on a fresh database, the one-time
@@ -112,6 +120,7 @@ pub fn open(config: Config) -> anyhow::Result<Opened> {
             limiter: Arc::new(limits::RateLimiter::new(60)),
             token_limiter: Arc::new(limits::RateLimiter::new(config.per_token_per_minute)),
             alerts: Arc::new(tokio::sync::Notify::new()),
+            records: Arc::new(tokio::sync::Notify::new()),
             config: Arc::new(config),
         },
         setup_token,
@@ -153,6 +162,7 @@ pub fn router(state: AppState) -> Router {
             post(alerts::add_webhook).get(alerts::list_webhooks),
         )
         .route("/api/v1/webhooks/{id}", delete(alerts::remove_webhook))
+        .route("/api/v1/siem", get(routes::audit::siem_status))
         .route("/api/v1/admin-log", get(admin_log::export))
         .route("/api/v1/admin-log/verify", get(admin_log::verify))
         .route("/api/v1/openapi.json", get(routes::openapi))
@@ -175,6 +185,7 @@ pub async fn serve_until(
 ) -> std::io::Result<()> {
     // Alerts go out for as long as the server serves.
     let worker = tokio::spawn(deliver::run(state.clone()));
+    let siem = tokio::spawn(siem::run(state.clone()));
     let served = axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
@@ -182,5 +193,6 @@ pub async fn serve_until(
     .with_graceful_shutdown(stop)
     .await;
     worker.abort();
+    siem.abort();
     served
 }

@@ -47,6 +47,24 @@ struct Args {
     /// makes a few per session: a policy fetch, audit shipping).
     #[arg(long, value_name = "N", default_value_t = 1200)]
     per_token_per_minute: u32,
+    /// Refusals for one person within --refusal-alert-minutes that raise
+    /// an alert (0: never).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    refusal_alert_count: u32,
+    #[arg(long, value_name = "MINUTES", default_value_t = 10)]
+    refusal_alert_minutes: u64,
+    /// Push every audit record to this syslog receiver (HOST:PORT, RFC 5424
+    /// over TLS as RFC 5425 frames it), at least once.
+    #[arg(long, value_name = "HOST:PORT")]
+    syslog: Option<String>,
+    /// A PEM CA certificate to trust for the syslog receiver, besides the
+    /// host's roots.
+    #[arg(long, value_name = "FILE", requires = "syslog")]
+    syslog_ca: Option<PathBuf>,
+    /// Push every audit record to this OTLP/HTTP logs endpoint
+    /// (such as https://collector:4318/v1/logs), at least once.
+    #[arg(long, value_name = "URL")]
+    otlp_logs: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +97,15 @@ fn main() -> anyhow::Result<()> {
         bundle_ttl: Duration::from_secs(a.bundle_ttl_hours * 3600),
         public_url: a.public_url.unwrap_or_else(|| format!("http://{addr}")),
         per_token_per_minute: a.per_token_per_minute,
+        refusal_burst: sbx_server::RefusalBurst {
+            count: a.refusal_alert_count,
+            window: Duration::from_secs(a.refusal_alert_minutes * 60),
+        },
+        siem: sbx_server::siem::Siem {
+            syslog: a.syslog,
+            syslog_ca: a.syslog_ca,
+            otlp: a.otlp_logs,
+        },
     })?;
     if let Some(token) = &opened.setup_token {
         println!("setup token (use it once, with POST /api/v1/setup): {token}");

@@ -133,6 +133,13 @@ fn clean_stale(tmp: &Path) {
     }
 }
 
+/// A CA (`ca.crt`) and a certificate for 127.0.0.1 signed by it
+/// (`server.crt`, `server.key`), written in `dir`, for a test's own TLS
+/// server. Returns the CA.
+pub fn localhost_certificates(dir: &Path) -> Result<PathBuf, String> {
+    certificates(dir, None)
+}
+
 /// A CA and the server's certificate for 127.0.0.1, signed by it; the key
 /// readable by the server only, as PostgreSQL insists. Returns the CA.
 fn certificates(dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, String> {

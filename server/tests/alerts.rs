@@ -3,9 +3,6 @@
 //! receiver that is down gets it once it is back, exactly once; alerts are
 //! listed and acknowledged by role.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,153 +14,8 @@ use sha2::Sha256;
 #[macro_use]
 mod common;
 
+use common::receiver::{header, wait_for, Receiver};
 use common::*;
-
-/// One request a receiver got: its path, headers (lowercase names) and body.
-#[derive(Clone, Debug)]
-struct Got {
-    path: String,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-/// A webhook receiver on the loopback that answers 200 to every POST.
-struct Receiver {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Receiver {
-    fn start(addr: &str, got: Arc<Mutex<Vec<Got>>>) -> Receiver {
-        let listener = TcpListener::bind(addr).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (g, st) = (got.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                if let Some(r) = read_request(conn) {
-                    g.lock().unwrap().push(r);
-                }
-            }
-        });
-        Receiver {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops listening: the port refuses connections until restarted.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-fn read_request(conn: TcpStream) -> Option<Got> {
-    let mut r = BufReader::new(conn.try_clone().ok()?);
-    let mut first = String::new();
-    r.read_line(&mut first).ok()?;
-    let path = first.split_whitespace().nth(1)?.to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).ok()?;
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (k, v) = line.split_once(':')?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).ok()?;
-    let mut w = conn;
-    w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        .ok()?;
-    Some(Got {
-        path,
-        headers,
-        body: String::from_utf8(body).ok()?,
-    })
-}
-
-/// Ships a session's records from a log made by sbx's own audit log, with
-/// the records `events` describe.
-fn ship(api: &Api<'_>, machine: &str, session: &str, events: &[(&str, &str, &str)]) -> Value {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("log");
-    let log = sbx_audit::AuditLog::open(
-        &path,
-        sbx_audit::Identity {
-            session: session.into(),
-            user: "bob@acme.example".into(),
-            host: "bob-laptop".into(),
-        },
-        Duration::from_millis(10),
-    )
-    .unwrap();
-    for (surface, action, resource) in events {
-        log.append(
-            sbx_audit::Category::Decision,
-            sbx_audit::Event {
-                surface: Some(surface.to_string()),
-                action: action.to_string(),
-                resource: resource.to_string(),
-                decision: Some("deny".into()),
-                rule_id: Some("no-secrets-to-paste".into()),
-                reason: Some("the org keeps secrets to their own hosts".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    }
-    log.close().unwrap();
-    let r = api
-        .req("POST", "/api/v1/audit", Some(machine))
-        .body(std::fs::read_to_string(&path).unwrap())
-        .send()
-        .unwrap();
-    ok(r)
-}
-
-fn header<'a>(g: &'a Got, name: &str) -> &'a str {
-    g.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map_or("", |(_, v)| v.as_str())
-}
-
-/// Waits up to `secs` for the receiver to hold `n` requests on `path`.
-fn wait_for(got: &Arc<Mutex<Vec<Got>>>, path: &str, n: usize, secs: u64) -> Vec<Got> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let on: Vec<Got> = got
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|g| g.path == path)
-            .cloned()
-            .collect();
-        if on.len() >= n || Instant::now() > deadline {
-            return on;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 on_both!(alerts_reach_webhooks_signed_and_once_through_an_outage);
 fn alerts_reach_webhooks_signed_and_once_through_an_outage(store: Store) {
@@ -402,4 +254,95 @@ fn a_tampered_log_raises_an_alert(store: Store) {
         summaries[1].starts_with("edited:") && summaries[0].starts_with("gap:"),
         "{summaries:?}"
     );
+}
+
+/// The alerts of `kind`, as the admin sees them.
+fn alerts_of(api: &Api<'_>, admin: &str, kind: &str) -> Vec<Value> {
+    let all = ok(api.get("/api/v1/alerts", Some(admin)));
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
+on_both!(a_burst_of_refusals_raises_one_alert_per_window);
+fn a_burst_of_refusals_raises_one_alert_per_window(store: Store) {
+    let s = start_configured(database(store, "alerts_burst"), |c| {
+        c.refusal_burst = sbx_server::RefusalBurst {
+            count: 4,
+            window: Duration::from_secs(600),
+        }
+    });
+    let api = Api::new(&s);
+    let admin = first_admin(&api);
+    add_team(&api, &admin, "web");
+    let bob = add_person(&api, &admin, "bob@acme.example", "member", Some("web"));
+    let machine = sign_in_machine(&api, &bob, "bob-laptop");
+    let refusal = ("network", "connect", "evil.example:443");
+    let r = ship(&api, &machine, "s-1", &[refusal; 3]);
+    assert_eq!(r["alerts"], 0, "{r}");
+    assert!(alerts_of(&api, &admin, "refusals").is_empty());
+    // The fourth within the window: one alert, naming the person.
+    let r = ship(&api, &machine, "s-2", &[refusal]);
+    assert_eq!(r["alerts"], 1, "{r}");
+    let raised = alerts_of(&api, &admin, "refusals");
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    let a = &raised[0];
+    assert_eq!(a["user"], "bob@acme.example");
+    assert_eq!(
+        (a["session"].as_str(), a["seq"].as_i64()),
+        (Some("s-2"), Some(1))
+    );
+    assert!(
+        a["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("4 refusals for bob@acme.example"),
+        "{a}"
+    );
+    // More in the same window add none.
+    ship(&api, &machine, "s-3", &[refusal; 5]);
+    assert_eq!(alerts_of(&api, &admin, "refusals").len(), 1);
+}
+
+on_both!(a_machine_silent_past_its_bundle_raises_one_alert_per_silence);
+fn a_machine_silent_past_its_bundle_raises_one_alert_per_silence(store: Store) {
+    let s = start_configured(database(store, "alerts_silent"), |c| {
+        c.bundle_ttl = Duration::from_secs(2)
+    });
+    let api = Api::new(&s);
+    let admin = first_admin(&api);
+    add_team(&api, &admin, "web");
+    let bob = add_person(&api, &admin, "bob@acme.example", "member", Some("web"));
+    let machine = sign_in_machine(&api, &bob, "bob-laptop");
+    api.get("/api/v1/me", Some(&machine));
+    let wait = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let found = alerts_of(&api, &admin, "silent");
+            if found.len() >= n || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let found = wait(1);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["machine"], "bob-laptop");
+    assert_eq!(found[0]["team"], "web");
+    assert!(
+        found[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("has not reached the server since"),
+        "{found:?}"
+    );
+    // Still silent: still one alert.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(alerts_of(&api, &admin, "silent").len(), 1);
+    // Heard from, then silent again: a second.
+    api.get("/api/v1/me", Some(&machine));
+    assert_eq!(wait(2).len(), 2);
 }

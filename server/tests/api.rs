@@ -631,6 +631,8 @@ fn postgres_over_tls_checks_the_certificate() {
         bundle_ttl: Duration::from_secs(3600),
         public_url: "http://127.0.0.1:1".into(),
         per_token_per_minute: 10,
+        refusal_burst: Default::default(),
+        siem: Default::default(),
     };
     let Err(e) = sbx_server::open(config(None)) else {
         panic!("a certificate from an unknown CA was accepted")

@@ -181,6 +181,39 @@ fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
         history.contains("v2") && history.contains("alice@acme.example"),
         "{history}"
     );
+
+    // Explain: the team's request is allowed by the rule just pushed; the
+    // org's refusal wins over anything a team says, shown with its line.
+    b.click("header a[href='/ui/policy']");
+    b.settle();
+    b.click("#explain");
+    b.settle();
+    b.wait_for("document.querySelector('#ask')");
+    b.eval("document.querySelector('#team').value = 'web'; document.querySelector('#kind').value = 'net';");
+    b.type_into("#q", "cdn.web.example:443");
+    b.click("#go");
+    b.settle();
+    b.wait_for("document.querySelector('#answer')");
+    b.shot("7-explain-allow");
+    assert_eq!(b.text("#outcome"), "allow", "{}", b.text("#answer"));
+    assert_eq!(b.text("#rule"), "web-api");
+    assert!(
+        b.text("#matched").contains("team-web-v2:3"),
+        "{}",
+        b.text("#matched")
+    );
+    b.eval("document.querySelector('#q').value = '';");
+    b.type_into("#q", "pastebin.com:443");
+    b.click("#go");
+    b.settle();
+    b.wait_for("document.querySelector('#answer')");
+    b.shot("8-explain-deny");
+    assert_eq!(b.text("#outcome"), "deny", "{}", b.text("#answer"));
+    assert_eq!(b.text("#rule"), "no-pastebin");
+    b.click("#matched a");
+    b.settle();
+    b.wait_for("document.querySelector('#text')");
+    assert!(b.url().ends_with("/ui/policy/org?v=1#L3"), "{}", b.url());
 }
 
 fn save(url: &str, team: &str, cookie: &str, csrf: Option<&str>) -> StatusCode {
@@ -211,6 +244,7 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
             "/ui/sessions/bob-laptop/s-1",
             "/ui/policy/org",
             "/ui/policy/teams/web/edit",
+            "/ui/policy/explain?kind=net&q=pastebin.com:443",
         ] {
             let r = bare()
                 .get(format!("{url}{path}"))
@@ -258,8 +292,32 @@ fn the_dashboard_checks_who_signs_in_and_what_each_role_may_do(store: Store) {
         StatusCode::FORBIDDEN
     );
 
+    // An auditor may explain for any team.
+    let (c, page) = get_page(
+        url,
+        "/ui/policy/explain?team=web&kind=net&q=pastebin.com%3A443",
+        &cookie,
+    );
+    assert_eq!(c, StatusCode::OK);
+    assert!(page.contains("no-pastebin"), "{page}");
+
     // A team admin sees their team only.
     let (cookie, csrf) = sign_in(url, &org.carol);
+    assert_eq!(
+        get_page(
+            url,
+            "/ui/policy/explain?team=web&kind=net&q=pastebin.com%3A443",
+            &cookie
+        )
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    let (c, page) = get_page(url, "/ui/policy/explain", &cookie);
+    assert_eq!(c, StatusCode::OK);
+    assert!(
+        page.contains("team data") && !page.contains("team web"),
+        "{page}"
+    );
     let (c, page) = get_page(url, "/ui/overview", &cookie);
     assert_eq!(c, StatusCode::OK);
     assert!(

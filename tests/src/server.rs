@@ -46,6 +46,8 @@ impl Server {
             bundle_ttl: ttl,
             public_url: url.clone(),
             per_token_per_minute: 1200,
+            refusal_burst: Default::default(),
+            siem: Default::default(),
         })
         .unwrap();
         let setup = opened.setup_token.clone().unwrap_or_default();

@@ -96,6 +96,7 @@ pub async fn ingest(
             },
         }
     }
+    let burst = s.config.refusal_burst;
     let done = s.db.run(move |tx| {
         let (mut accepted, mut duplicates, mut flagged, mut raised) = (0u64, 0u64, 0u64, 0u64);
         for (r, why) in &edited {
@@ -108,6 +109,7 @@ pub async fn ingest(
         // two per record (what PostgreSQL over a network feels).
         let mut rows: Vec<Vec<db::Value>> = Vec::new();
         let mut taken: HashMap<(String, u64), String> = HashMap::new();
+        let mut last_refused: Option<(String, u64)> = None;
         for (r, line) in records {
             let session = r.session.clone();
             let (seq, hash) = match heads.get(&session) {
@@ -160,12 +162,20 @@ pub async fn ingest(
                 alerts::raise(tx, kind, &origin(&caller, &machine, &session, r.seq), &alerts::describe(&r))?;
                 raised += 1;
             }
+            if r.event.decision.as_deref().is_some_and(|d| d != "allow") {
+                last_refused = Some((session.clone(), r.seq));
+            }
             totals.add(&r);
             heads.insert(session, (r.seq, r.hash.clone()));
             accepted += 1;
         }
         for chunk in rows.chunks(50) {
             insert_records(tx, chunk)?;
+        }
+        if let Some((session, seq)) = last_refused {
+            if alerts::check_refusals(tx, &burst, &origin(&caller, &machine, &session, seq))? {
+                raised += 1;
+            }
         }
         for (session, (seq, hash)) in &heads {
             tx.execute(
@@ -185,6 +195,7 @@ pub async fn ingest(
     if wake {
         s.alerts.notify_one();
     }
+    s.records.notify_one();
     Ok(Json(reply))
 }
 
@@ -346,4 +357,17 @@ pub async fn flags(State(s): State<AppState>, caller: Caller) -> Result<Json<Val
         Ok(Json(json!(v)))
     })
     .await
+}
+
+/// `GET /api/v1/siem` (org admins and auditors): each SIEM sink's
+/// deliveries, what it has still to take, its last success and error.
+pub async fn siem_status(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::OrgAdmin, Role::Auditor], "read SIEM delivery")?;
+    let siem = s.config.siem.clone();
+    Ok(Json(
+        s.db.run(move |c| crate::siem::status(c, &siem)).await?,
+    ))
 }

@@ -50,6 +50,7 @@ pub async fn openapi() -> Json<Value> {
                                   "get": op("Webhooks with delivered, pending and attempted counts (org admins, auditors)", true) },
             "/api/v1/webhooks/{id}": { "delete": op("Remove a webhook (org admins)", true) },
             "/api/v1/admin-log": { "get": op("The server's own chained audit trail of administrative actions, as JSON lines (org admins, auditors)", true) },
+            "/api/v1/siem": { "get": op("Each SIEM sink (--syslog, --otlp-logs): records delivered and pending, its last success and error (org admins, auditors)", true) },
             "/api/v1/admin-log/verify": { "get": op("Whether that chain is intact, or its first broken record (org admins, auditors)", true) },
         }
     }))

@@ -8,6 +8,7 @@
 //!   over time, the most refused, the alerts;
 //! - `sessions.rs`: the sessions machines shipped, and one's timeline;
 //! - `policy.rs`: org and team policy, versions, diffs, the editor;
+//! - `explain.rs`: what the policies decide on a request, and why;
 //! - `alerts.rs`: alerts, and acknowledging them;
 //! - `diff.rs`: a line diff for policy versions.
 
@@ -20,6 +21,7 @@ use crate::AppState;
 
 mod alerts;
 mod diff;
+mod explain;
 mod overview;
 mod policy;
 mod sessions;
@@ -41,6 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/sessions/{machine}/{session}", get(sessions::timeline))
         .route("/ui/policy", get(policy::index))
         .route("/ui/policy/check", post(policy::check))
+        .route("/ui/policy/explain", get(explain::show))
         .route("/ui/policy/org", get(policy::org))
         .route(
             "/ui/policy/org/edit",

@@ -96,6 +96,9 @@ pub async fn index(State(s): State<AppState>, viewer: Viewer) -> Result<Html<Str
         ));
     }
     body.push_str("</table>");
+    body.push_str(
+        "<p><a id=\"explain\" href=\"/ui/policy/explain\">Explain a decision</a>: what the policies decide on a request, and every rule that matched.</p>",
+    );
     Ok(page(&viewer, "Policy", &body))
 }
 

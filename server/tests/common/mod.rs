@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 pub mod browser;
+pub mod receiver;
 
 pub struct Server {
     pub url: String,
@@ -48,6 +49,14 @@ pub fn start(store: Store, test: &str) -> Server {
 
 /// An instance on `database`, with `per_token` requests a minute allowed.
 pub fn start_with(database: Option<String>, per_token: u32) -> Server {
+    start_configured(database, |c| c.per_token_per_minute = per_token)
+}
+
+/// An instance on `database`, its configuration changed by `change`.
+pub fn start_configured(
+    database: Option<String>,
+    change: impl FnOnce(&mut sbx_server::Config),
+) -> Server {
     // The server's HTTP client brings no TLS provider of its own (it is
     // given egress's); the tests' clients use ring's.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -55,15 +64,18 @@ pub fn start_with(database: Option<String>, per_token: u32) -> Server {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    let opened = sbx_server::open(sbx_server::Config {
+    let mut config = sbx_server::Config {
         data: dir.path().join("data"),
         database,
         database_ca: None,
         bundle_ttl: Duration::from_secs(3600),
         public_url: format!("http://{addr}"),
-        per_token_per_minute: per_token,
-    })
-    .unwrap();
+        per_token_per_minute: 1200,
+        refusal_burst: Default::default(),
+        siem: Default::default(),
+    };
+    change(&mut config);
+    let opened = sbx_server::open(config).unwrap();
     let setup = opened.setup_token.clone().unwrap_or_default();
     let db = opened.state.db.clone();
     let (tx, _thread) = sbx_server::testing::serve_in_thread(opened.state, listener);
@@ -268,4 +280,43 @@ pub fn token_id(api: &Api<'_>, token: &str) -> i64 {
         .unwrap()["id"]
         .as_i64()
         .unwrap()
+}
+
+/// Ships a session's records from a log made by sbx's own audit log, with
+/// the records `events` describe.
+pub fn ship(api: &Api<'_>, machine: &str, session: &str, events: &[(&str, &str, &str)]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let log = sbx_audit::AuditLog::open(
+        &path,
+        sbx_audit::Identity {
+            session: session.into(),
+            user: "bob@acme.example".into(),
+            host: "bob-laptop".into(),
+        },
+        Duration::from_millis(10),
+    )
+    .unwrap();
+    for (surface, action, resource) in events {
+        log.append(
+            sbx_audit::Category::Decision,
+            sbx_audit::Event {
+                surface: Some(surface.to_string()),
+                action: action.to_string(),
+                resource: resource.to_string(),
+                decision: Some("deny".into()),
+                rule_id: Some("no-secrets-to-paste".into()),
+                reason: Some("the org keeps secrets to their own hosts".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    log.close().unwrap();
+    let r = api
+        .req("POST", "/api/v1/audit", Some(machine))
+        .body(std::fs::read_to_string(&path).unwrap())
+        .send()
+        .unwrap();
+    ok(r)
 }
