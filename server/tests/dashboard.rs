@@ -190,26 +190,20 @@ fn a_person_follows_a_refusal_to_its_rule_and_fixes_a_policy_in_the_browser() {
     b.settle();
     b.wait_for("document.querySelector('#ask')");
     b.eval("document.querySelector('#team').value = 'web'; document.querySelector('#kind').value = 'net';");
-    b.type_into("#q", "cdn.web.example:443");
-    b.click("#go");
-    b.settle();
-    b.wait_for("document.querySelector('#answer')");
-    b.shot("7-explain-allow");
-    assert_eq!(b.text("#outcome"), "allow", "{}", b.text("#answer"));
-    assert_eq!(b.text("#rule"), "web-api");
-    assert!(
-        b.text("#matched").contains("team-web-v2:3"),
-        "{}",
-        b.text("#matched")
-    );
-    b.eval("document.querySelector('#q').value = '';");
-    b.type_into("#q", "pastebin.com:443");
-    b.click("#go");
-    b.settle();
-    b.wait_for("document.querySelector('#answer')");
-    b.shot("8-explain-deny");
-    assert_eq!(b.text("#outcome"), "deny", "{}", b.text("#answer"));
-    assert_eq!(b.text("#rule"), "no-pastebin");
+    // Asks for `request` and returns the outcome and the deciding rule.
+    let ask = |b: &mut Browser, request: &str, shot: &str| {
+        b.type_into("#q", request);
+        b.click("#go");
+        b.settle();
+        b.wait_for("document.querySelector('#answer')");
+        b.shot(shot);
+        (b.text("#outcome"), b.text("#rule"), b.text("#matched"))
+    };
+    let (outcome, rule, matched) = ask(&mut b, "cdn.web.example:443", "7-explain-allow");
+    assert_eq!((outcome.as_str(), rule.as_str()), ("allow", "web-api"));
+    assert!(matched.contains("team-web-v2:3"), "{matched}");
+    let (outcome, rule, _) = ask(&mut b, "pastebin.com:443", "8-explain-deny");
+    assert_eq!((outcome.as_str(), rule.as_str()), ("deny", "no-pastebin"));
     b.click("#matched a");
     b.settle();
     b.wait_for("document.querySelector('#text')");

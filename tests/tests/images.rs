@@ -416,20 +416,33 @@ impl Drop for Registry {
 
 /// A small image: static busybox as /bin/sh, and an /etc/passwd.
 fn busybox_archive(dir: &std::path::Path) -> std::path::PathBuf {
-    let layer = dir.join("bb-layer.tar");
+    busybox_image(dir, "bb", b"root:x:0:0:root:/root:/bin/sh\n", &[])
+}
+
+/// An image `name` of static busybox as /bin/sh, `passwd` as /etc/passwd,
+/// and files of root's under /etc.
+fn busybox_image(
+    dir: &std::path::Path,
+    name: &str,
+    passwd: &[u8],
+    etc: &[(&str, &[u8])],
+) -> std::path::PathBuf {
+    let layer = dir.join(format!("{name}-layer.tar"));
     let bb = std::fs::read("/bin/busybox").unwrap();
-    sbx_image::testing::Layer::new()
+    let mut l = sbx_image::testing::Layer::new()
         .dir("bin/", 0o755, 0)
         .dir("etc/", 0o755, 0)
         .file("bin/busybox", 0o755, 0, &bb)
         .symlink("bin/sh", "busybox")
-        .file("etc/passwd", 0o644, 0, b"root:x:0:0:root:/root:/bin/sh\n")
-        .write(&layer)
-        .unwrap();
-    let archive = dir.join("bb.oci.tar");
+        .file("etc/passwd", 0o644, 0, passwd);
+    for (file, body) in etc {
+        l = l.file(&format!("etc/{file}"), 0o644, 0, body);
+    }
+    l.write(&layer).unwrap();
+    let archive = dir.join(format!("{name}.oci.tar"));
     sbx_image::layout::write_archive(
         &archive,
-        "bb",
+        name,
         &[&layer],
         sbx_image::manifest::RunConfig::default(),
         &dir.join("scratch"),
@@ -591,31 +604,12 @@ fn agent_templates_run_their_agents_with_placeholder_keys() {
 fn a_built_template_stacks_its_changes_over_the_base() {
     let host = Host::new();
     let dir = host.dir.path();
-    let layer = dir.join("layer.tar");
-    let bb = std::fs::read("/bin/busybox").unwrap();
-    sbx_image::testing::Layer::new()
-        .dir("bin/", 0o755, 0)
-        .dir("etc/", 0o755, 0)
-        .file("bin/busybox", 0o755, 0, &bb)
-        .symlink("bin/sh", "busybox")
-        .file(
-            "etc/passwd",
-            0o644,
-            0,
-            b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000::/tmp:/bin/sh\n",
-        )
-        .file("etc/gone", 0o644, 0, b"deleted by the build\n")
-        .write(&layer)
-        .unwrap();
-    let archive = dir.join("small.oci.tar");
-    sbx_image::layout::write_archive(
-        &archive,
+    let archive = busybox_image(
+        dir,
         "small",
-        &[&layer],
-        sbx_image::manifest::RunConfig::default(),
-        &dir.join("scratch"),
-    )
-    .unwrap();
+        b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000::/tmp:/bin/sh\n",
+        &[("gone", b"deleted by the build\n")],
+    );
     let template = dir.join("stacked.toml");
     std::fs::write(
         &template,

@@ -15,31 +15,31 @@ pub struct Got {
     pub body: String,
 }
 
-/// A webhook receiver on the loopback that answers 200 to every POST.
-pub struct Receiver {
+/// A listener on the loopback whose connections `serve` takes, one at a
+/// time, until stopped.
+pub struct Listening {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Receiver {
-    pub fn start(addr: &str, got: Arc<Mutex<Vec<Got>>>) -> Receiver {
+impl Listening {
+    fn start(addr: &str, serve: impl Fn(TcpStream) + Send + 'static) -> Listening {
         let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, st) = (got.clone(), stop.clone());
+        let st = stop.clone();
         let thread = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     break;
                 }
-                let Ok(conn) = conn else { continue };
-                if let Some(r) = read_request(conn) {
-                    g.lock().unwrap().push(r);
+                if let Ok(conn) = conn {
+                    serve(conn);
                 }
             }
         });
-        Receiver {
+        Listening {
             addr,
             stop,
             thread: Some(thread),
@@ -53,6 +53,19 @@ impl Receiver {
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
+    }
+}
+
+/// A webhook receiver on the loopback that answers 200 to every POST.
+pub struct Receiver;
+
+impl Receiver {
+    pub fn start(addr: &str, got: Arc<Mutex<Vec<Got>>>) -> Listening {
+        Listening::start(addr, move |conn| {
+            if let Some(r) = read_request(conn) {
+                got.lock().unwrap().push(r);
+            }
+        })
     }
 }
 
@@ -117,18 +130,10 @@ pub fn wait_for(got: &Arc<Mutex<Vec<Got>>>, path: &str, n: usize, secs: u64) -> 
 /// A syslog receiver speaking TLS (RFC 5425) on the loopback with the
 /// certificate in `dir` (see `sbx_server::testing::localhost_certificates`):
 /// every message it reads, in order.
-pub struct SyslogReceiver {
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct SyslogReceiver;
 
 impl SyslogReceiver {
-    pub fn start(
-        addr: &str,
-        dir: &std::path::Path,
-        got: Arc<Mutex<Vec<String>>>,
-    ) -> SyslogReceiver {
+    pub fn start(addr: &str, dir: &std::path::Path, got: Arc<Mutex<Vec<String>>>) -> Listening {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -144,36 +149,12 @@ impl SyslogReceiver {
                 .with_single_cert(certs, key)
                 .unwrap(),
         );
-        let listener = TcpListener::bind(addr).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(mut tcp) = conn else { continue };
-                let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
-                let mut bytes = Vec::new();
-                let _ = rustls::Stream::new(&mut tls, &mut tcp).read_to_end(&mut bytes);
-                got.lock().unwrap().extend(frames(&bytes));
-            }
-        });
-        SyslogReceiver {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops listening: the port refuses connections until restarted.
-    pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
+        Listening::start(addr, move |mut tcp| {
+            let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut bytes = Vec::new();
+            let _ = rustls::Stream::new(&mut tls, &mut tcp).read_to_end(&mut bytes);
+            got.lock().unwrap().extend(frames(&bytes));
+        })
     }
 }
 
