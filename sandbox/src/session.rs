@@ -287,9 +287,10 @@ type Shipper = (
     Option<std::thread::JoinHandle<()>>,
 );
 
-/// On a machine signed in to a control plane: every few seconds, ships the
-/// session's new records there; once more when told to stop. Failures
-/// only wait: the log is the spool.
+/// On a machine signed in to a control plane: every second, ships the
+/// session's new records there (an exfiltration attempt must raise its
+/// alert within seconds; with nothing new, nothing is sent); once more
+/// when told to stop. Failures only wait: the log is the spool.
 fn ship_while_running(log: &AuditLog) -> Option<Shipper> {
     crate::managed::current().ok().flatten()?;
     let log = log.path().to_path_buf();
@@ -298,7 +299,7 @@ fn ship_while_running(log: &AuditLog) -> Option<Shipper> {
         .name("audit-ship".into())
         .spawn(move || loop {
             let last = !matches!(
-                rx.recv_timeout(Duration::from_secs(5)),
+                rx.recv_timeout(Duration::from_secs(1)),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout)
             );
             if let Err(e) = crate::managed::ship(&log, false) {

