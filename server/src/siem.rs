@@ -36,6 +36,10 @@ const BATCH: i64 = 500;
 /// How long a sink stays leased to the instance sending its batch.
 const LEASE: i64 = 30;
 const MAX_BACKOFF: i64 = 60;
+/// Records are taken once they are this many seconds old: on PostgreSQL,
+/// instances ingesting at once may commit ids out of order, and a cursor
+/// that passed a later id would skip an earlier one committed after it.
+const SETTLE: i64 = 2;
 /// syslog's "log audit" facility (13), as the PRI's high part.
 const FACILITY: u8 = 13 * 8;
 /// The structured data's ID: sbx's parameters (32473 is the private
@@ -107,8 +111,8 @@ fn take(c: &mut Tx<'_>, sink: &str) -> Result<Option<Vec<Row>>, ApiError> {
         "SELECT a.id, a.machine, a.session, a.seq, a.ts, a.surface, a.action, a.decision, a.line,
                 u.email, t.name
          FROM audit_records a LEFT JOIN users u ON u.id = a.user_id LEFT JOIN teams t ON t.id = a.team_id
-         WHERE a.id > ?1 ORDER BY a.id LIMIT ?2",
-        params![cursor, BATCH],
+         WHERE a.id > ?1 AND a.received <= ?3 ORDER BY a.id LIMIT ?2",
+        params![cursor, BATCH, now - SETTLE],
         |r| {
             Ok(Row {
                 id: r.get(0)?,

@@ -118,8 +118,20 @@ fn records_reach_syslog_and_otlp_and_survive_an_outage(store: Store) {
         "s-2",
         &[("network", "connect", "a.test:443"); 3],
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let status = ok(api.get("/api/v1/siem", Some(&admin)));
+    // Each sink has tried and failed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status = ok(api.get("/api/v1/siem", Some(&admin)));
+        let failed = status["sinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["last_error"].is_string());
+        if failed || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let sinks = status["sinks"].as_array().unwrap();
     assert_eq!(sinks.len(), 2, "{status}");
     assert!(
