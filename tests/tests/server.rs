@@ -13,12 +13,12 @@ use serde_json::{json, Value};
 const ORG: &str = "layer = \"org\"\n\n[[network]]\nid = \"org-no-paste\"\naction = \"deny\"\nto = [\"paste.test\"]\n";
 const TEAM: &str = "layer = \"team\"\n\n[[network]]\nid = \"team-paste\"\naction = \"allow\"\nto = [\"paste.test\", \"api.web.test\"]\n";
 
-#[test]
-fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
-    let host = Host::new();
+/// A server with team `web`, its member bob, the org policy `org` (and
+/// the team's, `team`), and `host` signed in to it as bob's machine
+/// `bobs-laptop`. Returns the server, the admin's token and bob's.
+fn signed_in(host: &Host, org: &str, team: Option<&str>) -> (Server, String, String) {
     let data = host.dir.path().join("server");
-    let (mut server, setup) = Server::start(&data, Duration::from_secs(3600));
-    let url = server.url.clone();
+    let (server, setup) = Server::start(&data, Duration::from_secs(3600));
     let admin = server.first_admin(&setup);
     server.call("POST", "/api/v1/teams", &admin, json!({"name": "web"}));
     let bob = server.call(
@@ -32,16 +32,18 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
         "PUT",
         "/api/v1/policy/org",
         &admin,
-        Value::String(ORG.into()),
+        Value::String(org.into()),
     );
-    server.call(
-        "PUT",
-        "/api/v1/policy/teams/web",
-        &admin,
-        Value::String(TEAM.into()),
-    );
+    if let Some(team) = team {
+        server.call(
+            "PUT",
+            "/api/v1/policy/teams/web",
+            &admin,
+            Value::String(team.into()),
+        );
+    }
     sbx_tests::sign_in(
-        host.cmd(&["login", &url, "--machine", "bobs-laptop"]),
+        host.cmd(&["login", &server.url, "--machine", "bobs-laptop"]),
         |code| {
             server.call(
                 "POST",
@@ -51,6 +53,15 @@ fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
             );
         },
     );
+    (server, admin, bob)
+}
+
+#[test]
+fn a_signed_in_machine_runs_sessions_under_the_servers_policy() {
+    let host = Host::new();
+    let data = host.dir.path().join("server");
+    let (mut server, admin, bob) = signed_in(&host, ORG, Some(TEAM));
+    let url = server.url.clone();
 
     host.ok(&["start", "--name", "m", "--no-workspace"]);
     let out = host.sh("m", "curl -sS --max-time 20 http://paste.test/");
@@ -250,41 +261,13 @@ impl Hook {
 fn an_exfiltration_in_a_real_session_reaches_a_webhook() {
     let host = Host::new();
     let dir = host.dir.path();
-    let data = dir.join("server");
-    let (mut server, setup) = Server::start(&data, Duration::from_secs(3600));
-    let url = server.url.clone();
-    let admin = server.first_admin(&setup);
-    server.call("POST", "/api/v1/teams", &admin, json!({"name": "web"}));
-    let bob = server.call(
-        "POST",
-        "/api/v1/users",
-        &admin,
-        json!({"email": "bob@acme.example", "role": "member", "team": "web"}),
-    );
-    let bob = bob["token"].as_str().unwrap().to_string();
-    server.call(
-        "PUT",
-        "/api/v1/policy/org",
-        &admin,
-        Value::String(EXFIL_ORG.into()),
-    );
+    let (mut server, admin, _) = signed_in(&host, EXFIL_ORG, None);
     let hook = Hook::start();
     server.call(
         "POST",
         "/api/v1/webhooks",
         &admin,
         json!({"url": hook.url, "format": "json"}),
-    );
-    sbx_tests::sign_in(
-        host.cmd(&["login", &url, "--machine", "bobs-laptop"]),
-        |code| {
-            server.call(
-                "POST",
-                "/api/v1/device/approve",
-                &bob,
-                json!({"user_code": code}),
-            );
-        },
     );
     host.secret("TEST_TOKEN", "s3cr3t-that-stays-on-the-host");
     let ca = sbx_tests::tls::TestCa::new();
