@@ -52,7 +52,7 @@ pub fn switch(root: &Root) -> Result<(), String> {
         let disk = disk_by_serial(serial)?;
         let disk = disk.to_string_lossy();
         let at = format!("{SAVED}/{i}");
-        // The host checked it and took its journal away when it saved it.
+        // The host's e2fsck replayed its journal when it saved it.
         if !mount(&disk, &at, "ext4", ro, "noload") {
             return Err(format!("cannot mount the saved layer {disk}"));
         }
