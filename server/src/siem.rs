@@ -60,33 +60,41 @@ struct Row {
     line: String,
     user: Option<String>,
     team: Option<String>,
+    /// The record's own fields, read from its line once.
+    rule_id: Option<String>,
+    resource: Option<String>,
+    hash: Option<String>,
 }
 
 impl Row {
     fn refused(&self) -> bool {
         self.decision.as_deref().is_some_and(|d| d != "allow")
     }
+}
 
-    /// The record's own fields (`rule_id`, `resource`) from its line.
-    fn field(&self, name: &str) -> Option<String> {
-        serde_json::from_str::<Value>(&self.line)
-            .ok()?
-            .get(name)?
-            .as_str()
-            .map(str::to_string)
+/// A place records go.
+enum Sink<'a> {
+    /// `HOST:PORT`.
+    Syslog(&'a str),
+    /// The logs endpoint's URL.
+    Otlp(&'a str),
+}
+
+impl Sink<'_> {
+    /// The key its cursor is kept under.
+    fn key(&self) -> String {
+        match self {
+            Sink::Syslog(a) => format!("syslog {a}"),
+            Sink::Otlp(u) => format!("otlp {u}"),
+        }
     }
 }
 
-/// The sinks `siem` names, each as the key its cursor is kept under.
-fn sinks(siem: &Siem) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(a) = &siem.syslog {
-        out.push(format!("syslog {a}"));
-    }
-    if let Some(u) = &siem.otlp {
-        out.push(format!("otlp {u}"));
-    }
-    out
+/// The sinks `siem` names.
+fn sinks(siem: &Siem) -> Vec<Sink<'_>> {
+    let syslog = siem.syslog.as_deref().map(Sink::Syslog);
+    let otlp = siem.otlp.as_deref().map(Sink::Otlp);
+    syslog.into_iter().chain(otlp).collect()
 }
 
 /// Leases `sink` and returns the records after its cursor; None while
@@ -114,7 +122,13 @@ fn take(c: &mut Tx<'_>, sink: &str) -> Result<Option<Vec<Row>>, ApiError> {
          WHERE a.id > ?1 AND a.received <= ?3 ORDER BY a.id LIMIT ?2",
         params![cursor, BATCH, now - SETTLE],
         |r| {
+            let line: String = r.get(8)?;
+            let fields = serde_json::from_str::<Value>(&line).unwrap_or_default();
+            let field = |name: &str| fields[name].as_str().map(str::to_string);
             Ok(Row {
+                rule_id: field("rule_id"),
+                resource: field("resource"),
+                hash: field("hash"),
                 id: r.get(0)?,
                 machine: r.get(1)?,
                 session: r.get(2)?,
@@ -123,7 +137,7 @@ fn take(c: &mut Tx<'_>, sink: &str) -> Result<Option<Vec<Row>>, ApiError> {
                 surface: r.get(5)?,
                 action: r.get(6)?,
                 decision: r.get(7)?,
-                line: r.get(8)?,
+                line,
                 user: r.get(9)?,
                 team: r.get(10)?,
             })
@@ -175,8 +189,8 @@ fn settle(
 /// The worker; runs until the server stops.
 pub async fn run(state: AppState) {
     let siem = state.config.siem.clone();
-    let keys = sinks(&siem);
-    if keys.is_empty() {
+    let sinks = sinks(&siem);
+    if sinks.is_empty() {
         return;
     }
     let tls = match siem_tls(&siem) {
@@ -198,7 +212,8 @@ pub async fn run(state: AppState) {
             _ = state.records.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        for key in &keys {
+        for sink in &sinks {
+            let key = sink.key();
             // A full batch is followed at once by the next.
             loop {
                 let k = key.clone();
@@ -210,10 +225,9 @@ pub async fn run(state: AppState) {
                         break;
                     }
                 };
-                let outcome = if key.starts_with("syslog ") {
-                    send_syslog(&siem, &tls, &rows).await
-                } else {
-                    send_otlp(&http, siem.otlp.as_deref().unwrap_or_default(), &rows).await
+                let outcome = match sink {
+                    Sink::Syslog(addr) => send_syslog(addr, &tls, &rows).await,
+                    Sink::Otlp(url) => send_otlp(&http, url, &rows).await,
                 };
                 if let Err(e) = &outcome {
                     tracing::warn!("records to {key}: {e}; trying again");
@@ -274,8 +288,6 @@ fn sd_value(s: &str) -> String {
 fn syslog_message(r: &Row) -> String {
     let severity = if r.refused() { 4 } else { 5 };
     let mut sd = format!("[{SD_ID}");
-    let rule = r.field("rule_id");
-    let resource = r.field("resource");
     for (k, v) in [
         ("machine", Some(r.machine.clone())),
         ("session", Some(r.session.clone())),
@@ -284,8 +296,8 @@ fn syslog_message(r: &Row) -> String {
         ("team", r.team.clone()),
         ("surface", r.surface.clone()),
         ("decision", r.decision.clone()),
-        ("rule", rule),
-        ("resource", resource),
+        ("rule", r.rule_id.clone()),
+        ("resource", r.resource.clone()),
     ] {
         if let Some(v) = v {
             sd.push_str(&format!(" {k}=\"{}\"", sd_value(&v)));
@@ -308,11 +320,10 @@ fn frame(message: &str) -> String {
 }
 
 async fn send_syslog(
-    siem: &Siem,
+    addr: &str,
     tls: &Arc<rustls::ClientConfig>,
     rows: &[Row],
 ) -> Result<(), String> {
-    let addr = siem.syslog.as_deref().unwrap_or_default();
     let host = addr
         .rsplit_once(':')
         .map_or(addr, |(h, _)| h)
@@ -378,9 +389,9 @@ fn otlp_body(rows: &[Row]) -> Value {
                 ("sbx.team", r.team.clone()),
                 ("sbx.surface", r.surface.clone()),
                 ("sbx.decision", r.decision.clone()),
-                ("sbx.rule_id", r.field("rule_id")),
-                ("sbx.resource", r.field("resource")),
-                ("sbx.hash", r.field("hash")),
+                ("sbx.rule_id", r.rule_id.clone()),
+                ("sbx.resource", r.resource.clone()),
+                ("sbx.hash", r.hash.clone()),
             ];
             for (k, v) in optional {
                 if let Some(v) = v {
@@ -427,7 +438,7 @@ pub fn status(c: &mut Tx<'_>, siem: &Siem) -> Result<Value, ApiError> {
         |r| r.get(0),
     )?;
     let mut out = Vec::new();
-    for key in sinks(siem) {
+    for key in sinks(siem).iter().map(Sink::key) {
         let row = c.query_opt(
             "SELECT cursor, delivered, last_ok, last_error FROM siem_cursors WHERE sink = ?1",
             params![key],
@@ -471,6 +482,9 @@ mod tests {
             line: r#"{"rule_id":"no-paste","resource":"paste.test:443 \"]"}"#.into(),
             user: Some("bob@acme.example".into()),
             team: None,
+            rule_id: Some("no-paste".into()),
+            resource: Some("paste.test:443 \"]".into()),
+            hash: None,
         }
     }
 
