@@ -234,10 +234,7 @@ impl Store {
     /// the unpacked image, the others saved layers.
     pub fn root_paths(&self, record: &ImageRecord) -> Vec<PathBuf> {
         let dir = self.root.join("roots");
-        if record.roots.is_empty() {
-            return vec![dir.join(unpacked_root(&record.config))];
-        }
-        record.roots.iter().map(|f| dir.join(f)).collect()
+        record.root_files().iter().map(|f| dir.join(f)).collect()
     }
 
     /// Unpacks `manifest`'s layers (already stored) into a root file system
@@ -252,6 +249,7 @@ impl Store {
     ) -> Result<ImageRecord> {
         let config_bytes = self.read_blob(&manifest.config.digest)?;
         let config = Config::parse(&config_bytes, name)?;
+        let (env, user, workdir) = run_settings(&config);
         let _lock = self.lock()?;
         let probe = ImageRecord {
             name: name.to_string(),
@@ -262,9 +260,9 @@ impl Store {
             roots: vec![unpacked_root(&manifest.config.digest)],
             source: source.to_string(),
             added: now(),
-            env: config.config.env.clone().unwrap_or_default(),
-            user: config.config.user.clone().filter(|u| !u.is_empty()),
-            workdir: config.config.working_dir.clone().filter(|w| !w.is_empty()),
+            env,
+            user,
+            workdir,
         };
         let root = self.root.join("roots").join(&probe.roots[0]);
         if !root.is_file() {
@@ -365,11 +363,8 @@ impl Store {
             fs::metadata(&dest).map_or(0, |m| m.blocks() * 512)
         };
         let mut roots = vec![file];
-        roots.extend(
-            self.root_paths(base)
-                .iter()
-                .filter_map(|p| p.file_name().map(|f| f.to_string_lossy().into_owned())),
-        );
+        roots.extend(base.root_files());
+        let (env, user, workdir) = run_settings(&config);
         let recorded = self.record(ImageRecord {
             name: new.name.clone(),
             digest,
@@ -379,9 +374,9 @@ impl Store {
             roots,
             source: new.source.clone(),
             added: now(),
-            env: config.config.env.clone().unwrap_or_default(),
-            user: config.config.user.clone().filter(|u| !u.is_empty()),
-            workdir: config.config.working_dir.clone().filter(|w| !w.is_empty()),
+            env,
+            user,
+            workdir,
         });
         if recorded.is_err() {
             let _ = fs::remove_file(&dest);
@@ -446,6 +441,27 @@ impl Store {
 /// The unpacked root file system of the image whose config is `config`.
 fn unpacked_root(config: &Digest) -> String {
     format!("{}.ext4", config.hex())
+}
+
+impl ImageRecord {
+    /// The files under `roots/` its root is made of, topmost first.
+    fn root_files(&self) -> Vec<String> {
+        if self.roots.is_empty() {
+            return vec![unpacked_root(&self.config)];
+        }
+        self.roots.clone()
+    }
+}
+
+/// What an image's config says its processes run with: environment,
+/// user and working directory (empty ones as none).
+fn run_settings(config: &Config) -> (Vec<String>, Option<String>, Option<String>) {
+    let c = &config.config;
+    (
+        c.env.clone().unwrap_or_default(),
+        c.user.clone().filter(|u| !u.is_empty()),
+        c.working_dir.clone().filter(|w| !w.is_empty()),
+    )
 }
 
 /// `base`'s config with `new`'s environment and user.
