@@ -11,7 +11,7 @@ use axum::response::Html;
 use serde::Deserialize;
 
 use super::{esc, page, seg, PageError, Viewer};
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::db::{params, Tx};
 use crate::error::ApiError;
 use crate::routes::policy as api;
@@ -52,10 +52,7 @@ fn teams(c: &mut Tx<'_>, caller: &Caller) -> Result<Vec<String>, ApiError> {
     })?;
     Ok(all
         .into_iter()
-        .filter(|t| {
-            matches!(caller.role, Role::OrgAdmin | Role::Auditor)
-                || caller.team.as_deref() == Some(t.as_str())
-        })
+        .filter(|t| super::policy::may_see(caller, t).is_ok())
         .collect())
 }
 

@@ -27,7 +27,7 @@ struct Version {
 }
 
 /// Refuses a team's pages to people of other teams.
-fn may_see(caller: &Caller, team: &str) -> Result<(), ApiError> {
+pub(super) fn may_see(caller: &Caller, team: &str) -> Result<(), ApiError> {
     match caller.role {
         Role::OrgAdmin | Role::Auditor => Ok(()),
         _ if caller.team.as_deref() == Some(team) => Ok(()),
