@@ -4,10 +4,16 @@
 //! - exec round trip: `sbx exec NAME -- true` as a user runs it (a new
 //!   client process each time), and the same request sent straight to the
 //!   session's control socket (what the session and guest agent add);
-//! - guest to host throughput: `sbx exec NAME -- head -c N /dev/zero`,
-//!   counted on the host; host to guest: N bytes into `cat > /dev/null`;
+//! - guest to host throughput: N bytes of `sbx exec NAME -- dd` in 64 KiB
+//!   and in 4 KiB writes, and of busybox `head -c`, counted on the host;
+//!   host to guest: N bytes into `cat > /dev/null`;
 //! - baselines: spawning `true` on the host, a one-byte ping-pong over a
-//!   Unix socket pair, and N bytes through a Unix socket pair.
+//!   Unix socket pair, N bytes through a Unix socket pair, and N bytes
+//!   through a pipe inside the guest (what the guest alone allows).
+//!
+//! busybox `head` is slow in itself (about 8 MB/s into /dev/null in the
+//! nested host, all of it user time), so its row measures the producer as
+//! much as sbx; the `dd` rows measure the path through sbx.
 //!
 //! Run it with `cargo xtask bench session`.
 
@@ -95,6 +101,36 @@ fn raw_exec(ctl: &Path) -> anyhow::Result<()> {
 
 fn mb_per_s(bytes: u64, t: Instant) -> f64 {
     bytes as f64 / 1e6 / t.elapsed().as_secs_f64()
+}
+
+/// `sbx exec` of a command that writes `bytes` to its stdout, read on the
+/// host: guest to host throughput, in MB/s.
+fn guest_to_host(s: &Session, argv: &[&str], bytes: u64) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut child = s
+        .cmd(&["exec", "bench", "--"])
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0u64;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    child.wait()?;
+    if got != bytes {
+        bail!(
+            "guest to host ({}): got {got} bytes of {bytes}",
+            argv.join(" ")
+        );
+    }
+    Ok(mb_per_s(got, t))
 }
 
 fn unix_throughput(bytes: u64) -> anyhow::Result<f64> {
@@ -196,35 +232,21 @@ fn main() -> anyhow::Result<()> {
 
     let bytes = args.mib << 20;
     eprintln!("throughput ({} MiB each way)...", args.mib);
+    let dd = |bs: u64| format!("dd if=/dev/zero bs={bs} count={} 2>/dev/null", bytes / bs);
+    let g2h_64k = guest_to_host(&s, &["sh", "-c", &dd(64 << 10)], bytes)?;
+    let g2h_4k = guest_to_host(&s, &["sh", "-c", &dd(4 << 10)], bytes)?;
+    let g2h_head = guest_to_host(&s, &["head", "-c", &bytes.to_string(), "/dev/zero"], bytes)?;
+    // The guest alone: the same bytes through a pipe inside the guest.
     let t = Instant::now();
-    let mut child = s
-        .cmd(&[
-            "exec",
-            "bench",
-            "--",
-            "head",
-            "-c",
-            &bytes.to_string(),
-            "/dev/zero",
-        ])
+    let st = s
+        .cmd(&["exec", "bench", "--", "sh", "-c"])
+        .arg(format!("{} | cat > /dev/null", dd(64 << 10)))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut buf = vec![0u8; 1 << 16];
-    let mut got = 0u64;
-    loop {
-        let n = out.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
+        .status()?;
+    if !st.success() {
+        bail!("the in-guest pipe failed: {st}");
     }
-    child.wait()?;
-    if got != bytes {
-        bail!("guest to host: got {got} bytes of {bytes}");
-    }
-    let g2h = mb_per_s(got, t);
+    let in_guest = mb_per_s(bytes, t);
 
     let t = Instant::now();
     let mut child = s
@@ -255,7 +277,22 @@ fn main() -> anyhow::Result<()> {
     row("host: Unix socket 1-byte ping-pong (baseline)", &ping);
     println!();
     println!("{:<46} {:>10}", "throughput", "MB/s");
-    println!("{:<46} {:>10.1}", "guest to host (sbx exec stdout)", g2h);
+    println!(
+        "{:<46} {:>10.1}",
+        "guest to host, 64 KiB writes (dd)", g2h_64k
+    );
+    println!(
+        "{:<46} {:>10.1}",
+        "guest to host, 4 KiB writes (dd)", g2h_4k
+    );
+    println!(
+        "{:<46} {:>10.1}",
+        "guest to host, busybox head -c", g2h_head
+    );
+    println!(
+        "{:<46} {:>10.1}",
+        "guest: pipe inside the guest (baseline)", in_guest
+    );
     println!("{:<46} {:>10.1}", "host to guest (sbx exec stdin)", h2g);
     println!("{:<46} {:>10.1}", "host: Unix socket pair (baseline)", unix);
     Ok(())

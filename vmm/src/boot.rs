@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::{elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::arch::x86_64::boot_params::{self, InitrdPlacement};
 use crate::arch::x86_64::layout::{
@@ -194,16 +194,19 @@ fn load_initrd(
         source,
     };
     let mut file = File::open(path).map_err(read_err)?;
-    let mut data = Vec::new();
-    file.read_to_end(&mut data).map_err(read_err)?;
-    let size = data.len() as u64;
+    let size = file.metadata().map_err(read_err)?.len();
     let top = low_end.min(INITRD_ADDR_MAX + 1);
     let kernel_top = kernel_end.div_ceil(PAGE) * PAGE;
     let addr = top.checked_sub(size).map(|a| a & !(PAGE - 1));
     match addr {
         Some(addr) if addr >= kernel_top => {
-            mem.write_slice(&data, GuestAddress(addr))
-                .map_err(|_| BootError::GuestWrite("the initrd"))?;
+            // Straight from the file into guest memory: no copy of tens
+            // of MiB through the heap on every boot.
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+                .map_err(|e| match e {
+                    GuestMemoryError::IOError(e) => read_err(e),
+                    _ => BootError::GuestWrite("the initrd"),
+                })?;
             Ok(InitrdPlacement { addr, size })
         }
         _ => Err(BootError::MemoryTooSmall {

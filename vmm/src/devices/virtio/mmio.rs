@@ -10,7 +10,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::{Interrupt, INT_CONFIG};
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{VirtioDevice, TRANSPORT_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -135,10 +135,15 @@ impl MmioTransport {
             None => {
                 // The device gets copies; the transport keeps its own for
                 // reporting (QueueReady) and for a later reset.
+                let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
                 let queues: Result<Vec<Queue>, _> = self
                     .queues
                     .iter()
-                    .map(|q| Queue::try_from(q.state()))
+                    .map(|q| {
+                        let mut q = Queue::try_from(q.state())?;
+                        q.set_event_idx(event_idx);
+                        Ok::<_, virtio_queue::Error>(q)
+                    })
                     .collect();
                 let kicks: Result<Vec<_>, _> = self.kicks.iter().map(EventFd::try_clone).collect();
                 match (queues, kicks) {
@@ -184,7 +189,7 @@ impl BusDevice for MmioTransport {
             0x08 => self.device.device_type(),
             0x0c => VENDOR,
             0x10 => {
-                let features = self.device.features() | VIRTIO_F_VERSION_1;
+                let features = self.device.features() | TRANSPORT_FEATURES;
                 match self.device_features_sel {
                     0 => features as u32,
                     1 => (features >> 32) as u32,
@@ -216,7 +221,7 @@ impl BusDevice for MmioTransport {
             0x14 => self.device_features_sel = v,
             // Features may only be written between DRIVER and FEATURES_OK.
             0x20 if self.status & STATUS_DRIVER != 0 && self.status & STATUS_FEATURES_OK == 0 => {
-                let offered = self.device.features() | VIRTIO_F_VERSION_1;
+                let offered = self.device.features() | TRANSPORT_FEATURES;
                 let shift = match self.driver_features_sel {
                     0 => 0,
                     1 => 32,

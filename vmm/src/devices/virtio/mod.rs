@@ -23,6 +23,14 @@ pub use interrupt::Interrupt;
 
 /// Feature bit every modern (virtio 1.x) device offers and every driver must accept.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The driver and device tell each other, through `used_event` and
+/// `avail_event`, how far they have read, so each notifies only when the
+/// other is waiting: fewer kicks (VM exits) and fewer interrupts (each one
+/// two MMIO exits for the status read and acknowledgement). Every device
+/// offers it; the transport sets it on the queues it activates.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// What the transport offers for every device, beside the device's own.
+pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -155,7 +163,13 @@ pub(crate) fn serve_kicks(
 
 /// Answers every request the driver has queued in `queue`: `answer` gets
 /// each descriptor chain and returns how many bytes it wrote into it;
-/// each is returned to the driver, then the driver is interrupted once.
+/// each is returned to the driver, then the driver is interrupted once if
+/// it asked to be ([`notify`]).
+///
+/// With EVENT_IDX the driver kicks only when it passes `avail_event`, so
+/// the queue is re-armed each time it looks empty and looked at once more
+/// after that: a request added in between would otherwise wait for a kick
+/// that never comes.
 pub(crate) fn answer_all<'m>(
     device: &str,
     mem: &'m GuestMemory,
@@ -164,17 +178,75 @@ pub(crate) fn answer_all<'m>(
     mut answer: impl FnMut(virtio_queue::DescriptorChain<&'m GuestMemory>) -> u32,
 ) {
     let mut used = false;
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let len = answer(chain);
-        if let Err(e) = queue.add_used(mem, head, len) {
-            tracing::warn!(error = %e, "{device}: cannot return a request");
+    let mut rearmed = Rearmed::default();
+    loop {
+        let mut took = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = answer(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                tracing::warn!(error = %e, "{device}: cannot return a request");
+            }
+            took = true;
         }
-        used = true;
+        used |= took;
+        if !rearmed.look_again(device, mem, queue, took) {
+            break;
+        }
     }
     if used {
+        notify(device, mem, queue, interrupt);
+    }
+}
+
+/// Re-arms a queue that looks empty, for a loop that drains it.
+#[derive(Default)]
+pub(crate) struct Rearmed(bool);
+
+impl Rearmed {
+    /// Asks the driver to kick for the next request and says whether one
+    /// arrived meanwhile, so the caller takes it instead of waiting. `took`
+    /// says whether the pass just ended took anything: a ring whose index
+    /// still names requests right after a pass that found none is broken
+    /// (a hostile driver's index past the queue's size), and is left until
+    /// the next kick rather than spun on.
+    pub(crate) fn look_again(
+        &mut self,
+        device: &str,
+        mem: &GuestMemory,
+        queue: &mut Queue,
+        took: bool,
+    ) -> bool {
+        if self.0 && !took {
+            tracing::debug!("{device}: the driver's available index names nothing to take");
+            return false;
+        }
+        self.0 = true;
+        queue.enable_notification(mem).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "{device}: cannot re-arm the queue's notifications");
+            false
+        })
+    }
+}
+
+/// Interrupts the driver for the chains returned to `queue` since the last
+/// call, unless (with EVENT_IDX) it said it does not need to hear yet.
+/// Called after every batch: the queue counts what it returned in between.
+pub(crate) fn notify(device: &str, mem: &GuestMemory, queue: &mut Queue, interrupt: &Interrupt) {
+    if wants_interrupt(device, mem, queue) {
         interrupt.trigger(interrupt::INT_VRING);
     }
+}
+
+/// Whether the driver wants to hear of the chains returned to `queue`
+/// since the last call.
+pub(crate) fn wants_interrupt(device: &str, mem: &GuestMemory, queue: &mut Queue) -> bool {
+    queue.needs_notification(mem).unwrap_or_else(|e| {
+        // An unreadable `used_event` is the driver's mistake; interrupting
+        // anyway cannot hurt it.
+        tracing::debug!(error = %e, "{device}: cannot read the driver's used_event");
+        true
+    })
 }
 
 /// What the transport needs from a device.
@@ -197,4 +269,90 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops serving the queues (driver reset or VM teardown).
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_ring::{Ring, WRITE};
+    use super::*;
+
+    fn interrupts(i: &Interrupt) -> u64 {
+        i.irq().read().unwrap_or(0)
+    }
+
+    fn setup(event_idx: bool) -> (GuestMemory, Ring, Queue, Interrupt) {
+        let mem = crate::vstate::memory::create(16).unwrap();
+        let ring = Ring::at(0x10_000);
+        let mut q = ring.queue();
+        q.set_event_idx(event_idx);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        (mem, ring, q, Interrupt::new(irq))
+    }
+
+    fn answer(mem: &GuestMemory, q: &mut Queue, i: &Interrupt) -> usize {
+        let mut n = 0;
+        answer_all("test", mem, q, i, |_| {
+            n += 1;
+            1
+        });
+        n
+    }
+
+    #[test]
+    fn with_event_idx_the_driver_is_interrupted_only_when_it_asked() {
+        let (mem, mut ring, mut q, irq) = setup(true);
+        ring.post(&mem, &[(0x40_000, 64, WRITE)]);
+        assert_eq!(answer(&mem, &mut q, &irq), 1);
+        assert_eq!(
+            interrupts(&irq),
+            1,
+            "used_event 0: the first return is heard"
+        );
+        assert_eq!(
+            ring.avail_event(&mem),
+            1,
+            "the device asks for the next kick"
+        );
+        // The driver is still busy with what it has: no interrupt for these.
+        ring.set_used_event(&mem, 10);
+        for _ in 0..3 {
+            ring.post(&mem, &[(0x40_000, 64, WRITE)]);
+        }
+        assert_eq!(answer(&mem, &mut q, &irq), 3);
+        assert_eq!(interrupts(&irq), 0);
+        assert_eq!(ring.avail_event(&mem), 4);
+        assert_eq!(ring.take_used(&mem).len(), 4);
+        // It waits for the used index to pass 4, which the next return does.
+        ring.set_used_event(&mem, 4);
+        ring.post(&mem, &[(0x40_000, 64, WRITE)]);
+        assert_eq!(answer(&mem, &mut q, &irq), 1);
+        assert_eq!(interrupts(&irq), 1);
+    }
+
+    #[test]
+    fn without_event_idx_every_batch_interrupts() {
+        let (mem, mut ring, mut q, irq) = setup(false);
+        ring.set_used_event(&mem, 10);
+        for _ in 0..2 {
+            ring.post(&mem, &[(0x40_000, 64, WRITE)]);
+            assert_eq!(answer(&mem, &mut q, &irq), 1);
+            assert_eq!(interrupts(&irq), 1);
+        }
+        assert_eq!(
+            ring.avail_event(&mem),
+            0,
+            "no avail_event without the feature"
+        );
+    }
+
+    #[test]
+    fn a_broken_available_index_is_not_spun_on() {
+        let (mem, mut ring, mut q, irq) = setup(true);
+        ring.post(&mem, &[(0x40_000, 64, WRITE)]);
+        assert_eq!(answer(&mem, &mut q, &irq), 1);
+        // An index 1,000 past what was taken names more than the queue holds.
+        ring.set_avail_idx(&mem, 1001);
+        assert_eq!(answer(&mem, &mut q, &irq), 0);
+        assert_eq!(interrupts(&irq), 1);
+    }
 }

@@ -77,6 +77,25 @@ impl Ring {
             .unwrap();
     }
 
+    /// With EVENT_IDX: the used index after which the driver wants an
+    /// interrupt.
+    pub fn set_used_event(&self, mem: &GuestMemory, idx: u16) {
+        let at = self.avail() + 4 + 2 * u64::from(QSIZE);
+        mem.write_obj(idx, GuestAddress(at)).unwrap();
+    }
+
+    /// With EVENT_IDX: the available index after which the device wants a kick.
+    pub fn avail_event(&self, mem: &GuestMemory) -> u16 {
+        let at = self.used() + 4 + 8 * u64::from(QSIZE);
+        mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// Sets the available index itself, as a hostile driver may.
+    pub fn set_avail_idx(&mut self, mem: &GuestMemory, idx: u16) {
+        self.avail_idx = idx;
+        mem.write_obj(idx, GuestAddress(self.avail() + 2)).unwrap();
+    }
+
     /// Used entries (descriptor head, length) not seen yet.
     pub fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used() + 2)).unwrap();

@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::connection::{Conn, State};
 use super::{ConnectRequest, Shared};
 use crate::devices::virtio::interrupt::{Interrupt, INT_VRING};
+use crate::devices::virtio::wants_interrupt;
 use crate::vstate::memory::GuestMemory;
 use hybrid::Handshake;
 
@@ -51,6 +52,8 @@ const TOKEN_STOP: u64 = 3;
 const TOKEN_WAKE: u64 = 4;
 const TOKEN_LISTENER: u64 = 5;
 const FIRST_TOKEN: u64 = 16;
+/// How the device names itself in log lines.
+const DEVICE: &str = "vsock";
 
 /// (host port, guest port)
 type Key = (u32, u32);
@@ -88,7 +91,9 @@ pub struct Muxer {
     /// Connections that may have a packet for the guest, served round-robin.
     ready: VecDeque<Key>,
     resets: VecDeque<Key>,
-    used: bool,
+    /// Buffers were returned to the queue since the driver last heard.
+    used_rx: bool,
+    used_tx: bool,
     malformed: u64,
 }
 
@@ -124,7 +129,8 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             ready: VecDeque::new(),
             resets: VecDeque::new(),
-            used: false,
+            used_rx: false,
+            used_tx: false,
             malformed: 0,
         })
     }
@@ -135,9 +141,7 @@ impl Muxer {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             self.process_rx();
-            if std::mem::take(&mut self.used) {
-                self.s.interrupt.trigger(INT_VRING);
-            }
+            self.interrupt();
             let timeout = if self.has_deadlines() { 250 } else { -1 };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
@@ -168,6 +172,18 @@ impl Muxer {
                 }
             }
             self.expire(Instant::now());
+        }
+    }
+
+    /// One interrupt for both queues, if the driver wants to hear of
+    /// either's returned buffers (each queue is asked, so each forgets
+    /// what it counted).
+    fn interrupt(&mut self) {
+        let mem = &self.s.mem;
+        let rx = std::mem::take(&mut self.used_rx) && wants_interrupt(DEVICE, mem, &mut self.s.rx);
+        let tx = std::mem::take(&mut self.used_tx) && wants_interrupt(DEVICE, mem, &mut self.s.tx);
+        if rx || tx {
+            self.s.interrupt.trigger(INT_VRING);
         }
     }
 

@@ -12,24 +12,33 @@ use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::Bytes;
 
-use super::{would_block, Key, Muxer, Outgoing};
+use super::{would_block, Key, Muxer, Outgoing, DEVICE};
 use crate::devices::virtio::vsock::connection::{Conn, BUF_ALLOC};
 use crate::devices::virtio::vsock::packet::*;
 use crate::devices::virtio::vsock::HOST_CID;
+use crate::devices::virtio::Rearmed;
 
 impl Muxer {
     pub(super) fn process_tx(&mut self) {
         let mem = self.s.mem.clone();
-        while let Some(mut chain) = self.s.tx.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self.guest_packet(&pkt),
-                Err(e) => self.note_malformed(&e.to_string()),
+        let mut rearmed = Rearmed::default();
+        loop {
+            let mut took = false;
+            while let Some(mut chain) = self.s.tx.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                match VsockPacket::from_tx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA) {
+                    Ok(pkt) => self.guest_packet(&pkt),
+                    Err(e) => self.note_malformed(&e.to_string()),
+                }
+                if let Err(e) = self.s.tx.add_used(&mem, head, 0) {
+                    tracing::warn!(error = %e, "vsock: cannot return a TX buffer");
+                }
+                took = true;
             }
-            if let Err(e) = self.s.tx.add_used(&mem, head, 0) {
-                tracing::warn!(error = %e, "vsock: cannot return a TX buffer");
+            self.used_tx |= took;
+            if !rearmed.look_again(DEVICE, &mem, &mut self.s.tx, took) {
+                return;
             }
-            self.used = true;
         }
     }
 
@@ -54,24 +63,32 @@ impl Muxer {
 
     pub(super) fn process_rx(&mut self) {
         let mem = self.s.mem.clone();
+        let mut rearmed = Rearmed::default();
+        let mut took = false;
         while let Some(out) = self.next_outgoing() {
             let Some(mut chain) = self.s.rx.pop_descriptor_chain(&mem) else {
-                // No buffers: wait for the guest to post some (an RX kick).
+                // No buffers: wait for the guest to post some (an RX kick),
+                // unless it posted some while the kick was being asked for.
+                if rearmed.look_again(DEVICE, &mem, &mut self.s.rx, took) {
+                    took = false;
+                    continue;
+                }
                 return;
             };
+            took = true;
             let head = chain.head_index();
             let mut pkt = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain, u32::MAX) {
                 Ok(p) => p,
                 Err(e) => {
                     self.note_malformed(&e.to_string());
                     let _ = self.s.rx.add_used(&mem, head, 0);
-                    self.used = true;
+                    self.used_rx = true;
                     continue;
                 }
             };
             if pkt.set_header_from_raw(&[0u8; PKT_HEADER_SIZE]).is_err() {
                 let _ = self.s.rx.add_used(&mem, head, 0);
-                self.used = true;
+                self.used_rx = true;
                 continue;
             }
             pkt.set_src_cid(HOST_CID)
@@ -101,7 +118,7 @@ impl Muxer {
                     if let Err(e) = self.s.rx.add_used(&mem, head, total) {
                         tracing::warn!(error = %e, "vsock: cannot return an RX buffer");
                     }
-                    self.used = true;
+                    self.used_rx = true;
                 }
                 // Nothing to send after all: give the buffer back for later.
                 None => self.s.rx.go_to_previous_position(),
