@@ -135,7 +135,7 @@ impl Status {
 /// initramfs exist.
 fn check_images(vm: &VmSpec) -> Result<()> {
     // The host first: on a host that cannot boot guests, nothing else matters.
-    vmm::host::probe(&vm.kvm).check_bootable()?;
+    vmm::host::ensure_bootable(&vm.kvm)?;
     if !vm.kernel.exists() {
         fail!(
             Invalid,

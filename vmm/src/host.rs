@@ -1,6 +1,7 @@
 //! What this host's KVM can do: whether sandboxes can boot here directly.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
 
@@ -126,6 +127,22 @@ pub fn probe(path: &Path) -> HostKvm {
     }
 }
 
+/// Ok when guests can boot on the KVM at `path`, probed once per process
+/// and path: a session checks before it opens its policy and audit log
+/// (so that this error comes first) and the VMM checks again before it
+/// creates the VM; the second check costs nothing. Only success is kept,
+/// so a failure is probed again next time.
+pub fn ensure_bootable(path: &Path) -> Result<(), HostError> {
+    static BOOTABLE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut bootable = BOOTABLE.lock().unwrap_or_else(|e| e.into_inner());
+    if bootable.iter().any(|p| p == path) {
+        return Ok(());
+    }
+    probe(path).check_bootable()?;
+    bootable.push(path.to_path_buf());
+    Ok(())
+}
+
 impl HostKvm {
     /// Ok when a standard guest kernel can boot on this KVM; otherwise the reason and what to do.
     pub fn check_bootable(&self) -> Result<(), HostError> {
@@ -191,5 +208,12 @@ mod tests {
     fn missing_device_is_detected() {
         let h = probe(Path::new("/nonexistent/kvm"));
         assert_eq!(h.access, KvmAccess::Missing);
+    }
+
+    #[test]
+    fn a_failed_check_is_not_remembered() {
+        let p = Path::new("/nonexistent/kvm");
+        assert!(matches!(ensure_bootable(p), Err(HostError::Missing { .. })));
+        assert!(matches!(ensure_bootable(p), Err(HostError::Missing { .. })));
     }
 }

@@ -130,7 +130,7 @@ pub fn run(
     timings: BootTimings,
 ) -> Result<VmOutcome, VmmError> {
     check_mem(config.mem_mib)?;
-    host::probe(&config.kvm_path).check_bootable()?;
+    host::ensure_bootable(&config.kvm_path)?;
     let vm = Vm::new(&config.kvm_path)?;
     let vcpu_count = check_vcpus(config.vcpus, vm.max_vcpus())?;
 
