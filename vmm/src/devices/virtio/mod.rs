@@ -164,7 +164,7 @@ pub(crate) fn serve_kicks(
 /// Answers every request the driver has queued in `queue`: `answer` gets
 /// each descriptor chain and returns how many bytes it wrote into it;
 /// each is returned to the driver, then the driver is interrupted once if
-/// it asked to be ([`notify`]).
+/// it asked to be ([`wants_interrupt`]).
 ///
 /// With EVENT_IDX the driver kicks only when it passes `avail_event`, so
 /// the queue is re-armed each time it looks empty and looked at once more
@@ -194,8 +194,8 @@ pub(crate) fn answer_all<'m>(
             break;
         }
     }
-    if used {
-        notify(device, mem, queue, interrupt);
+    if used && wants_interrupt(device, mem, queue) {
+        interrupt.trigger(interrupt::INT_VRING);
     }
 }
 
@@ -229,17 +229,9 @@ impl Rearmed {
     }
 }
 
-/// Interrupts the driver for the chains returned to `queue` since the last
-/// call, unless (with EVENT_IDX) it said it does not need to hear yet.
-/// Called after every batch: the queue counts what it returned in between.
-pub(crate) fn notify(device: &str, mem: &GuestMemory, queue: &mut Queue, interrupt: &Interrupt) {
-    if wants_interrupt(device, mem, queue) {
-        interrupt.trigger(interrupt::INT_VRING);
-    }
-}
-
 /// Whether the driver wants to hear of the chains returned to `queue`
-/// since the last call.
+/// since the last call (with EVENT_IDX it may say it does not need to yet).
+/// Asked after every batch: the queue counts what it returned in between.
 pub(crate) fn wants_interrupt(device: &str, mem: &GuestMemory, queue: &mut Queue) -> bool {
     queue.needs_notification(mem).unwrap_or_else(|e| {
         // An unreadable `used_event` is the driver's mistake; interrupting
