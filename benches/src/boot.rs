@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use images::Images;
+use vmm::Mark;
 
 const READY: &str = "sbx-bench-ready";
 
@@ -39,9 +40,8 @@ struct Args {
 
 #[derive(Default)]
 struct Samples {
-    vm_configured: Vec<f64>,
-    first_vcpu_entry: Vec<f64>,
-    guest_agent_start: Vec<f64>,
+    /// sbx's internal marks (`sbx boot --json`), in `Mark::ALL` order.
+    marks: [Vec<f64>; Mark::ALL.len()],
     first_output: Vec<f64>,
     exit: Vec<f64>,
     peak_rss_mib: Vec<f64>,
@@ -138,9 +138,9 @@ fn bench_sbx(args: &Args) -> anyhow::Result<Samples> {
             .context("sbx printed no JSON")?;
         let doc: serde_json::Value = serde_json::from_str(json)?;
         let mark = |m: &str| doc["marks"][m]["wall_us"].as_f64().map(|us| us / 1000.0);
-        s.vm_configured.extend(mark("vm_configured"));
-        s.first_vcpu_entry.extend(mark("first_vcpu_entry"));
-        s.guest_agent_start.extend(mark("guest_agent_start"));
+        for (samples, m) in s.marks.iter_mut().zip(Mark::ALL) {
+            samples.extend(mark(m.name()));
+        }
         s.first_output.push(run.first_output_ms);
         s.exit.push(run.exit_ms);
         s.peak_rss_mib.push(run.max_rss_kib as f64 / 1024.0);
@@ -206,22 +206,12 @@ fn main() -> anyhow::Result<()> {
         "{:<34} {:>10} {:>10} {:>12} {:>12}",
         "metric (ms, RSS in MiB)", "sbx p50", "sbx p95", "qemu p50", "qemu p95"
     );
-    let rows: [(&str, &Vec<f64>, &Vec<f64>); 7] = [
-        (
-            "vm_configured (internal)",
-            &sbx.vm_configured,
-            &qemu.vm_configured,
-        ),
-        (
-            "first_vcpu_entry (internal)",
-            &sbx.first_vcpu_entry,
-            &qemu.first_vcpu_entry,
-        ),
-        (
-            "guest_agent_start (internal)",
-            &sbx.guest_agent_start,
-            &qemu.guest_agent_start,
-        ),
+    let marks = Mark::ALL
+        .iter()
+        .zip(&sbx.marks)
+        .zip(&qemu.marks)
+        .map(|((m, a), b)| (format!("{} (internal)", m.name()), a, b));
+    let rows: [(&str, &Vec<f64>, &Vec<f64>); 4] = [
         (
             "guest command output (spawn ->)",
             &sbx.first_output,
@@ -235,6 +225,7 @@ fn main() -> anyhow::Result<()> {
             &qemu.overhead_mib,
         ),
     ];
+    let rows = marks.chain(rows.map(|(name, a, b)| (name.to_string(), a, b)));
     for (name, a, b) in rows {
         println!(
             "{name:<34} {:>10} {:>10} {:>12} {:>12}",

@@ -120,12 +120,23 @@ fn timings_report_every_mark_in_order() {
     ]);
     assert_eq!(out.status.code(), Some(0));
     let table = text(&out.stderr);
-    for mark in ["vm_configured", "first_vcpu_entry", "guest_agent_start"] {
+    let order = [
+        "vmm_start",
+        "memory_ready",
+        "devices_ready",
+        "kernel_loaded",
+        "vm_configured",
+        "first_vcpu_entry",
+        "guest_agent_start",
+    ];
+    for mark in order {
         assert!(table.contains(mark), "{table}");
     }
     let doc = json_tail(&out);
     let wall = |m: &str| doc["marks"][m]["wall_us"].as_u64().unwrap();
-    assert!(wall("vm_configured") <= wall("first_vcpu_entry"));
+    for pair in order.windows(2) {
+        assert!(wall(pair[0]) <= wall(pair[1]), "{pair:?}: {doc}");
+    }
     assert!(wall("first_vcpu_entry") < wall("guest_agent_start"));
     assert!(doc["peak_rss_kib"].as_u64().unwrap() > 0);
 }

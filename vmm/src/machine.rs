@@ -129,6 +129,7 @@ pub fn run(
     console: Console,
     timings: BootTimings,
 ) -> Result<VmOutcome, VmmError> {
+    timings.mark(Mark::VmmStart);
     check_mem(config.mem_mib)?;
     host::ensure_bootable(&config.kvm_path)?;
     let vm = Vm::new(&config.kvm_path)?;
@@ -136,6 +137,7 @@ pub fn run(
 
     let mem = memory::create(config.mem_mib)?;
     vm.register_memory(&mem)?;
+    timings.mark(Mark::MemoryReady);
     let control = Arc::new(VmControl::new(timings).map_err(setup_err("the exit event"))?);
     let (pio, serial) = build_legacy_devices(&vm, &control, console.output)?;
     let mut virtio = VirtioDevices::default();
@@ -149,6 +151,7 @@ pub fn run(
     for disk in &config.block {
         virtio.add(&vm, &mem, Box::new(Block::new(disk)?))?;
     }
+    control.timings.mark(Mark::DevicesReady);
     let cmdline = virtio.cmdline(&config.cmdline);
     let entry = boot::load(
         &mem,
@@ -158,6 +161,7 @@ pub fn run(
         &cmdline,
         vcpu_count,
     )?;
+    control.timings.mark(Mark::KernelLoaded);
     let bus = Arc::new(Buses {
         pio,
         mmio: std::mem::take(&mut virtio.bus),

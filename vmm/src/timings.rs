@@ -7,6 +7,15 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mark {
+    /// The VMM starts building the VM: what came before was the session's
+    /// own setup (policy, audit log, shares, egress).
+    VmmStart,
+    /// The VM exists and its memory is mapped and registered.
+    MemoryReady,
+    /// Legacy and virtio devices are wired.
+    DevicesReady,
+    /// The kernel, initramfs and boot parameters are in guest memory.
+    KernelLoaded,
     /// Guest memory, kernel, boot parameters, devices and vCPUs are set up.
     VmConfigured,
     /// The first `KVM_RUN` of the boot vCPU is about to be issued.
@@ -16,7 +25,11 @@ pub enum Mark {
 }
 
 impl Mark {
-    pub const ALL: [Mark; 3] = [
+    pub const ALL: [Mark; 7] = [
+        Mark::VmmStart,
+        Mark::MemoryReady,
+        Mark::DevicesReady,
+        Mark::KernelLoaded,
         Mark::VmConfigured,
         Mark::FirstVcpuEntry,
         Mark::GuestAgentStart,
@@ -24,6 +37,10 @@ impl Mark {
 
     pub fn name(self) -> &'static str {
         match self {
+            Mark::VmmStart => "vmm_start",
+            Mark::MemoryReady => "memory_ready",
+            Mark::DevicesReady => "devices_ready",
+            Mark::KernelLoaded => "kernel_loaded",
             Mark::VmConfigured => "vm_configured",
             Mark::FirstVcpuEntry => "first_vcpu_entry",
             Mark::GuestAgentStart => "guest_agent_start",
