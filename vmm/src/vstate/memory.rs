@@ -23,11 +23,7 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
         .into_iter()
         .map(|(start, len)| map_region(GuestAddress(start), len as usize).map_err(err))
         .collect::<Result<Vec<_>, _>>()?;
-    let mem = GuestMemory::from_regions(regions).map_err(|e| err(e.to_string()))?;
-    for region in mem.iter() {
-        keep_to_itself(region.as_ptr(), region.len() as usize);
-    }
-    Ok(mem)
+    GuestMemory::from_regions(regions).map_err(|e| err(e.to_string()))
 }
 
 /// The size of an x86-64 huge page.
@@ -71,6 +67,7 @@ fn map_region(start: GuestAddress, len: usize) -> Result<GuestRegionMmap<()>, St
         // Advice only: with transparent huge pages off it fails, harmlessly.
         libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
+    keep_to_itself(aligned as *mut u8, len);
     // SAFETY: `aligned..aligned + len` is the live anonymous mapping made
     // above, and it stays mapped for the life of the process.
     let mapping = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(aligned as *mut u8) }
