@@ -202,6 +202,34 @@ impl Entry {
         session("confined", how, details)
     }
 
+    /// What the session process kept of its privileges: `kept` names the
+    /// capabilities (none for an ordinary user).
+    pub fn privileges(kept: &[&str], dropped: u32) -> Entry {
+        session(
+            "privileges",
+            if kept.is_empty() { "none" } else { "shares" },
+            json!({ "kept": kept, "dropped": dropped, "no_new_privs": true }),
+        )
+    }
+
+    /// The session process's cgroup (`none` where the host delegates
+    /// none); `details` holds its limits, or why not and what would help.
+    pub fn cgroup(path: &str, details: Value) -> Entry {
+        session("cgroup", path, details)
+    }
+
+    /// How the session's threads are filtered (`mode`: enforce, log or
+    /// off); `details` says which kinds, or which flag turned them off.
+    pub fn seccomp(mode: &str, details: Value) -> Entry {
+        session("seccomp", mode, details)
+    }
+
+    /// A session thread made a system call outside its seccomp filter; the
+    /// session ends. `details` names the thread, its kind and the number.
+    pub fn seccomp_violation(syscall: &str, details: Value) -> Entry {
+        session("seccomp_violation", syscall, details)
+    }
+
     /// A credential rule grants a secret that was never stored.
     pub fn secret_missing(secret: &str, rule: &RuleInfo) -> Entry {
         Entry {

@@ -48,6 +48,8 @@ impl Identity {
 
 struct State {
     file: File,
+    /// The file's length after the last whole record.
+    len: u64,
     seq: u64,
     prev: String,
     dirty: bool,
@@ -197,12 +199,17 @@ impl AuditLog {
             return Err(AuditError::Busy(path.to_path_buf()));
         }
         let (seq, prev) = tail(&file, path)?;
+        let len = file
+            .metadata()
+            .map_err(|e| AuditError::io(path, "read the length of", e))?
+            .len();
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             identity,
             interval,
             state: Mutex::new(State {
                 file,
+                len,
                 seq,
                 prev,
                 dirty: false,
@@ -214,9 +221,9 @@ impl AuditLog {
         });
         let s = shared.clone();
         let flusher = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("audit-sync".into())
-                .spawn(move || flush_loop(&s))
+            sbx_seccomp::spawn("audit-sync", sbx_seccomp::Kind::Audit, move || {
+                flush_loop(&s)
+            })
         })
         .map_err(|e| AuditError::io(path, "start the sync thread for", e))?;
         Ok(AuditLog {
@@ -253,8 +260,12 @@ impl AuditLog {
             chained((st.seq, &st.prev), &self.shared.identity, category, event);
         line.push('\n');
         if let Err(e) = st.file.write_all(line.as_bytes()) {
+            // A full disk can take part of the line: cut it off, so that
+            // the log still ends with a whole record and verifies.
+            let _ = st.file.set_len(st.len);
             return Err(self.poison(&mut st, format!("write failed: {e}")));
         }
+        st.len += line.len() as u64;
         st.seq = record.seq;
         st.prev = record.hash;
         st.dirty = true;

@@ -11,6 +11,12 @@
 //!   Unix socket pair, N bytes through a Unix socket pair, and N bytes
 //!   through a pipe inside the guest (what the guest alone allows).
 //!
+//! With `--seccomp-cost`, instead: what the session process's seccomp
+//! filters cost. Two sessions, one started with `--unsafe-no-seccomp`, are
+//! measured alternately: start to ready, the exec round trip, guest to
+//! host throughput, and creating and deleting files in the shared
+//! workspace; each row prints both and their ratio (target: under 1.02).
+//!
 //! busybox `head` is slow in itself (about 8 MB/s into /dev/null in the
 //! nested host, all of it user time), so its row measures the producer as
 //! much as sbx; the `dd` rows measure the path through sbx.
@@ -41,6 +47,9 @@ struct Args {
     /// MiB moved per throughput run.
     #[arg(long, default_value_t = 256)]
     mib: u64,
+    /// Measure what the seccomp filters cost instead (see the module).
+    #[arg(long)]
+    seccomp_cost: bool,
     #[command(flatten)]
     images: Images,
 }
@@ -48,6 +57,7 @@ struct Args {
 struct Session {
     sbx: PathBuf,
     dir: PathBuf,
+    name: &'static str,
 }
 
 impl Session {
@@ -55,18 +65,54 @@ impl Session {
         let mut c = Command::new(&self.sbx);
         c.args(args)
             .env("SBX_RUNTIME_DIR", self.dir.join("run"))
-            .env("SBX_STATE_DIR", self.dir.join("state"));
+            .env("SBX_STATE_DIR", self.dir.join("state"))
+            .current_dir(&self.dir);
         c
     }
 
     fn ctl(&self) -> PathBuf {
-        self.dir.join("run/bench/ctl.sock")
+        self.dir.join("run").join(self.name).join("ctl.sock")
+    }
+
+    /// `sbx start` of this session with `extra` flags; its duration in ms.
+    fn start(&self, images: &Images, extra: &[&str]) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let start = self
+            .cmd(&["start", "--name", self.name])
+            .args(images.boot_args())
+            .args(extra)
+            .output()
+            .context("cannot run sbx start")?;
+        if !start.status.success() {
+            bail!(
+                "sbx start failed: {}",
+                String::from_utf8_lossy(&start.stderr)
+            );
+        }
+        Ok(ms_since(t))
+    }
+
+    /// `sbx exec NAME -- sh -c SCRIPT`, which must succeed; its duration.
+    fn sh(&self, script: &str) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let st = self
+            .cmd(&["exec", self.name, "--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("{script}: {st}");
+        }
+        Ok(ms_since(t))
+    }
+
+    fn remove(&self) {
+        let _ = self.cmd(&["rm", "--force", self.name]).output();
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let _ = self.cmd(&["rm", "--force", "bench"]).output();
+        self.remove();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -108,7 +154,7 @@ fn mb_per_s(bytes: u64, t: Instant) -> f64 {
 fn guest_to_host(s: &Session, argv: &[&str], bytes: u64) -> anyhow::Result<f64> {
     let t = Instant::now();
     let mut child = s
-        .cmd(&["exec", "bench", "--"])
+        .cmd(&["exec", s.name, "--"])
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -186,26 +232,24 @@ fn row(what: &str, v: &[f64]) {
     println!("{what:<46} {:>10} {:>10}", cell(v, 50.0), cell(v, 95.0));
 }
 
+fn session(args: &Args, name: &'static str) -> anyhow::Result<Session> {
+    let dir = std::env::temp_dir().join(format!("sbx-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(Session {
+        sbx: args.images.sbx.clone(),
+        dir,
+        name,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     vmm::host::probe(Path::new(vmm::host::DEFAULT_KVM_PATH)).check_bootable()?;
-    let dir = std::env::temp_dir().join(format!("sbx-bench-session-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let s = Session {
-        sbx: args.images.sbx.clone(),
-        dir,
-    };
-    let start = s
-        .cmd(&["start", "--name", "bench"])
-        .args(args.images.boot_args())
-        .output()
-        .context("cannot run sbx start")?;
-    if !start.status.success() {
-        bail!(
-            "sbx start failed: {}",
-            String::from_utf8_lossy(&start.stderr)
-        );
+    if args.seccomp_cost {
+        return seccomp_cost(&args);
     }
+    let s = session(&args, "bench")?;
+    s.start(&args.images, &[])?;
 
     eprintln!("exec round trips ({} each)...", args.runs);
     let mut cli = Vec::new();
@@ -214,7 +258,7 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..args.runs {
         let t = Instant::now();
         let st = s
-            .cmd(&["exec", "bench", "--", "true"])
+            .cmd(&["exec", s.name, "--", "true"])
             .stdin(Stdio::null())
             .status()?;
         if !st.success() {
@@ -239,7 +283,7 @@ fn main() -> anyhow::Result<()> {
     // The guest alone: the same bytes through a pipe inside the guest.
     let t = Instant::now();
     let st = s
-        .cmd(&["exec", "bench", "--", "sh", "-c"])
+        .cmd(&["exec", s.name, "--", "sh", "-c"])
         .arg(format!("{} | cat > /dev/null", dd(64 << 10)))
         .stdin(Stdio::null())
         .status()?;
@@ -250,7 +294,7 @@ fn main() -> anyhow::Result<()> {
 
     let t = Instant::now();
     let mut child = s
-        .cmd(&["exec", "bench", "--", "sh", "-c", "cat > /dev/null"])
+        .cmd(&["exec", s.name, "--", "sh", "-c", "cat > /dev/null"])
         .stdin(Stdio::piped())
         .spawn()?;
     {
@@ -295,5 +339,96 @@ fn main() -> anyhow::Result<()> {
     );
     println!("{:<46} {:>10.1}", "host to guest (sbx exec stdin)", h2g);
     println!("{:<46} {:>10.1}", "host: Unix socket pair (baseline)", unix);
+    Ok(())
+}
+
+/// Both sessions' samples of one measurement, alternating which goes first.
+struct Pair {
+    on: Vec<f64>,
+    off: Vec<f64>,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        Pair {
+            on: Vec::new(),
+            off: Vec::new(),
+        }
+    }
+
+    fn print(&self, what: &str) {
+        let p50 = |v: &[f64]| stats::percentile(v, 50.0).unwrap_or(f64::NAN);
+        let (on, off) = (p50(&self.on), p50(&self.off));
+        println!("{what:<40} {:>10.2} {:>10.2} {:>8.3}", on, off, on / off);
+    }
+}
+
+/// `--seccomp-cost`: the same measurements on a filtered and an unfiltered
+/// session, alternately (see the module).
+fn seccomp_cost(args: &Args) -> anyhow::Result<()> {
+    let on = session(args, "filtered")?;
+    let off = session(args, "unfiltered")?;
+    let runs = args.runs.max(4);
+    let (mut start, mut exec, mut g2h, mut files) =
+        (Pair::new(), Pair::new(), Pair::new(), Pair::new());
+    let alternate = |round: usize| {
+        if round.is_multiple_of(2) {
+            [(&on, true), (&off, false)]
+        } else {
+            [(&off, false), (&on, true)]
+        }
+    };
+    eprintln!("starts (3 each)...");
+    for round in 0..3 {
+        for (s, filtered) in alternate(round) {
+            let flags: &[&str] = if filtered {
+                &[]
+            } else {
+                &["--unsafe-no-seccomp"]
+            };
+            let ms = s.start(&args.images, flags)?;
+            if filtered {
+                start.on.push(ms);
+            } else {
+                start.off.push(ms);
+            }
+            if round < 2 {
+                s.remove();
+            }
+        }
+    }
+    let bytes = args.mib.min(64) << 20;
+    let dd = format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null", bytes >> 16);
+    let churn = "mkdir -p /workspace/churn && cd /workspace/churn && i=0; \
+                 while [ $i -lt 300 ]; do echo x > f$i; i=$((i+1)); done; rm -f f*";
+    eprintln!("exec, throughput and files ({runs} rounds)...");
+    for round in 0..runs {
+        for (s, filtered) in alternate(round) {
+            let push = |p: &mut Pair, v: f64| {
+                if filtered {
+                    p.on.push(v)
+                } else {
+                    p.off.push(v)
+                }
+            };
+            let t = Instant::now();
+            raw_exec(&s.ctl())?;
+            push(&mut exec, ms_since(t));
+            push(&mut g2h, guest_to_host(s, &["sh", "-c", &dd], bytes)?);
+            push(&mut files, s.sh(churn)?);
+        }
+    }
+    println!();
+    println!(
+        "{:<40} {:>10} {:>10} {:>8}",
+        "p50", "filtered", "off", "ratio"
+    );
+    start.print("sbx start to ready (ms)");
+    exec.print("exec `true`, control socket (ms)");
+    g2h.print(&format!(
+        "guest to host, {} MiB dd 64 KiB (MB/s)",
+        bytes >> 20
+    ));
+    files.print("create+delete 300 files in /workspace (ms)");
     Ok(())
 }

@@ -91,6 +91,32 @@ fn landlock() -> Check {
     }
 }
 
+/// Sessions filter every thread's system calls; without seccomp they do
+/// not start (unless run with --unsafe-no-seccomp).
+fn seccomp() -> Check {
+    let (ok, detail, fix) = match sbx_seccomp::available() {
+        Ok(()) => (
+            true,
+            format!(
+                "filters for {} kinds of session thread; a call outside a thread's list stops the session",
+                sbx_seccomp::Kind::ALL.len()
+            ),
+            None,
+        ),
+        Err(e) => (
+            false,
+            e,
+            Some("use a kernel built with CONFIG_SECCOMP_FILTER (every distribution kernel is)".to_string()),
+        ),
+    };
+    Check {
+        name: "seccomp",
+        ok,
+        detail,
+        fix,
+    }
+}
+
 fn checks(kvm_path: &Path) -> (Vec<Check>, host::HostKvm) {
     let h = host::probe(kvm_path);
     let mut out = Vec::new();
@@ -166,6 +192,7 @@ fn checks(kvm_path: &Path) -> (Vec<Check>, host::HostKvm) {
     });
     out.push(file_watches());
     out.push(landlock());
+    out.push(seccomp());
     out.push(artifact(
         "guest kernel",
         &paths::default_kernel(),

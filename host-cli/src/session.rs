@@ -134,6 +134,11 @@ pub struct VmArgs {
     /// No MCP gateway, whatever the config files declare.
     #[arg(long, conflicts_with = "mcp")]
     no_mcp: bool,
+    /// UNSAFE: run the session process without its seccomp filters, so a
+    /// bug in a device parser gives a hostile guest every system call. For
+    /// telling whether a failure is a filter's; the audit log records it.
+    #[arg(long)]
+    unsafe_no_seccomp: bool,
     #[command(flatten)]
     select: policy_cmd::Select,
 }
@@ -161,6 +166,7 @@ impl VmArgs {
         spec.vm = self.machine.vm_spec();
         spec.mounts = mounts;
         spec.clone_workspace = clone;
+        spec.unsafe_no_seccomp = self.unsafe_no_seccomp;
         spec.fs_cache = FsCache::parse(&self.fs_cache)
             .with_context(|| format!("--fs-cache {}: not auto, never or always", self.fs_cache))?;
         spec.share_quota = match &self.share_quota {

@@ -40,6 +40,13 @@ impl Server {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("mcp-gateway")
+            .on_thread_start(|| {
+                // A gateway thread must not run unconfined: without its
+                // filter the session ends here (panics abort).
+                if let Err(e) = sbx_seccomp::enter(sbx_seccomp::Kind::Mcp) {
+                    panic!("{e}");
+                }
+            })
             .enable_all()
             .build()?;
         let g = gateway.clone();
@@ -64,27 +71,23 @@ impl Server {
         conns: impl Iterator<Item = UnixStream> + Send + 'static,
     ) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("mcp-accept".into())
-            .spawn(move || {
-                for c in conns {
-                    me.serve_one(c, false);
-                }
-            })
-            .map(drop)
+        sbx_seccomp::spawn("mcp-accept", sbx_seccomp::Kind::Mcp, move || {
+            for c in conns {
+                me.serve_one(c, false);
+            }
+        })
+        .map(drop)
     }
 
     /// Serves the host's socket (`sbx mcp`), admin requests included.
     pub fn serve_host(self: &Arc<Self>, listener: UnixListener) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("mcp-host-accept".into())
-            .spawn(move || {
-                for c in listener.incoming().flatten() {
-                    me.serve_one(c, true);
-                }
-            })
-            .map(drop)
+        sbx_seccomp::spawn("mcp-host-accept", sbx_seccomp::Kind::Mcp, move || {
+            for c in listener.incoming().flatten() {
+                me.serve_one(c, true);
+            }
+        })
+        .map(drop)
     }
 
     fn serve_one(self: &Arc<Self>, conn: UnixStream, admin: bool) {

@@ -46,17 +46,16 @@ pub fn serve(
         host,
         defaults,
     });
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let served = served.clone();
-                let _ = std::thread::Builder::new()
-                    .name("request".into())
-                    .spawn(move || request(conn, &served));
-            }
-        })
-        .at(|| "cannot start the control thread".into())?;
+    // Each request's thread is started from it, under its filter.
+    sbx_seccomp::spawn("control", sbx_seccomp::Kind::Control, move || {
+        for conn in listener.incoming().flatten() {
+            let served = served.clone();
+            let _ = std::thread::Builder::new()
+                .name("request".into())
+                .spawn(move || request(conn, &served));
+        }
+    })
+    .at(|| "cannot start the control thread".into())?;
     Ok(())
 }
 

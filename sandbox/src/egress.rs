@@ -96,14 +96,13 @@ impl Egress {
             .map_err(|e| Error::Session(format!("cannot start the egress proxy: {e}")))?;
         let conns = host.listen(HOST_PORT);
         let p = proxy.clone();
-        std::thread::Builder::new()
-            .name("egress-accept".into())
-            .spawn(move || {
-                for conn in conns {
-                    p.spawn(Stream::Unix(conn));
-                }
-            })
-            .at(|| "cannot start the egress thread".into())?;
+        // Its connections' threads are started from it, under its filter.
+        sbx_seccomp::spawn("egress-accept", sbx_seccomp::Kind::Egress, move || {
+            for conn in conns {
+                p.spawn(Stream::Unix(conn));
+            }
+        })
+        .at(|| "cannot start the egress thread".into())?;
         Ok(Egress {
             proxy,
             secrets: held,

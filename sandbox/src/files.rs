@@ -120,9 +120,7 @@ impl FileSupervisor {
     ) -> Result<Arc<FileSupervisor>> {
         let changes = Arc::new(Changes::default());
         let (c, l) = (changes.clone(), log.clone());
-        std::thread::Builder::new()
-            .name("file-events".into())
-            .spawn(move || c.run(&l))
+        sbx_seccomp::spawn("file-events", sbx_seccomp::Kind::Audit, move || c.run(&l))
             .at(|| "cannot start the file-events thread".into())?;
         Ok(Arc::new(FileSupervisor {
             policy,

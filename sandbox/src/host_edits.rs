@@ -15,9 +15,9 @@ use vmm::devices::virtio::vsock::VsockHost;
 /// time and in order; the sender is where the devices' reports go.
 pub fn start(host: VsockHost) -> std::io::Result<Sender<HostChanges>> {
     let (tx, rx) = channel();
-    std::thread::Builder::new()
-        .name("host-edits".into())
-        .spawn(move || forward(&host, &rx))?;
+    sbx_seccomp::spawn("host-edits", sbx_seccomp::Kind::HostEdits, move || {
+        forward(&host, &rx)
+    })?;
     Ok(tx)
 }
 

@@ -9,6 +9,7 @@
 //! gateway (`sbx-mcp`) runs inside a session, wired in by [`mcp`].
 
 pub mod attach;
+pub mod cgroup;
 pub mod confine;
 mod control;
 pub mod disks;
@@ -21,6 +22,8 @@ pub mod launch;
 pub mod managed;
 pub mod mcp;
 pub mod paths;
+pub mod privileges;
+pub mod seccomp;
 pub mod secrets;
 pub mod session;
 pub mod spec;

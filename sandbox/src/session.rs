@@ -35,7 +35,7 @@ use crate::guest::{self, ConsoleWatch};
 use crate::spec::{SessionSpec, VmSpec};
 use crate::state::{self, Dir, Info, Phase};
 use crate::throttle::Limits;
-use crate::{confine, control, disks, host_edits, mcp, paths, sys};
+use crate::{cgroup, confine, control, disks, host_edits, mcp, paths, sys};
 
 /// How long an audit record may wait in the page cache before it is synced.
 pub const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -117,7 +117,7 @@ impl Status {
         })
     }
 
-    fn set(&self, phase: Phase, exit: Option<String>) {
+    pub(crate) fn set(&self, phase: Phase, exit: Option<String>) {
         let mut i = self.info.lock().unwrap_or_else(|e| e.into_inner());
         i.state = phase;
         i.exit = exit;
@@ -242,6 +242,13 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
     check_images(&spec.vm)?;
     let policy = spec.policy.load()?;
     let log = Arc::new(open_audit_log(spec, &policy)?);
+    if matches!(front, Front::Service(_)) {
+        if let Some(d) = crate::privileges::dropped() {
+            log.record(Entry::privileges(&d.kept, d.dropped))?;
+        }
+        cgroup::record(&log)?;
+        crate::seccomp::record_to(&log)?;
+    }
     let lifetime = policy.lifetime().map(|(_, rule)| {
         format!(
             "rule `{}` ({} layer, {}) limits its lifetime",
@@ -295,20 +302,18 @@ fn ship_while_running(log: &AuditLog) -> Option<Shipper> {
     crate::managed::current().ok().flatten()?;
     let log = log.path().to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let spawned = std::thread::Builder::new()
-        .name("audit-ship".into())
-        .spawn(move || loop {
-            let last = !matches!(
-                rx.recv_timeout(Duration::from_secs(1)),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-            );
-            if let Err(e) = crate::managed::ship(&log, false) {
-                tracing::debug!("shipping {}: {e}", log.display());
-            }
-            if last {
-                return;
-            }
-        });
+    let spawned = sbx_seccomp::spawn("audit-ship", sbx_seccomp::Kind::Ship, move || loop {
+        let last = !matches!(
+            rx.recv_timeout(Duration::from_secs(1)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        );
+        if let Err(e) = crate::managed::ship(&log, false) {
+            tracing::debug!("shipping {}: {e}", log.display());
+        }
+        if last {
+            return;
+        }
+    });
     if let Err(e) = &spawned {
         tracing::warn!("cannot start the audit-ship thread: {e}");
     }
@@ -407,6 +412,8 @@ fn service(
 
     // From here on the guest can reach the session: confine it first.
     confine(spec, &dir, &fs, &block, log)?;
+    // Threads started from here on inherit the restriction from it.
+    sbx_seccomp::start_spawner().map_err(|e| Error::Session(e.to_string()))?;
     *shipper = ship_while_running(log);
 
     // Egress: the proxy on its vsock port; the guest gets its CA.
@@ -457,10 +464,11 @@ fn service(
             ready.report("ok");
         });
         let (name, limits) = (spec.name.clone(), limits.clone());
-        std::thread::Builder::new()
-            .name("events-accept".into())
-            .spawn(move || guest::serve_events(events, log, name, limits, on_ready))
-            .at(|| "cannot start the events thread".into())?;
+        // Each connection's thread is started from it, under its filter.
+        sbx_seccomp::spawn("events-accept", sbx_seccomp::Kind::Events, move || {
+            guest::serve_events(events, log, name, limits, on_ready)
+        })
+        .at(|| "cannot start the events thread".into())?;
     }
     let _ = std::fs::remove_file(dir.ctl_path());
     let ctl = UnixListener::bind(dir.ctl_path())
@@ -594,6 +602,11 @@ pub fn serve(name: &str, ready: Ready) -> Result<()> {
         let _lock = state::hold_lock(&dir.lock_path())?;
         let spec = SessionSpec::read(&dir.spec_path())?;
         let status = Status::starting(dir, &spec)?;
+        // All before the first thread starts: the process moves whole, but
+        // threads copy their parent's capabilities and filters.
+        cgroup::place_session(&spec);
+        crate::privileges::drop_privileges()?;
+        crate::seccomp::enable(&spec, &status)?;
         let service = Service {
             status,
             ready: ready.clone(),

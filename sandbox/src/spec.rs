@@ -54,6 +54,10 @@ pub struct SessionSpec {
     /// The MCP servers the session's gateway serves (none: no gateway).
     #[serde(default)]
     pub mcp: Vec<sbx_mcp::ServerSpec>,
+    /// Runs the session process without its seccomp filters. Off unless
+    /// asked for by this name: a spec without it is filtered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsafe_no_seccomp: bool,
 }
 
 /// A root file system from an image, with the session's writable layer.
@@ -314,6 +318,7 @@ impl SessionSpec {
             user: None,
             clone_workspace: false,
             mcp: Vec::new(),
+            unsafe_no_seccomp: false,
         })
     }
 

@@ -111,13 +111,11 @@ impl Limits {
     /// Reports every few seconds for as long as the process runs.
     pub fn start_reporting(self: &Arc<Self>, log: Arc<AuditLog>) -> std::io::Result<()> {
         let limits = self.clone();
-        std::thread::Builder::new()
-            .name("dropped-records".into())
-            .spawn(move || loop {
-                std::thread::sleep(REPORT_EVERY);
-                limits.report(&log);
-            })
-            .map(drop)
+        sbx_seccomp::spawn("dropped-records", sbx_seccomp::Kind::Audit, move || loop {
+            std::thread::sleep(REPORT_EVERY);
+            limits.report(&log);
+        })
+        .map(drop)
     }
 }
 

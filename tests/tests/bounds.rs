@@ -112,3 +112,117 @@ fn a_share_quota_stops_a_guest_filling_the_host_disk() {
     assert_eq!(refused["decision"], "deny");
     assert_eq!(refused["resource"], "/workspace/big");
 }
+
+/// The session process lives in a cgroup of its own sized to its VM: CPU
+/// for its vCPUs plus one, a bound on threads, its memory accounted (not
+/// limited: see `sandbox::cgroup`); the audit log says so.
+#[test]
+fn a_session_runs_in_a_cgroup_sized_to_its_vm() {
+    let host = Host::new();
+    let ws = host.dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    host.ok_in(
+        &ws,
+        &["start", "--name", "cg", "--vcpus", "2", "--mem", "384"],
+    );
+    let pid = host.session("cg")["pid"].as_u64().unwrap();
+    let member = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert_eq!(member.trim(), "0::/sbx/cg", "{member}");
+    let dir = std::path::Path::new("/sys/fs/cgroup/sbx/cg");
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("cpu.max"), "300000 100000");
+    assert_eq!(read("pids.max"), sandbox::cgroup::PIDS_MAX.to_string());
+    // The guest's memory is charged to it.
+    let out = host.sh(
+        "cg",
+        "head -c 100000000 /dev/zero | cat > /dev/null; echo ok",
+    );
+    assert_eq!(text(&out.stdout), "ok\n", "{}", text(&out.stderr));
+    let current: u64 = read("memory.current").parse().unwrap();
+    eprintln!(
+        "memory.current {current}, pids.current {}",
+        read("pids.current")
+    );
+    assert!(current > 32 << 20, "memory.current {current}");
+    let r = host
+        .events("cg")
+        .into_iter()
+        .find(|r| r["action"] == "cgroup")
+        .expect("a cgroup record");
+    assert_eq!(r["resource"], dir.display().to_string(), "{r}");
+    assert_eq!(r["details"]["memory"], sandbox::cgroup::MEMORY_NOTE, "{r}");
+    host.ok(&["stop", "cg"]);
+}
+
+/// Unmounts a test's tmpfs however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The audit log on a disk that fills up fails closed: nothing more is
+/// done unrecorded (an exec is refused, naming the log), and the log keeps
+/// ending with a whole record, so it still verifies.
+#[test]
+fn a_full_audit_disk_fails_closed() {
+    let host = Host::new();
+    let ws = host.dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let audit = host.dir.path().join("state/audit");
+    std::fs::create_dir_all(&audit).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&audit)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs on {}", audit.display());
+    let _mounted = Mounted(audit.clone());
+    host.ok_in(&ws, &["start", "--name", "full"]);
+    let out = host.sh("full", "echo before");
+    assert_eq!(text(&out.stdout), "before\n");
+
+    // Anything else fills the disk, to its last byte.
+    let filler = audit.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1", "oflag=append", "conv=notrunc"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+
+    // A record longer than a page needs room the disk no longer has (a
+    // short one could still fit in the log's last page): the exec is
+    // refused, and does not run.
+    let long = "x".repeat(5000);
+    let out = host.sh("full", &format!("echo ran > /workspace/ran # {long}"));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let said = text(&out.stderr);
+    assert!(said.contains("failing closed"), "{said}");
+    assert!(!ws.join("ran").exists(), "the command ran unrecorded");
+    let out = host.sh("full", "echo ran > /workspace/ran");
+    assert_ne!(out.status.code(), Some(0), "a later exec went ahead");
+    assert!(!ws.join("ran").exists(), "a later command ran unrecorded");
+
+    // Room again: the log still ends with a whole record and verifies.
+    std::fs::remove_file(&filler).unwrap();
+    let log = audit.join("full.jsonl");
+    let verified = host.ok(&["audit", "verify", log.to_str().unwrap()]);
+    assert!(verified.starts_with("ok"), "{verified}");
+    // The stop cannot be recorded either; the session ends all the same.
+    let _ = host.sbx(&["stop", "full"]);
+}

@@ -90,6 +90,8 @@ pub enum VmmError {
     Block(#[from] BlockError),
     #[error("cannot start vCPU thread {index}: {source}")]
     Thread { index: u8, source: std::io::Error },
+    #[error(transparent)]
+    Seccomp(#[from] sbx_seccomp::Error),
 }
 
 fn setup_err(what: &'static str) -> impl Fn(std::io::Error) -> VmmError {
@@ -184,6 +186,8 @@ pub fn run(
     control.timings.mark(Mark::VmConfigured);
 
     let signals = HostSignals::block().map_err(setup_err("signal handling"))?;
+    // Set up: from here this thread only waits and takes the VM down.
+    sbx_seccomp::enter(sbx_seccomp::Kind::EventLoop)?;
     let threads = spawn_vcpus(vcpus, &bus, &control);
     let loop_result = match &threads {
         Ok(_) => event_loop(&control, &signals, &serial, console.input, config.lifetime),
@@ -343,15 +347,29 @@ fn spawn_vcpus(
     for v in vcpus {
         let index = v.index;
         let (bus, control) = (bus.clone(), control.clone());
-        match std::thread::Builder::new()
-            .name(format!("sbx-vcpu-{index}"))
-            .spawn(move || v.run(bus, control))
-        {
+        let run = move || {
+            // Threads may start with signals blocked (see sbx_seccomp):
+            // the kick must get through.
+            unblock(SIGRTMIN());
+            v.run(bus, control)
+        };
+        match sbx_seccomp::spawn(format!("sbx-vcpu-{index}"), sbx_seccomp::Kind::Vcpu, run) {
             Ok(h) => started.push(h),
             Err(source) => return Err((started, VmmError::Thread { index, source })),
         }
     }
     Ok(started)
+}
+
+fn unblock(signal: libc::c_int) {
+    // SAFETY: plain libc calls on a local sigset_t; changes only this
+    // thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// Interrupts every vCPU thread until it notices the stop flag, then joins it.

@@ -173,6 +173,8 @@ mount -t overlay overlay -o lowerdir=/host/tmp,upperdir=/tmpw/upper,workdir=/tmp
 mount -t tmpfs -o mode=0755 tmpfs /host/run
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
+# cgroup2, as a systemd host has it: sessions make cgroups of their own.
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup || fail "cannot mount cgroup2"
 mount -t devtmpfs devtmpfs /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts

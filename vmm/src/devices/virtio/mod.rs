@@ -84,16 +84,15 @@ impl WorkerThread {
         Ok((stop, worker))
     }
 
-    /// Runs `run` on a thread named `name`; `stop` is what [`WorkerThread::stop`] signals.
+    /// Runs `run` on a thread named `name`, under `kind`'s seccomp filter;
+    /// `stop` is what [`WorkerThread::stop`] signals.
     pub(crate) fn start(
         name: &str,
+        kind: sbx_seccomp::Kind,
         stop: EventFd,
         run: impl FnOnce() + Send + 'static,
     ) -> Result<WorkerThread, ActivateError> {
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(run)
-            .map_err(ActivateError::Worker)?;
+        let handle = sbx_seccomp::spawn(name, kind, run).map_err(ActivateError::Worker)?;
         Ok(WorkerThread { stop, handle })
     }
 

@@ -315,7 +315,12 @@ impl VirtioDevice for Block {
                 serve(&disk, &mem, &mut queues[q], &interrupt)
             })
         };
-        self.worker = Some(WorkerThread::start("sbx-blk", stop, run)?);
+        self.worker = Some(WorkerThread::start(
+            "sbx-blk",
+            sbx_seccomp::Kind::Block,
+            stop,
+            run,
+        )?);
         Ok(())
     }
 

@@ -291,7 +291,10 @@ impl Fs {
             let (stop, fd) = WorkerThread::stop_fds().map_err(FsError::Watch)?;
             let g = guard.clone();
             let run = move || g.watch_host(fd.as_raw_fd());
-            Some(WorkerThread::start("sbx-fs-watch", stop, run).map_err(FsError::Watch)?)
+            Some(
+                WorkerThread::start("sbx-fs-watch", sbx_seccomp::Kind::FsWatch, stop, run)
+                    .map_err(FsError::Watch)?,
+            )
         } else {
             None
         };
@@ -336,7 +339,12 @@ impl VirtioDevice for Fs {
         let (stop, worker_stop) = WorkerThread::stop_fds()?;
         let worker = worker::Worker::new(mem, queues, interrupt, self.server.clone());
         let run = move || worker.run(kicks, worker_stop);
-        self.worker = Some(WorkerThread::start("sbx-fs", stop, run)?);
+        self.worker = Some(WorkerThread::start(
+            "sbx-fs",
+            sbx_seccomp::Kind::Fs,
+            stop,
+            run,
+        )?);
         Ok(())
     }
 

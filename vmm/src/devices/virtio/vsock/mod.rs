@@ -247,7 +247,12 @@ impl VirtioDevice for Vsock {
             self.config.host.shared.clone(),
         )
         .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerThread::start("sbx-vsock", stop, move || muxer.run())?);
+        self.worker = Some(WorkerThread::start(
+            "sbx-vsock",
+            sbx_seccomp::Kind::Vsock,
+            stop,
+            move || muxer.run(),
+        )?);
         Ok(())
     }
 
