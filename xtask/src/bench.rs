@@ -129,6 +129,17 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         let mut argv = vec![path(&release.join("sbx-bench-session"))];
         argv.extend(images.iter().cloned());
         script.push(argv);
+        // What the seccomp filters cost, filtered and unfiltered side by side.
+        let mut argv = vec![
+            path(&release.join("sbx-bench-session")),
+            "--seccomp-cost".into(),
+            "--runs".into(),
+            "10".into(),
+            "--mib".into(),
+            "32".into(),
+        ];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
     }
     if matches!(args.which, Which::All | Which::Net) {
         // Only the guest rows matter in the nested host (TCG slows the rest).
