@@ -356,6 +356,14 @@ impl Pair {
         }
     }
 
+    fn push(&mut self, filtered: bool, v: f64) {
+        if filtered {
+            self.on.push(v)
+        } else {
+            self.off.push(v)
+        }
+    }
+
     fn print(&self, what: &str) {
         let p50 = |v: &[f64]| stats::percentile(v, 50.0).unwrap_or(f64::NAN);
         let (on, off) = (p50(&self.on), p50(&self.off));
@@ -386,12 +394,7 @@ fn seccomp_cost(args: &Args) -> anyhow::Result<()> {
             } else {
                 &["--unsafe-no-seccomp"]
             };
-            let ms = s.start(&args.images, flags)?;
-            if filtered {
-                start.on.push(ms);
-            } else {
-                start.off.push(ms);
-            }
+            start.push(filtered, s.start(&args.images, flags)?);
             if round < 2 {
                 s.remove();
             }
@@ -404,18 +407,11 @@ fn seccomp_cost(args: &Args) -> anyhow::Result<()> {
     eprintln!("exec, throughput and files ({runs} rounds)...");
     for round in 0..runs {
         for (s, filtered) in alternate(round) {
-            let push = |p: &mut Pair, v: f64| {
-                if filtered {
-                    p.on.push(v)
-                } else {
-                    p.off.push(v)
-                }
-            };
             let t = Instant::now();
             raw_exec(&s.ctl())?;
-            push(&mut exec, ms_since(t));
-            push(&mut g2h, guest_to_host(s, &["sh", "-c", &dd], bytes)?);
-            push(&mut files, s.sh(churn)?);
+            exec.push(filtered, ms_since(t));
+            g2h.push(filtered, guest_to_host(s, &["sh", "-c", &dd], bytes)?);
+            files.push(filtered, s.sh(churn)?);
         }
     }
     println!();

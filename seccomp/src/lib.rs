@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 pub use spawn::{spawn, start_spawner};
-pub use trap::Violation;
+pub use trap::{unblock_signal, Violation};
 
 /// The kinds of thread in a session process, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -221,7 +221,7 @@ pub fn enter(kind: Kind) -> Result<(), Error> {
     };
     // A thread started with every signal blocked would have a trap turned
     // into a plain kill, with nothing recorded.
-    trap::unblock_sigsys();
+    unblock_signal(libc::SIGSYS);
     trap::set_kind(kind);
     let program = &enabled.programs[&kind];
     seccompiler::apply_filter(program).map_err(|source| Error::Install {

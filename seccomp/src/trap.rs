@@ -160,15 +160,16 @@ pub fn syscall_name(number: i64) -> String {
         .map_or_else(|| format!("syscall_{number}"), |s| s.name().to_string())
 }
 
-/// SIGSYS must reach the handler: a thread that blocks it would be killed
-/// by the kernel instead, with nothing recorded.
-pub(crate) fn unblock_sigsys() {
+/// Unblocks `signal` in the calling thread. Threads the spawner starts
+/// begin with every signal blocked but SIGSYS; one that wants a signal
+/// (a vCPU's kick) takes it back with this.
+pub fn unblock_signal(signal: libc::c_int) {
     // SAFETY: plain libc calls on a local sigset_t; changes only this
     // thread's mask.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGSYS);
+        libc::sigaddset(&mut set, signal);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
 }

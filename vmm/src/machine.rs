@@ -350,7 +350,7 @@ fn spawn_vcpus(
         let run = move || {
             // Threads may start with signals blocked (see sbx_seccomp):
             // the kick must get through.
-            unblock(SIGRTMIN());
+            sbx_seccomp::unblock_signal(SIGRTMIN());
             v.run(bus, control)
         };
         match sbx_seccomp::spawn(format!("sbx-vcpu-{index}"), sbx_seccomp::Kind::Vcpu, run) {
@@ -359,17 +359,6 @@ fn spawn_vcpus(
         }
     }
     Ok(started)
-}
-
-fn unblock(signal: libc::c_int) {
-    // SAFETY: plain libc calls on a local sigset_t; changes only this
-    // thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, signal);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
 }
 
 /// Interrupts every vCPU thread until it notices the stop flag, then joins it.
