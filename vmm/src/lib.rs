@@ -5,6 +5,8 @@ pub mod arch;
 pub mod boot;
 pub mod control;
 pub mod devices;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod host;
 pub mod machine;
 pub mod timings;

@@ -1,6 +1,7 @@
 //! `cargo xtask fuzz`: runs the fuzz targets (the policy's parser and
 //! matcher, the egress proxy's request heads and ClientHellos, the agent
-//! protocol's frames) with cargo-fuzz on the nightly toolchain (installing
+//! protocol's frames, and the VMM's virtio transport and queues, vsock
+//! muxer and file-sharing requests) with cargo-fuzz on the nightly toolchain (installing
 //! cargo-fuzz from crates.io if it is missing).
 
 use std::process::Command;
@@ -10,12 +11,15 @@ use anyhow::bail;
 use crate::{paths, proc};
 
 /// Each target and the crate whose `fuzz/` folder holds it.
-pub const TARGETS: [(&str, &str); 5] = [
+pub const TARGETS: [(&str, &str); 8] = [
     ("policy", "parse"),
     ("policy", "decide"),
     ("egress", "head"),
     ("egress", "client_hello"),
     ("protocol", "frames"),
+    ("vmm", "virtio_queue"),
+    ("vmm", "vsock_muxer"),
+    ("vmm", "fs_requests"),
 ];
 
 #[derive(clap::Args)]
@@ -23,7 +27,8 @@ pub struct Args {
     /// Seconds per target.
     #[arg(long, default_value_t = 600)]
     seconds: u64,
-    /// Only this target (parse, decide, head, client_hello or frames).
+    /// Only this target (parse, decide, head, client_hello, frames,
+    /// virtio_queue, vsock_muxer or fs_requests).
     #[arg(long)]
     target: Option<String>,
 }

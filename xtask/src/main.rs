@@ -41,7 +41,7 @@ enum Command {
     Test(test::Args),
     /// Run the benchmarks under benches/ and print their numbers.
     Bench(bench::Args),
-    /// Fuzz the policy parser and matcher (cargo fuzz, nightly).
+    /// Fuzz the parsers a guest or a policy file feeds (cargo fuzz, nightly).
     Fuzz(fuzz::Args),
 }
 

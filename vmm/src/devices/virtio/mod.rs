@@ -9,7 +9,7 @@ pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_ring;
 
 use std::sync::Arc;

@@ -262,6 +262,16 @@ impl Block {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+impl Block {
+    /// Serves a queue on the caller's thread, as the worker would: for
+    /// the fuzz driver, which decides when.
+    pub(crate) fn server(&self) -> impl Fn(&GuestMemory, &mut Queue, &Interrupt) {
+        let disk = self.disk.clone();
+        move |mem, queue, interrupt| serve(&disk, mem, queue, interrupt)
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         DEVICE_TYPE

@@ -35,6 +35,8 @@ use super::{
 use crate::vstate::memory::GuestMemory;
 pub use guard::Guard;
 pub use host_watch::{share_watches, user_watches, HostChanges, WatchBudget, USER_WATCHES};
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use worker::answer;
 
 pub const DEVICE_TYPE: u32 = 26;
 /// The high-priority queue (FORGET, INTERRUPT) and one request queue.

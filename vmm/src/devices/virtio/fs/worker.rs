@@ -48,27 +48,35 @@ impl Worker {
             mem,
             &mut self.queues[q],
             &self.interrupt,
-            |chain| {
-                let len = match (
-                    Reader::from_descriptor_chain(mem, chain.clone()),
-                    VirtioFsWriter::new(mem, chain),
-                ) {
-                    (Ok(r), Ok(w)) => match server.handle_message(r, w.into(), None, None) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            // The server answers file system errors itself; this is
-                            // a request it could not even decode.
-                            tracing::debug!(error = %e, "virtio-fs: bad request");
-                            0
-                        }
-                    },
-                    _ => {
-                        tracing::debug!("virtio-fs: a descriptor chain outside guest memory");
-                        0
-                    }
-                };
-                len as u32
-            },
+            |chain| answer(server, mem, chain),
         );
     }
+}
+
+/// Answers one request chain through the FUSE server; returns the bytes
+/// written into the chain.
+pub(crate) fn answer(
+    server: &Server<Arc<Guard>>,
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+) -> u32 {
+    let len = match (
+        Reader::from_descriptor_chain(mem, chain.clone()),
+        VirtioFsWriter::new(mem, chain),
+    ) {
+        (Ok(r), Ok(w)) => match server.handle_message(r, w.into(), None, None) {
+            Ok(n) => n,
+            Err(e) => {
+                // The server answers file system errors itself; this is
+                // a request it could not even decode.
+                tracing::debug!(error = %e, "virtio-fs: bad request");
+                0
+            }
+        },
+        _ => {
+            tracing::debug!("virtio-fs: a descriptor chain outside guest memory");
+            0
+        }
+    };
+    len as u32
 }

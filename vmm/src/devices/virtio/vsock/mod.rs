@@ -7,7 +7,7 @@
 
 mod connection;
 mod muxer;
-mod packet;
+pub(crate) mod packet;
 #[cfg(test)]
 mod tests;
 
@@ -152,6 +152,38 @@ impl VsockHost {
             .listeners
             .insert(port, tx);
         rx
+    }
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use muxer::Turn;
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl VsockHost {
+    /// A muxer on the caller's thread, for the fuzz driver to turn.
+    pub(crate) fn muxer(
+        &self,
+        mem: GuestMemory,
+        rx: Queue,
+        tx: Queue,
+        guest_cid: u64,
+    ) -> std::io::Result<muxer::Muxer> {
+        let fd = || EventFd::new(libc::EFD_NONBLOCK);
+        muxer::Muxer::new(
+            muxer::Setup {
+                mem,
+                rx,
+                tx,
+                kicks: vec![fd()?, fd()?, fd()?],
+                interrupt: Arc::new(Interrupt::new(fd()?)),
+                stop: fd()?,
+                guest_cid,
+                uds_path: None,
+                listener: None,
+                reserved: vec![],
+            },
+            self.shared.clone(),
+        )
     }
 }
 

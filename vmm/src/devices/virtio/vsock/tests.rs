@@ -348,3 +348,88 @@ fn host_data_waits_for_guest_credit() {
         rest == 4000
     });
 }
+
+/// Many connections whose host side never reads, each filled to its
+/// credit by a guest that keeps to it: the device holds at most its
+/// budget for all of them together, and resets the connections past it
+/// rather than growing. Played synchronously on the muxer, as the fuzz
+/// target does, to push hundreds of MiB through quickly.
+#[test]
+fn stalled_connections_share_one_buffer_budget() {
+    use super::muxer::MAX_BUFFERED;
+    use super::Turn;
+
+    let mem = memory::create(4).unwrap();
+    let (mut rx, mut tx) = (Ring::at(0x10_000), Ring::at(0x20_000));
+    let host = VsockHost::new().unwrap();
+    let listener = host.listen(1025);
+    let mut muxer = host
+        .muxer(mem.clone(), rx.queue(), tx.queue(), GUEST_CID)
+        .unwrap();
+    let (h, d) = (0x100_000u64, 0x200_000u64);
+    let chunk = 64 * 1024;
+    mem.write_slice(&vec![7u8; chunk], GuestAddress(d)).unwrap();
+    let mut send = |muxer: &mut super::muxer::Muxer, hdr: Hdr| {
+        mem.write_slice(&hdr.bytes(), GuestAddress(h)).unwrap();
+        let descs: &[(u64, u32, u16)] = if hdr.len == 0 {
+            &[(h, 44, 0)]
+        } else {
+            &[(h, 44, 0), (d, hdr.len, 0)]
+        };
+        tx.post(&mem, descs);
+        muxer.turn(Turn::Tx);
+        muxer.check_bounds();
+    };
+
+    // Each holds a little under its credit: twice what fills the budget.
+    let conns = 2 * MAX_BUFFERED / BUF_ALLOC as usize;
+    let mut hosts = Vec::new();
+    let (mut full, mut reset) = (0, 0);
+    for i in 0..conns as u32 {
+        let port = 5000 + i;
+        send(&mut muxer, Hdr::guest(port, 1025, OP_REQUEST));
+        hosts.push(
+            listener
+                .try_recv()
+                .expect("the connection reached the host"),
+        );
+        // Within credit: what the host socket took comes back as credit.
+        let mut sent = 0usize;
+        loop {
+            let (_, conn) = muxer.held((1025, port));
+            let Some((_, fwd)) = conn else {
+                reset += 1;
+                break;
+            };
+            let credit = BUF_ALLOC as usize - (sent - fwd as usize);
+            if credit < chunk {
+                full += 1;
+                break;
+            }
+            let mut hdr = Hdr::guest(port, 1025, OP_RW);
+            hdr.len = chunk as u32;
+            send(&mut muxer, hdr);
+            sent += chunk;
+        }
+    }
+    let (buffered, _) = muxer.held((0, 0));
+    assert!(buffered <= MAX_BUFFERED, "{buffered} bytes held");
+    assert!(
+        buffered > MAX_BUFFERED - 2 * BUF_ALLOC as usize,
+        "the budget was not used: {buffered} bytes held"
+    );
+    assert!(
+        reset >= 1,
+        "no connection was reset past the budget ({full} filled, {buffered} held)"
+    );
+    assert!(
+        full >= MAX_BUFFERED / BUF_ALLOC as usize - 1,
+        "{full} connections filled"
+    );
+    // The first connections are intact: their host side can still read.
+    let mut first = &hosts[0];
+    first.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    assert_eq!(first.read(&mut buf).unwrap(), 4096);
+    let _ = &mut rx;
+}

@@ -11,7 +11,7 @@ use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
-use super::{would_block, Key, Muxer};
+use super::{would_block, Key, Muxer, MAX_BUFFERED};
 use crate::devices::virtio::vsock::connection::State;
 use crate::devices::virtio::vsock::packet::*;
 use crate::devices::virtio::vsock::HOST_CID;
@@ -142,11 +142,23 @@ impl Muxer {
             }
         }
         if written < len {
-            let mut rest = vec![0u8; len - written];
-            if let Ok(tail) = data.subslice(written, len - written) {
+            let rest_len = len - written;
+            if self.buffered + rest_len > MAX_BUFFERED {
+                tracing::warn!(
+                    port = key.0,
+                    "vsock: the guest holds {} MiB for host sockets that are not reading; \
+                     this connection is reset",
+                    MAX_BUFFERED >> 20
+                );
+                self.kill(key);
+                return;
+            }
+            let mut rest = vec![0u8; rest_len];
+            if let Ok(tail) = data.subslice(written, rest_len) {
                 tail.copy_to(&mut rest[..]);
             }
             c.to_host.extend(rest);
+            self.buffered += rest_len;
         }
         c.forwarded(written);
         self.touch(key);

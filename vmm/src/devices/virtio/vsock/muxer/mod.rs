@@ -36,6 +36,15 @@ use hybrid::Handshake;
 
 /// Connections one VM may hold open at once.
 const MAX_CONNS: usize = 1024;
+/// Guest bytes the device holds for host sockets that have not taken
+/// them, across all connections. Each connection may hold its credit
+/// (`BUF_ALLOC`); this bounds what a guest gets by holding many full ones
+/// (1,024 of them would be 256 MiB). Past it, the connection whose data
+/// does not fit is reset.
+pub(crate) const MAX_BUFFERED: usize = 64 << 20;
+/// Entries in the RX round-robin (live connections, and ones closed
+/// since they were queued, which are dropped when reached).
+const MAX_READY: usize = 2 * MAX_CONNS;
 /// Resets for unknown connections waiting for an RX buffer.
 const MAX_PENDING_RESETS: usize = 1024;
 /// How long the guest has to accept a host-initiated connection.
@@ -95,6 +104,8 @@ pub struct Muxer {
     used_rx: bool,
     used_tx: bool,
     malformed: u64,
+    /// The sum of every connection's `to_host`.
+    buffered: usize,
 }
 
 fn add(epoll: &Epoll, fd: i32, token: u64, events: EventSet) -> std::io::Result<()> {
@@ -132,6 +143,7 @@ impl Muxer {
             used_rx: false,
             used_tx: false,
             malformed: 0,
+            buffered: 0,
         })
     }
 
@@ -244,9 +256,23 @@ impl Muxer {
         if let Some(c) = self.conns.get_mut(&key) {
             if !c.queued && c.wants_rx() {
                 c.queued = true;
+                if self.ready.len() >= MAX_READY {
+                    self.prune_ready();
+                }
                 self.ready.push_back(key);
             }
         }
+    }
+
+    /// Drops the entries of closed connections from the RX round-robin.
+    /// They are otherwise dropped only when RX reaches them, which a guest
+    /// that posts no RX buffers while it opens and resets connections
+    /// never lets happen. Once per `MAX_READY` entries: O(1) amortized.
+    fn prune_ready(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        let conns = &self.conns;
+        self.ready
+            .retain(|k| conns.get(k).is_some_and(|c| c.queued) && seen.insert(*k));
     }
 
     fn unwatch(&self, stream: &UnixStream) {
@@ -259,6 +285,7 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) -> Option<Conn> {
         let c = self.conns.remove(&key)?;
+        self.buffered -= c.to_host.len();
         self.by_token.remove(&c.token);
         self.connecting.remove(&key);
         self.unwatch(&c.stream);
@@ -347,6 +374,7 @@ impl Muxer {
                 Ok(0) => break,
                 Ok(n) => {
                     c.to_host.drain(..n);
+                    self.buffered -= n;
                     c.forwarded(n);
                 }
                 Err(e) if would_block(&e) => break,
@@ -373,6 +401,72 @@ impl Muxer {
             tracing::warn!(
                 count = self.malformed,
                 "vsock: malformed packet from the guest: {what}"
+            );
+        }
+    }
+}
+
+/// One turn of the loop, chosen by the fuzz driver in place of epoll.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) enum Turn {
+    /// The guest kicked TX.
+    Tx,
+    /// The loop's head: fill RX, then interrupt.
+    Rx,
+    /// The host queued connection requests.
+    Requests,
+    /// Every host socket is readable and writable.
+    Sockets,
+    /// Every deadline has passed.
+    Expire,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl Muxer {
+    pub(crate) fn turn(&mut self, turn: Turn) {
+        match turn {
+            Turn::Tx => self.process_tx(),
+            Turn::Rx => {
+                self.process_rx();
+                self.interrupt();
+            }
+            Turn::Requests => self.take_requests(),
+            Turn::Sockets => {
+                let tokens: Vec<u64> = self.by_token.keys().copied().collect();
+                for t in tokens {
+                    self.socket_event(t, EventSet::IN | EventSet::OUT);
+                }
+            }
+            Turn::Expire => self.expire(Instant::now() + CONNECT_TIMEOUT.max(HANDSHAKE_TIMEOUT)),
+        }
+    }
+
+    /// Guest bytes held for host sockets, in all and for `key` (with the
+    /// bytes forwarded on it), for tests that play a well-behaved guest.
+    #[cfg(test)]
+    pub(crate) fn held(&self, key: Key) -> (usize, Option<(usize, u32)>) {
+        let conn = self.conns.get(&key).map(|c| (c.to_host.len(), c.fwd_cnt.0));
+        (self.buffered, conn)
+    }
+
+    /// What a guest may never push the muxer past.
+    pub(crate) fn check_bounds(&self) {
+        assert!(self.conns.len() <= MAX_CONNS, "too many connections");
+        assert_eq!(self.by_token.len(), self.conns.len(), "stale tokens");
+        assert!(self.resets.len() <= MAX_PENDING_RESETS, "too many resets");
+        assert!(
+            self.ready.len() <= MAX_READY,
+            "{} connections queued for RX with {} open",
+            self.ready.len(),
+            self.conns.len()
+        );
+        let sum: usize = self.conns.values().map(|c| c.to_host.len()).sum();
+        assert_eq!(sum, self.buffered, "buffered bytes miscounted");
+        assert!(self.buffered <= MAX_BUFFERED, "past the VM's buffer budget");
+        for c in self.conns.values() {
+            assert!(
+                c.to_host.len() <= super::connection::BUF_ALLOC as usize,
+                "past the credit"
             );
         }
     }
