@@ -230,6 +230,13 @@ impl Entry {
         session("seccomp_violation", syscall, details)
     }
 
+    /// `sbx pause` stopped the session's vCPUs (its memory kept), or
+    /// `sbx resume` let them run again; `details` says how long it took.
+    pub fn paused(paused: bool, details: Value) -> Entry {
+        let action = if paused { "pause" } else { "resume" };
+        session(action, "vm", details)
+    }
+
     /// A credential rule grants a secret that was never stored.
     pub fn secret_missing(secret: &str, rule: &RuleInfo) -> Entry {
         Entry {

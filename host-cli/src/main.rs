@@ -57,6 +57,11 @@ enum Command {
     Stop(session::StopArgs),
     /// Remove stopped or dead sessions' state.
     Rm(session::RmArgs),
+    /// Pause a running session: its vCPUs stop (no host CPU), its memory,
+    /// processes and connections are kept.
+    Pause(session::PauseArgs),
+    /// Resume a paused session.
+    Resume(session::PauseArgs),
     /// Bring a clone workspace's branches (--workspace clone) to the host repository.
     Fetch(session::FetchArgs),
     /// Run one command in a fresh session that is removed afterwards.
@@ -109,6 +114,8 @@ fn main() -> ExitCode {
         Command::Ls(args) => session::ls(args),
         Command::Stop(args) => session::stop(args),
         Command::Rm(args) => session::rm(args),
+        Command::Pause(args) => session::pause(args, true),
+        Command::Resume(args) => session::pause(args, false),
         Command::Run(args) => session::run(args),
         Command::Fetch(args) => session::fetch(args),
         Command::Session(args) => session::serve(args),

@@ -318,6 +318,22 @@ pub struct StopArgs {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "\
+A paused session keeps its memory, processes and open connections; its
+vCPUs use no host CPU and its commands do not run until it is resumed.
+`sbx exec` into a paused session is refused; `sbx stop` resumes it first.
+
+Examples:
+  sbx pause agent1
+  sbx resume agent1 --json")]
+pub struct PauseArgs {
+    name: String,
+    /// Print the result as JSON: name, state and how long it took.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 pub struct RmArgs {
     /// Sessions to remove.
     #[arg(required = true)]
@@ -391,7 +407,7 @@ fn start_session(spec: &SessionSpec, quiet: bool) -> anyhow::Result<Dir> {
 pub fn start(a: StartArgs) -> anyhow::Result<u8> {
     if let Some(name) = &a.name {
         if let Ok((_, info)) = Dir::existing(name) {
-            if !matches!(info.state, Phase::Running | Phase::Starting) {
+            if !info.state.is_alive() {
                 return restart(name);
             }
         }
@@ -453,7 +469,7 @@ pub fn shell(a: ShellArgs) -> anyhow::Result<u8> {
 }
 
 fn uptime(info: &state::Info) -> String {
-    if !matches!(info.state, Phase::Running | Phase::Starting) {
+    if !info.state.is_alive() {
         return "-".into();
     }
     let s = sandbox::sys::unix_secs().saturating_sub(info.started);
@@ -491,7 +507,7 @@ pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
             .map(|(i, image, disk)| {
                 let mut v = serde_json::to_value(i).unwrap_or_default();
                 v["uptime_s"] = match i.state {
-                    Phase::Running | Phase::Starting => {
+                    Phase::Running | Phase::Starting | Phase::Paused => {
                         sandbox::sys::unix_secs().saturating_sub(i.started).into()
                     }
                     _ => serde_json::Value::Null,
@@ -526,7 +542,7 @@ pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
 
 pub fn stop(a: StopArgs) -> anyhow::Result<u8> {
     let (dir, info) = Dir::existing(&a.name)?;
-    if !matches!(info.state, Phase::Running | Phase::Starting) {
+    if !info.state.is_alive() {
         bail!("session `{}` is not running (it is {})", a.name, info.state);
     }
     let how = launch::stop(&dir, info.pid, Duration::from_secs(a.timeout));
@@ -534,10 +550,51 @@ pub fn stop(a: StopArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+pub fn pause(a: PauseArgs, pause: bool) -> anyhow::Result<u8> {
+    let (dir, info) = Dir::existing(&a.name)?;
+    let (want, verb) = if pause {
+        (Phase::Paused, "paused")
+    } else {
+        (Phase::Running, "resumed")
+    };
+    match info.state {
+        s if s == want => {}
+        Phase::Running | Phase::Paused => {
+            let started = std::time::Instant::now();
+            launch::pause(&dir, pause)?;
+            let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+            if a.json {
+                let doc = serde_json::json!({
+                    "name": a.name,
+                    "state": want.to_string(),
+                    "took_ms": took_ms,
+                });
+                println!("{doc}");
+            } else {
+                eprintln!("sbx: session `{}` {verb} in {took_ms:.0} ms", a.name);
+            }
+            return Ok(0);
+        }
+        state => bail!(
+            "session `{}` is {state}: only a running session can be paused or resumed",
+            a.name
+        ),
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "name": a.name, "state": want.to_string(), "took_ms": 0 })
+        );
+    } else {
+        eprintln!("sbx: session `{}` is already {want}", a.name);
+    }
+    Ok(0)
+}
+
 pub fn rm(a: RmArgs) -> anyhow::Result<u8> {
     for name in &a.names {
         let (dir, info) = Dir::existing(name)?;
-        if matches!(info.state, Phase::Running | Phase::Starting) {
+        if info.state.is_alive() {
             if !a.force {
                 bail!("session `{name}` is running; `sbx stop {name}` first, or `sbx rm --force {name}`");
             }

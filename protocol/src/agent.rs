@@ -129,6 +129,14 @@ pub enum Control {
     },
     /// Stop every process, sync and power off (a graceful `sbx stop`).
     Shutdown,
+    /// Host only (`sbx pause`, on the session's control socket): stop the
+    /// VM's vCPUs, keeping its memory. Answered with `Paused`, or `Error`.
+    Pause,
+    /// Host only (`sbx resume`): let a paused VM run again. Answered with
+    /// `Resumed`, or `Error`.
+    Resume,
+    Paused,
+    Resumed,
     /// The host changed these paths of shared directories: revalidate
     /// what the guest kernel cached of them. `trees` are share roots in
     /// which anything may have changed. Answered by closing.
@@ -367,6 +375,8 @@ mod tests {
                 message: "sh: not found".into(),
             }),
             Frame::Control(Control::Shutdown),
+            Frame::Control(Control::Pause),
+            Frame::Control(Control::Resumed),
             Frame::Control(Control::Refresh {
                 paths: vec!["/workspace/src/a.rs".into()],
                 trees: vec!["/data".into()],

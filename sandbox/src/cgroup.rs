@@ -9,9 +9,14 @@
 //! allowance killed a guest filling its 300 MiB disk (the OOM killer, in
 //! the nested test host, whose /tmp is RAM). `MEMORY_NOTE` says so.
 //!
+//! Root makes `sbx/` under the cgroup2 root. Another user makes it under
+//! the cgroup the host delegated to them: the highest ancestor of their
+//! own cgroup that they own (systemd's `user@UID.service`), as systemd
+//! delegation works.
+//!
 //! Where the host does not delegate (no cgroup2, its controllers not
-//! available, or no write access to the hierarchy), the session runs
-//! without and says so in its audit log.
+//! available, or no cgroup of this user's), the session runs without and
+//! says so in its audit log.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -127,10 +132,44 @@ pub fn place(name: &str, limits: &Limits) -> Placement {
     }
 }
 
+/// This process's cgroup, as a path under `root`, from `/proc/self/cgroup`.
+fn own_cgroup(root: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("this process is in no cgroup2 cgroup")?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// Where this user may make cgroups: the root for root; otherwise the
+/// highest ancestor of `own` (below `root`) that `uid` owns.
+fn base_for(root: &Path, own: &Path, uid: u32) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return Ok(root.to_path_buf());
+    }
+    own.ancestors()
+        .take_while(|d| *d != root && d.starts_with(root))
+        .filter(|d| std::fs::metadata(d).is_ok_and(|m| m.uid() == uid))
+        .last()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            format!(
+                "no cgroup is delegated to uid {uid} (none of {} and its parents is theirs)",
+                own.display()
+            )
+        })
+}
+
 fn try_place(name: &str, limits: &Limits) -> Result<PathBuf, String> {
     let root = cgroup2_root().ok_or("no cgroup2 file system is mounted")?;
-    delegate(&root)?;
-    let parent = root.join("sbx");
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let base = base_for(&root, &own_cgroup(&root)?, uid)?;
+    delegate(&base)?;
+    let parent = base.join("sbx");
     match std::fs::create_dir(&parent) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -179,7 +218,7 @@ pub fn record(log: &AuditLog) -> crate::error::Result<()> {
             "none",
             serde_json::json!({
                 "reason": why,
-                "fix": "run sbx as root on a host with cgroup2 and the memory, cpu and pids controllers",
+                "fix": "run sbx as root, or as a user with a delegated cgroup (systemd's user@UID.service, or `systemd-run --user --scope sbx ...`), on a host with cgroup2 and the memory, cpu and pids controllers",
             }),
         ),
     };
@@ -190,6 +229,36 @@ pub fn record(log: &AuditLog) -> crate::error::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_makes_cgroups_under_the_highest_one_they_own() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let own = root.join("user.slice/user@1.service/app.slice/term.scope");
+        std::fs::create_dir_all(&own).unwrap();
+        // As systemd delegates: user@1.service and below are the user's.
+        let me = std::fs::metadata(root).unwrap().uid();
+        let user = if me == 0 { 4242 } else { me };
+        if me == 0 {
+            for d in own
+                .ancestors()
+                .take_while(|d| *d != root.join("user.slice"))
+            {
+                std::os::unix::fs::chown(d, Some(user), None).unwrap();
+            }
+            std::os::unix::fs::chown(root.join("user.slice"), Some(0), None).unwrap();
+        }
+        assert_eq!(base_for(root, &own, 0).unwrap(), root);
+        let expected = if me == 0 {
+            root.join("user.slice/user@1.service")
+        } else {
+            root.join("user.slice")
+        };
+        assert_eq!(base_for(root, &own, user).unwrap(), expected);
+        let err = base_for(root, &own, user + 1).unwrap_err();
+        assert!(err.contains("no cgroup is delegated"), "{err}");
+    }
 
     #[test]
     fn limits_follow_the_vm() {

@@ -7,12 +7,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sbx_audit::AuditLog;
+use sbx_audit::{AuditLog, Entry};
 use sbx_policy::{Policy, Surface};
 use sbx_protocol::agent::{encode, write_frame, Control, Frame, FrameIo, AGENT_PORT, VERSION};
 use vmm::devices::virtio::vsock::VsockHost;
 
 use crate::error::{At, Result};
+use crate::state::Phase;
 use crate::EXIT_SBX_ERROR;
 
 /// What every exec gets unless the request says otherwise.
@@ -24,12 +25,22 @@ pub struct ExecDefaults {
     pub user: Option<String>,
 }
 
+/// Pauses and resumes the session's VM, keeping its recorded phase true.
+pub struct PauseControl {
+    pub switch: Arc<vmm::PauseSwitch>,
+    pub status: crate::session::Status,
+}
+
+/// How long a pause waits for the vCPUs to stop.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What every request is served with.
 struct Served {
     policy: Arc<Policy>,
     log: Arc<AuditLog>,
     host: VsockHost,
     defaults: ExecDefaults,
+    pause: PauseControl,
 }
 
 /// Serves `listener` on a thread of its own, a thread per connection.
@@ -39,12 +50,14 @@ pub fn serve(
     log: Arc<AuditLog>,
     host: VsockHost,
     defaults: ExecDefaults,
+    pause: PauseControl,
 ) -> Result<()> {
     let served = Arc::new(Served {
         policy,
         log,
         host,
         defaults,
+        pause,
     });
     // Each request's thread is started from it, under its filter.
     sbx_seccomp::spawn("control", sbx_seccomp::Kind::Control, move || {
@@ -72,6 +85,27 @@ fn request(mut conn: UnixStream, s: &Served) {
     };
     let mut frames = FrameIo::new(read_half);
     match frames.read_frame() {
+        Ok(Some(Frame::Control(Control::Exec(req)))) if s.pause.switch.is_paused() => {
+            let message = format!(
+                "session `{}` is paused; `sbx resume {0}` first",
+                s.pause.status.name()
+            );
+            reply(
+                &mut conn,
+                Control::Error {
+                    id: Some(req.id),
+                    message,
+                },
+            );
+            reply(
+                &mut conn,
+                Control::Exited {
+                    id: req.id,
+                    code: Some(i32::from(EXIT_SBX_ERROR)),
+                    signal: None,
+                },
+            );
+        }
         Ok(Some(Frame::Control(Control::Exec(mut req)))) => {
             // The caller's own -e settings come after, and win.
             req.env.splice(0..0, s.defaults.env.iter().cloned());
@@ -112,7 +146,15 @@ fn request(mut conn: UnixStream, s: &Served) {
             prefix.extend(rest);
             s.host.attach(AGENT_PORT, stream, prefix);
         }
+        Ok(Some(Frame::Control(c @ (Control::Pause | Control::Resume)))) => {
+            let answer = pause_or_resume(s, c == Control::Pause);
+            reply(&mut conn, answer);
+        }
         Ok(Some(Frame::Control(Control::Shutdown))) => {
+            // A paused guest cannot shut itself down.
+            if s.pause.switch.is_paused() {
+                let _ = pause_or_resume(s, false);
+            }
             match s.host.connect(AGENT_PORT, Duration::from_secs(5)) {
                 Ok(mut agent) => {
                     let _ = write_frame(&mut agent, &Frame::Control(Control::Shutdown));
@@ -138,9 +180,38 @@ fn request(mut conn: UnixStream, s: &Served) {
             &mut conn,
             Control::Error {
                 id: None,
-                message: "expected exec, shutdown or hello".into(),
+                message: "expected exec, shutdown, pause, resume or hello".into(),
             },
         ),
         Ok(None) | Err(_) => {}
+    }
+}
+
+/// Pauses (or resumes) the VM, records it and says how it went.
+fn pause_or_resume(s: &Served, pause: bool) -> Control {
+    let started = std::time::Instant::now();
+    let result = if pause {
+        s.pause.switch.pause(PAUSE_TIMEOUT)
+    } else {
+        s.pause.switch.resume();
+        Ok(())
+    };
+    if let Err(e) = result {
+        return Control::Error {
+            id: None,
+            message: format!("cannot pause the session: {e}"),
+        };
+    }
+    let phase = if pause { Phase::Paused } else { Phase::Running };
+    s.pause.status.set(phase, None);
+    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let entry = Entry::paused(pause, serde_json::json!({ "took_ms": took_ms }));
+    if let Err(e) = s.log.record(entry) {
+        tracing::warn!("{e}");
+    }
+    if pause {
+        Control::Paused
+    } else {
+        Control::Resumed
     }
 }

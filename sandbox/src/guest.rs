@@ -233,9 +233,11 @@ mod tests {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
         // What is left: the live connection's host end and the clone kept to
-        // end it, and the test's own guest end of it.
+        // end it, and the test's own guest end of it; the count is the
+        // process's, so tests running beside this one may hold a few more.
+        // A leak would hold one per connection.
         let held = open_fds().saturating_sub(before);
-        assert!(held <= 3, "{held} descriptors open for 300 connections");
+        assert!(held <= 16, "{held} descriptors open for 300 connections");
 
         let flood = 5000;
         let mut bytes = Vec::new();

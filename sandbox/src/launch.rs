@@ -42,12 +42,7 @@ pub fn start(spec: &SessionSpec, sbx: &Path, starting: impl FnOnce()) -> Result<
     spec.validate()?;
     let name = &spec.name;
     let dir = Dir::new(name)?;
-    let root = paths::runtime_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&root)
-        .at(|| format!("cannot create {}", root.display()))?;
+    paths::private_dir(&paths::runtime_dir())?;
     if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&dir.path) {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             let state = dir
@@ -84,7 +79,7 @@ pub fn start(spec: &SessionSpec, sbx: &Path, starting: impl FnOnce()) -> Result<
 /// with everything written to it.
 pub fn restart(name: &str, sbx: &Path, starting: impl FnOnce()) -> Result<Dir> {
     let (dir, info) = Dir::existing(name)?;
-    if matches!(info.state, Phase::Running | Phase::Starting) {
+    if info.state.is_alive() {
         fail!(Invalid, "session `{name}` is already {}", info.state);
     }
     let spec = SessionSpec::read(&dir.spec_path())?;
@@ -184,6 +179,35 @@ pub fn stop(dir: &Dir, pid: u32, timeout: Duration) -> &'static str {
     };
     mark_stopped(dir, how);
     how
+}
+
+/// Pauses a running session's VM (its vCPUs stop, its memory is kept) or
+/// resumes a paused one, through its control socket.
+pub fn pause(dir: &Dir, pause: bool) -> Result<()> {
+    let what = if pause { "pause" } else { "resume" };
+    let io = |e| Error::Io {
+        what: format!("cannot ask session `{}` to {what}", dir.name),
+        error: e,
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(dir.ctl_path()).map_err(io)?;
+    let ask = if pause {
+        Control::Pause
+    } else {
+        Control::Resume
+    };
+    write_frame(&mut s, &Frame::Control(ask)).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    match FrameIo::new(s).read_frame() {
+        Ok(Some(Frame::Control(Control::Paused))) if pause => Ok(()),
+        Ok(Some(Frame::Control(Control::Resumed))) if !pause => Ok(()),
+        Ok(Some(Frame::Control(Control::Error { message, .. }))) => fail!(Session, "{message}"),
+        other => fail!(
+            Session,
+            "session `{}` gave no answer to {what} ({other:?})",
+            dir.name
+        ),
+    }
 }
 
 /// SIGTERM to the session process (its VMM ends the VM at once), then

@@ -2,9 +2,12 @@
 //! builds, audit logs, secrets and live sessions. The policy's own places
 //! (system and config directories) are [`sbx_policy::Locations`].
 
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use sbx_policy::xdg_dir;
+
+use crate::error::{fail, At, Result};
 
 /// `$SBX_CACHE_DIR`, else `$XDG_CACHE_HOME/sbx`, else `~/.cache/sbx`.
 pub fn cache_dir() -> PathBuf {
@@ -59,6 +62,46 @@ pub fn runtime_dir() -> PathBuf {
         0 => PathBuf::from("/run/sbx"),
         uid => std::env::temp_dir().join(format!("sbx-{uid}")),
     }
+}
+
+/// Makes `dir` (and its parents) if need be and checks that it is this
+/// user's alone: sessions' sockets, audit logs and secrets live in such
+/// directories. One that another user owns is refused (in a shared /tmp,
+/// someone could have made it first to reach what sbx puts there); one of
+/// ours that others can reach is made private.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .at(|| format!("cannot create {}", dir.display()))?;
+    // A symlink to a directory of one's own (another disk) is fine: what
+    // it leads to is checked.
+    let md = std::fs::metadata(dir).at(|| format!("cannot read {}", dir.display()))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_dir() {
+        fail!(
+            Invalid,
+            "{} is not a directory; sbx keeps private state there: remove it",
+            dir.display()
+        );
+    }
+    if md.uid() != me {
+        fail!(
+            Invalid,
+            "{} belongs to uid {}, not to you (uid {me}); sbx keeps sessions' sockets, \
+             audit logs and secrets in it and will not share them: remove it, or point \
+             SBX_RUNTIME_DIR or SBX_STATE_DIR somewhere of your own",
+            dir.display(),
+            md.uid()
+        );
+    }
+    if md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .at(|| format!("cannot make {} private", dir.display()))?;
+    }
+    Ok(())
 }
 
 pub fn default_kernel() -> PathBuf {

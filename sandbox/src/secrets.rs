@@ -5,7 +5,7 @@
 //! sync of one is not enough to read them.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -36,12 +36,6 @@ pub fn check_name(name: &str) -> Result<()> {
         fail!(Invalid, "`{name}` is not a secret name: use letters, digits and `_` (at most 64), not starting with a digit, as in GITHUB_TOKEN");
     }
     Ok(())
-}
-
-fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).at(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .at(|| format!("cannot make {} private", dir.display()))
 }
 
 /// Writes `data` to `path` readable by its owner only, whole or not at
@@ -81,7 +75,7 @@ impl Store {
                 let mut k = vec![0u8; 32];
                 random(&mut k)?;
                 if let Some(p) = self.key_path.parent() {
-                    private_dir(p)?;
+                    crate::paths::private_dir(p)?;
                 }
                 write_private(&self.key_path, &k)?;
                 k
@@ -110,7 +104,7 @@ impl Store {
                 },
             )
             .map_err(|_| Error::Session(format!("cannot encrypt secret {name}")))?;
-        private_dir(&self.dir)?;
+        crate::paths::private_dir(&self.dir)?;
         let mut data = nonce.to_vec();
         data.extend(sealed);
         write_private(&self.path(name), &data)
@@ -192,6 +186,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn values_round_trip_and_are_bound_to_their_name() {

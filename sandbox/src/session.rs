@@ -129,6 +129,10 @@ impl Status {
     fn phase(&self) -> Phase {
         self.info.lock().unwrap_or_else(|e| e.into_inner()).state
     }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.dir.name
+    }
 }
 
 /// Checks that this host can boot guests and that the guest kernel and
@@ -170,6 +174,11 @@ fn admit(
 /// Opens the session's audit log, records its start and asks the policy
 /// whether a VM of this size may run.
 fn open_audit_log(spec: &SessionSpec, policy: &Policy) -> Result<AuditLog> {
+    // The state directory too: logs name files, hosts and commands.
+    for dir in [paths::state_dir(), paths::audit_dir()] {
+        paths::private_dir(&dir)
+            .map_err(|e| Error::Invalid(format!("cannot keep the audit log: {e}")))?;
+    }
     let path = paths::audit_dir().join(format!("{}.jsonl", spec.name));
     // Signed in to a control plane, records name the person and the
     // machine as the server knows them.
@@ -226,6 +235,7 @@ fn vm_config(
         vsock,
         fs,
         block,
+        pause: None,
     })
 }
 
@@ -477,7 +487,21 @@ fn service(
         env,
         user: spec.user.clone(),
     };
-    control::serve(ctl, policy.clone(), log.clone(), host.clone(), defaults)?;
+    let pause = control::PauseControl {
+        switch: Arc::new(
+            vmm::PauseSwitch::new().at(|| "cannot make the VM's pause switch".into())?,
+        ),
+        status: s.status.clone(),
+    };
+    let switch = pause.switch.clone();
+    control::serve(
+        ctl,
+        policy.clone(),
+        log.clone(),
+        host.clone(),
+        defaults,
+        pause,
+    )?;
 
     let vsock = VsockConfig {
         guest_cid: GUEST_CID,
@@ -485,7 +509,8 @@ fn service(
         reserved_ports: vec![AGENT_PORT],
         host,
     };
-    let config = vm_config(spec, &policy, &boot, cmdline::BASE, Some(vsock), fs, block)?;
+    let mut config = vm_config(spec, &policy, &boot, cmdline::BASE, Some(vsock), fs, block)?;
+    config.pause = Some(switch);
     let file = File::create(dir.console_path())
         .at(|| format!("cannot create {}", dir.console_path().display()))?;
     let console = Console {

@@ -35,9 +35,18 @@ pub struct Info {
 pub enum Phase {
     Starting,
     Running,
+    /// Its vCPUs stopped by `sbx pause`; memory and devices kept.
+    Paused,
     Stopped,
     /// The session process is gone without having recorded a stop.
     Dead,
+}
+
+impl Phase {
+    /// Whether its session process is (or should be) alive.
+    pub fn is_alive(self) -> bool {
+        matches!(self, Phase::Starting | Phase::Running | Phase::Paused)
+    }
 }
 
 impl std::fmt::Display for Phase {
@@ -45,6 +54,7 @@ impl std::fmt::Display for Phase {
         f.write_str(match self {
             Phase::Starting => "starting",
             Phase::Running => "running",
+            Phase::Paused => "paused",
             Phase::Stopped => "stopped",
             Phase::Dead => "dead",
         })
@@ -133,7 +143,7 @@ impl Dir {
     /// is gone without recording a stop is dead.
     pub fn status(&self) -> Result<Info> {
         let mut info = self.read_info()?;
-        if matches!(info.state, Phase::Starting | Phase::Running) && !self.alive() {
+        if info.state.is_alive() && !self.alive() {
             info.state = Phase::Dead;
         }
         Ok(info)
@@ -159,6 +169,7 @@ impl Dir {
         match info.state {
             Phase::Running => Ok(dir),
             Phase::Starting => fail!(Session, "session `{name}` is still starting; try again in a moment"),
+            Phase::Paused => fail!(Session, "session `{name}` is paused; `sbx resume {name}` first"),
             state => fail!(
                 Session,
                 "session `{name}` is not running (it is {state}); `sbx start --name {name}` starts it again, `sbx rm {name}` removes it"

@@ -237,6 +237,7 @@ const KVM_IRQFD: u64 = 0x4020_AE76;
 const KVM_IOEVENTFD: u64 = 0x4040_AE79;
 const KVM_GET_REGS: u64 = 0x8090_AE81;
 const KVM_GET_SREGS: u64 = 0x8138_AE83;
+const KVM_KVMCLOCK_CTRL: u64 = 0xAEAD;
 /// std's `set_nonblocking` and reading what is queued.
 const SOCKET_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIONREAD];
 /// Whether a descriptor is a terminal (logging's colour choice).
@@ -333,9 +334,9 @@ pub(crate) fn rules(kind: Kind) -> Rules {
         Kind::Vcpu => {
             // Guest code runs here: KVM_RUN, the interrupt lines of the
             // legacy devices, device activation (eventfds, the irqfd and
-            // ioeventfd of a queue, the worker's epoll), and a register
-            // dump when the guest fails. Device threads are started by the
-            // spawner.
+            // ioeventfd of a queue, the worker's epoll), telling KVM the
+            // guest was paused, and a register dump when the guest fails.
+            // Device threads are started by the spawner.
             allow_values(
                 &mut r,
                 libc::SYS_ioctl,
@@ -347,6 +348,7 @@ pub(crate) fn rules(kind: Kind) -> Rules {
                     KVM_IOEVENTFD,
                     KVM_GET_REGS,
                     KVM_GET_SREGS,
+                    KVM_KVMCLOCK_CTRL,
                 ],
             );
             allow(&mut r, VCPU);
@@ -377,6 +379,8 @@ pub(crate) fn rules(kind: Kind) -> Rules {
             allow(&mut r, WAIT);
             allow(&mut r, DISK_FILE);
         }
+        // Its queue and getrandom (in the base list): nothing on the host.
+        Kind::Rng => allow(&mut r, WAIT),
         Kind::Events | Kind::Control | Kind::HostEdits => {
             // The guest's reports and `sbx exec` requests: Unix sockets,
             // the audit log and the session's state. The accepting threads

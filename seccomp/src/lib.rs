@@ -41,6 +41,8 @@ pub enum Kind {
     FsWatch,
     /// A disk's worker.
     Block,
+    /// The entropy device's worker.
+    Rng,
     /// The guest agent's reports.
     Events,
     /// The control socket: `sbx exec` requests.
@@ -63,13 +65,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Vcpu,
         Kind::EventLoop,
         Kind::Vsock,
         Kind::Fs,
         Kind::FsWatch,
         Kind::Block,
+        Kind::Rng,
         Kind::Events,
         Kind::Control,
         Kind::HostEdits,
@@ -90,6 +93,7 @@ impl Kind {
             Kind::Fs => "fs",
             Kind::FsWatch => "fs-watch",
             Kind::Block => "block",
+            Kind::Rng => "rng",
             Kind::Events => "events",
             Kind::Control => "control",
             Kind::HostEdits => "host-edits",

@@ -61,6 +61,30 @@ fn the_guest_sees_the_tsc_deadline_timer() {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
 }
 
+/// Every guest's kernel fills its pool from the host through virtio-rng,
+/// and two guests draw different bytes.
+#[test]
+fn each_guest_draws_its_own_randomness_from_the_host() {
+    require_real_kvm();
+    let draw = || {
+        let out = sbx(&[
+            "boot",
+            "--",
+            "sh",
+            "-c",
+            "cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let (a, b) = (draw(), draw());
+    let (source, bytes_a) = a.split_once('\n').unwrap();
+    assert!(source.starts_with("virtio_rng"), "{a}");
+    let bytes_b = b.split_once('\n').unwrap().1;
+    assert_eq!(bytes_a.len(), 64, "{a}");
+    assert_ne!(bytes_a, bytes_b, "two guests drew the same bytes");
+}
+
 #[test]
 fn guest_exit_status_and_output_come_back() {
     require_real_kvm();

@@ -458,12 +458,23 @@ fn images_are_pulled_from_a_real_registry_and_checked() {
     let registry = Registry::start(dir);
     let archive = busybox_archive(dir);
     let reference = format!("127.0.0.1:{}/test/bb:1", registry.port);
+    // Pushed from an unpacked layout: skopeo unpacks an archive keeping
+    // its owners, which only root may.
+    let layout = dir.join("bb-layout");
+    std::fs::create_dir(&layout).unwrap();
+    sbx_tests::run(
+        std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&layout),
+    );
     let pushed = std::process::Command::new("skopeo")
         // Its scratch space (/var/tmp by default is read-only in the nested host).
         .arg("--tmpdir")
         .arg(dir)
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("oci:{}", layout.display()))
         .arg(format!("docker://{reference}"))
         .output()
         .unwrap();
@@ -751,15 +762,12 @@ fn a_clone_workspace_keeps_to_itself_and_its_commits_come_back() {
 
 /// A user who is not root converts an image whose files belong to other
 /// users, devices and setuid programs, and the file system image says so.
-/// (No guest needed; the suite runs as root and drops to `nobody`.)
+/// (No guest needed. As root, the test drops to `nobody`; the suite
+/// otherwise runs as an ordinary user already.)
 #[test]
 fn a_normal_user_converts_images_with_their_owners_intact() {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "this test drops from root to nobody; run the suite as root"
-    );
+    let me = unsafe { libc::geteuid() };
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("layer.tar");
     sbx_image::testing::Layer::new()
@@ -780,19 +788,25 @@ fn a_normal_user_converts_images_with_their_owners_intact() {
     .unwrap();
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    for p in [dir.path(), &cache, &archive] {
-        sbx_tests::run(std::process::Command::new("chmod").arg("a+rwx").arg(p));
-    }
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(sbx_tests::sbx_bin())
+    let (mut cmd, user) = if me == 0 {
+        for p in [dir.path(), &cache, &archive] {
+            sbx_tests::run(std::process::Command::new("chmod").arg("a+rwx").arg(p));
+        }
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(sbx_tests::sbx_bin());
+        (c, 65534)
+    } else {
+        (std::process::Command::new(sbx_tests::sbx_bin()), me)
+    };
+    let out = cmd
         .args(["image", "import"])
         .arg(&archive)
         .env("SBX_CACHE_DIR", &cache)
         .env("HOME", dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "as nobody: {}", text(&out.stderr));
+    assert!(out.status.success(), "as uid {user}: {}", text(&out.stderr));
     let roots = cache.join("images/roots");
     let root = std::fs::read_dir(&roots)
         .unwrap()
@@ -800,10 +814,10 @@ fn a_normal_user_converts_images_with_their_owners_intact() {
         .unwrap()
         .unwrap()
         .path();
-    // Made by nobody, owned as the layer says.
+    // Made by that user, owned inside as the layer says.
     assert_eq!(
         std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&root).unwrap()),
-        65534
+        user
     );
     let stat = |p: &str| sbx_image::testing::debugfs(&root, &format!("stat {p}"));
     let notes = stat("/home/agent/notes");

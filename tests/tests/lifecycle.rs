@@ -39,6 +39,7 @@ fn repeated_boots_leak_no_threads_or_fds() {
         vsock: None,
         fs: Vec::new(),
         block: Vec::new(),
+        pause: None,
     };
     let boot = || {
         let console = Console {

@@ -337,3 +337,102 @@ fn the_shell_works_under_tmux() {
     tmux(&["kill-server"]);
     host.ok(&["stop", "t1"]);
 }
+
+/// CPU time (user and system, in clock ticks) a process has used, all its
+/// threads together.
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, so 11 and 12 after the name.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The session process's CPU ticks over `d`.
+fn cpu_over(pid: u64, d: Duration) -> u64 {
+    let before = cpu_ticks(pid);
+    std::thread::sleep(d);
+    cpu_ticks(pid) - before
+}
+
+#[test]
+fn a_paused_session_uses_no_cpu_and_resumes_where_it_was() {
+    let host = Host::new();
+    host.start("p");
+    let pid = host.session("p")["pid"].as_u64().unwrap();
+    host.ok(&["exec", "p", "--", "sh", "-c", "echo kept > /tmp/mark"]);
+    let uptime = |host: &Host| -> f64 {
+        let out = host.ok(&["exec", "p", "--", "cat", "/proc/uptime"]);
+        out.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let up_before = uptime(&host);
+    let idle = cpu_over(pid, Duration::from_secs(3));
+
+    let out: serde_json::Value = serde_json::from_str(&host.ok(&["pause", "p", "--json"])).unwrap();
+    assert_eq!(out["state"], "paused", "{out}");
+    assert_eq!(host.session("p")["state"], "paused");
+    let paused = cpu_over(pid, Duration::from_secs(3));
+    eprintln!(
+        "session process CPU over 3 s: idle {idle} ticks, paused {paused} ticks; pause took {} ms",
+        out["took_ms"]
+    );
+    // A paused guest runs nothing: no timer ticks, no exits. What is left
+    // is the host side waiting on its sockets.
+    assert!(paused <= 2, "a paused session used {paused} ticks in 3 s");
+    // Pausing again says so and changes nothing.
+    let again = host.sbx(&["pause", "p"]);
+    assert!(again.status.success());
+    assert!(
+        text(&again.stderr).contains("already paused"),
+        "{}",
+        text(&again.stderr)
+    );
+    // Commands wait for a resume, and say so.
+    let exec = host.sbx(&["exec", "p", "--", "true"]);
+    assert!(!exec.status.success());
+    assert!(
+        text(&exec.stderr).contains("is paused; `sbx resume p` first"),
+        "{}",
+        text(&exec.stderr)
+    );
+
+    host.ok(&["resume", "p"]);
+    assert_eq!(host.session("p")["state"], "running");
+    // Where it was: the guest's files and its clock, which went on.
+    assert_eq!(host.ok(&["exec", "p", "--", "cat", "/tmp/mark"]), "kept\n");
+    let up_after = uptime(&host);
+    assert!(
+        up_after > up_before + 5.0,
+        "uptime {up_before} then {up_after}"
+    );
+    let kernel_log = host.ok(&["exec", "p", "--", "dmesg"]);
+    assert!(
+        !kernel_log.contains("soft lockup"),
+        "the guest took the pause for a hang:\n{kernel_log}"
+    );
+    let actions: Vec<String> = host
+        .events("p")
+        .iter()
+        .filter_map(|r| r["action"].as_str().map(String::from))
+        .filter(|a| a == "pause" || a == "resume")
+        .collect();
+    assert_eq!(actions, ["pause", "resume"]);
+
+    // A paused session stops as gracefully as a running one.
+    host.ok(&["pause", "p"]);
+    let out = host.sbx(&["stop", "p"]);
+    assert!(
+        text(&out.stderr).contains("stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(host.session("p")["state"], "stopped");
+    let out = host.sbx(&["resume", "p"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -9,9 +9,11 @@ pub mod devices;
 pub mod fuzzing;
 pub mod host;
 pub mod machine;
+pub mod pause;
 pub mod timings;
 pub mod vstate;
 
 pub use control::ExitReason;
 pub use machine::{run, Console, VmConfig, VmOutcome, VmmError};
+pub use pause::{PauseError, PauseSwitch};
 pub use timings::{BootTimings, Mark, TimingsReport};

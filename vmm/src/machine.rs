@@ -25,9 +25,11 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::{Block, BlockConfig, BlockError};
 use crate::devices::virtio::fs::{Fs, FsConfig, FsError};
 use crate::devices::virtio::mmio::{self, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::{self, HostError};
+use crate::pause::PauseSwitch;
 use crate::timings::{BootTimings, Mark, TimingsReport};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
@@ -56,6 +58,8 @@ pub struct VmConfig {
     pub fs: Vec<FsConfig>,
     /// One virtio-blk device per disk image (the guest tells them apart by serial).
     pub block: Vec<BlockConfig>,
+    /// Pauses and resumes the running VM, for whoever holds it too.
+    pub pause: Option<Arc<PauseSwitch>>,
 }
 
 /// The smallest memory a guest may be given; the kernel check gives a precise figure.
@@ -153,6 +157,8 @@ pub fn run(
     for disk in &config.block {
         virtio.add(&vm, &mem, Box::new(Block::new(disk)?))?;
     }
+    // Every VM gets the host's randomness for its kernel's pool.
+    virtio.add(&vm, &mem, Box::new(Rng::new()))?;
     control.timings.mark(Mark::DevicesReady);
     let cmdline = virtio.cmdline(&config.cmdline);
     let entry = boot::load(
@@ -185,19 +191,34 @@ pub fn run(
     }
     control.timings.mark(Mark::VmConfigured);
 
+    let pause = match &config.pause {
+        Some(p) => p.clone(),
+        None => Arc::new(PauseSwitch::new().map_err(setup_err("the pause switch"))?),
+    };
     let signals = HostSignals::block().map_err(setup_err("signal handling"))?;
     // Set up: from here this thread only waits and takes the VM down.
     sbx_seccomp::enter(sbx_seccomp::Kind::EventLoop)?;
-    let threads = spawn_vcpus(vcpus, &bus, &control);
+    let threads = spawn_vcpus(vcpus, &bus, &control, &pause);
     let loop_result = match &threads {
-        Ok(_) => event_loop(&control, &signals, &serial, console.input, config.lifetime),
+        Ok(started) => {
+            pause.started(started.len());
+            let events = Events {
+                control: &control,
+                signals: &signals,
+                pause: &pause,
+                vcpus: started,
+            };
+            event_loop(&events, &serial, console.input, config.lifetime)
+        }
         Err(_) => Ok(()),
     };
-    // Teardown happens on every path: stop and join whatever was started.
+    // Teardown happens on every path: stop and join whatever was started
+    // (parked vCPUs first return to their loop, which sees the stop).
     control.request_exit(ExitReason::VmmError {
         vcpu: None,
         detail: "event loop ended".into(),
     });
+    pause.stopping();
     let threads = match threads {
         Ok(t) => t,
         Err((started, e)) => {
@@ -337,6 +358,7 @@ fn spawn_vcpus(
     vcpus: Vec<Vcpu>,
     bus: &Arc<Buses>,
     control: &Arc<VmControl>,
+    pause: &Arc<PauseSwitch>,
 ) -> Result<StartedVcpus, (StartedVcpus, VmmError)> {
     // A no-op handler: the signal only needs to interrupt KVM_RUN with EINTR.
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -346,12 +368,12 @@ fn spawn_vcpus(
     let mut started = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         let index = v.index;
-        let (bus, control) = (bus.clone(), control.clone());
+        let (bus, control, pause) = (bus.clone(), control.clone(), pause.clone());
         let run = move || {
             // Threads may start with signals blocked (see sbx_seccomp):
             // the kick must get through.
             sbx_seccomp::unblock_signal(SIGRTMIN());
-            v.run(bus, control)
+            v.run(bus, control, pause)
         };
         match sbx_seccomp::spawn(format!("sbx-vcpu-{index}"), sbx_seccomp::Kind::Vcpu, run) {
             Ok(h) => started.push(h),
@@ -361,17 +383,22 @@ fn spawn_vcpus(
     Ok(started)
 }
 
+/// Interrupts one vCPU's KVM_RUN (the handler does nothing; KVM_RUN
+/// returns EINTR and the vCPU looks at what it was asked).
+fn kick(t: &JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    if !t.is_finished() {
+        // SAFETY: the pthread is alive until joined, which only its owner
+        // does, after the kicks.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
+    }
+}
+
 /// Interrupts every vCPU thread until it notices the stop flag, then joins it.
 fn stop_vcpus(threads: StartedVcpus) {
-    use std::os::unix::thread::JoinHandleExt;
     let mut pending = threads;
     while !pending.is_empty() {
-        for t in &pending {
-            if !t.is_finished() {
-                // SAFETY: the pthread is alive until joined, which happens only below.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
-            }
-        }
+        pending.iter().for_each(kick);
         std::thread::sleep(Duration::from_micros(500));
         let (done, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
         for t in done {
@@ -441,14 +468,42 @@ impl Drop for HostSignals {
 const EV_EXIT: u64 = 0;
 const EV_SIGNAL: u64 = 1;
 const EV_INPUT: u64 = 2;
+const EV_PAUSE: u64 = 3;
+/// How long the event loop keeps kicking vCPUs into a pause.
+const PAUSE_KICKING: Duration = Duration::from_secs(2);
+
+/// What the event loop waits on and acts upon.
+struct Events<'a> {
+    control: &'a VmControl,
+    signals: &'a HostSignals,
+    pause: &'a PauseSwitch,
+    vcpus: &'a StartedVcpus,
+}
+
+impl Events<'_> {
+    /// Kicks the vCPUs out of KVM_RUN until all have parked: one may be
+    /// on its way into KVM_RUN when the first kick lands.
+    fn kick_into_pause(&self) {
+        let _ = self.pause.wake.read();
+        let until = std::time::Instant::now() + PAUSE_KICKING;
+        while self.pause.wants_pause()
+            && !self.pause.all_parked()
+            && !self.control.should_stop()
+            && std::time::Instant::now() < until
+        {
+            self.vcpus.iter().for_each(kick);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
 
 fn event_loop(
-    control: &VmControl,
-    signals: &HostSignals,
+    events_in: &Events<'_>,
     serial: &Mutex<SerialConsole>,
     input: Option<RawFd>,
     lifetime: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
+    let (control, signals) = (events_in.control, events_in.signals);
     let deadline = lifetime.map(|d| (d, std::time::Instant::now() + d));
     let epoll = Epoll::new()?;
     let add = |fd: RawFd, data: u64| {
@@ -460,6 +515,7 @@ fn event_loop(
     };
     add(control.exit_evt.as_raw_fd(), EV_EXIT)?;
     add(signals.fd.as_raw_fd(), EV_SIGNAL)?;
+    add(events_in.pause.wake.as_raw_fd(), EV_PAUSE)?;
     if let Some(fd) = input {
         add(fd, EV_INPUT)?;
     }
@@ -492,6 +548,7 @@ fn event_loop(
                         control.request_exit(ExitReason::Signal(signo));
                     }
                 }
+                (EV_PAUSE, _) => events_in.kick_into_pause(),
                 (EV_INPUT, Some(fd)) => {
                     let mut buf = [0u8; 256];
                     // SAFETY: reads into a stack buffer of the given length.

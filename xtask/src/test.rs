@@ -122,6 +122,37 @@ fn is_test_binary(bin: &Path, name: &str) -> bool {
         .is_some_and(|(stem, hash)| stem == name && hash.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// Makes the nested test host ready for an ordinary user, uid 1000, as a
+/// desktop host is: /dev/kvm open to their group, a cgroup delegated to
+/// them (as systemd's user@1000.service is), a home in /tmp, and /root
+/// (where the caches may be) passable. Only ever run in the nested host,
+/// which is thrown away after the run.
+const AS_USER: &str = r#"set -e
+mkdir -p /run/rootov/u /run/rootov/w
+mount -t overlay overlay -o lowerdir=/root,upperdir=/run/rootov/u,workdir=/run/rootov/w /root
+chmod 711 /root
+chgrp 1000 /dev/kvm && chmod 660 /dev/kvm
+echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+mkdir -p /sys/fs/cgroup/user-1000/init
+chown 1000:1000 /sys/fs/cgroup/user-1000 /sys/fs/cgroup/user-1000/cgroup.procs \
+  /sys/fs/cgroup/user-1000/cgroup.subtree_control /sys/fs/cgroup/user-1000/cgroup.threads
+chown -R 1000:1000 /sys/fs/cgroup/user-1000/init
+echo $$ > /sys/fs/cgroup/user-1000/init/cgroup.procs
+mkdir -p /tmp/home-1000 && chown 1000:1000 /tmp/home-1000
+# A disk that fills up, for the audit log's test (only root can mount one).
+mkdir -p /run/sbx-tiny && mount -t tmpfs -o size=1m,uid=1000,gid=1000,mode=0700 tmpfs /run/sbx-tiny
+export HOME=/tmp/home-1000 SBX_TEST_TINY_DIR=/run/sbx-tiny
+# Their own state directory, not the run's scratch one (root's).
+unset SBX_STATE_DIR
+# The tests' stand-ins for real servers listen on 443.
+echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start
+unset XDG_RUNTIME_DIR
+cd /tmp
+set +e
+"#;
+/// Runs a test binary as that user, in their group alone.
+const AS_USER_RUN: &str = "setpriv --reuid=1000 --regid=1000 --clear-groups -- ";
+
 fn build_guest_tests() -> anyhow::Result<Vec<PathBuf>> {
     let out = proc::output(cargo().args([
         "test",
@@ -241,22 +272,35 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         .as_deref()
         .map(|f| format!(" '{}'", f.replace('\'', "")))
         .unwrap_or_default();
+    let nested = !demo::host_can_boot(&sbx);
+    // In the nested test host the suite runs as an ordinary user (see
+    // AS_USER); the users test plays users itself, as root. On a host
+    // that boots guests, it runs as whoever runs it.
+    let as_user = if nested { AS_USER_RUN } else { "" };
     let mut script: String = bins
         .iter()
-        .map(|b| format!("'{}' --test-threads=1{filter} || rc=1\n", b.display()))
+        .map(|b| {
+            let run = if is_test_binary(b, "users") {
+                ""
+            } else {
+                as_user
+            };
+            format!("{run}'{}' --test-threads=1{filter} || rc=1\n", b.display())
+        })
         .collect();
     // The control plane's real-guest test again, its server on PostgreSQL.
     for b in bins.iter().filter(|b| is_test_binary(b, "server")) {
         script.push_str(&format!(
-            "SBX_TEST_DATABASE=postgres '{}' --test-threads=1{filter} || rc=1\n",
+            "SBX_TEST_DATABASE=postgres {as_user}'{}' --test-threads=1{filter} || rc=1\n",
             b.display()
         ));
     }
+    let setup = if nested { AS_USER } else { "" };
     let argv = vec![
         "sh".into(),
         "-c".into(),
         format!(
-            "export SBX_BIN='{}' SBX_KERNEL='{}' SBX_INITRD='{}' SBX_TEST_IMAGES='{}'\nrc=0\n{script}exit $rc",
+            "{setup}export SBX_BIN='{}' SBX_KERNEL='{}' SBX_INITRD='{}' SBX_TEST_IMAGES='{}'\nrc=0\n{script}exit $rc",
             sbx.display(),
             vmlinux.display(),
             initrd.display(),
@@ -264,13 +308,13 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ),
     ];
     let mut guest = Command::new(std::env::current_exe()?);
-    if demo::host_can_boot(&sbx) {
-        guest.args(&argv);
-    } else {
-        proc::step("this host's /dev/kvm cannot boot standard guests; running them in the nested test host");
+    if nested {
+        proc::step("this host's /dev/kvm cannot boot standard guests; running them in the nested test host, as uid 1000");
         guest
             .args(["nested", "--timeout", "2400", "--"])
             .args(&argv);
+    } else {
+        guest.args(&argv);
     }
     if !run_counting(&mut guest, &mut tally)? {
         failures.push("real-guest tests");

@@ -15,6 +15,7 @@ use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, lapic, msr, regs};
 use crate::control::{ExitReason, VmControl};
 use crate::devices::bus::Buses;
+use crate::pause::PauseSwitch;
 use crate::timings::Mark;
 
 #[derive(Debug, thiserror::Error)]
@@ -119,13 +120,23 @@ impl Vcpu {
 
     /// Runs the vCPU until the VM is asked to stop. Exits that end the VM are
     /// reported through `control`; this function never panics on guest input.
-    pub fn run(mut self, bus: Arc<Buses>, control: Arc<VmControl>) {
+    pub fn run(mut self, bus: Arc<Buses>, control: Arc<VmControl>, pause: Arc<PauseSwitch>) {
         let _guard = StopOnPanic {
             control: control.clone(),
             index: self.index,
         };
         let mut first = self.index == 0;
         while !control.should_stop() {
+            // Between KVM_RUNs (a kick ends one): park while paused, having
+            // told KVM, so the guest does not count the stop as a hang.
+            pause.park(|| {
+                if let Err(e) = self.fd.kvmclock_ctrl() {
+                    tracing::debug!(vcpu = self.index, error = %e, "KVM_KVMCLOCK_CTRL refused");
+                }
+            });
+            if control.should_stop() {
+                break;
+            }
             if first {
                 control.timings.mark(Mark::FirstVcpuEntry);
                 first = false;

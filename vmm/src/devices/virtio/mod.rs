@@ -7,6 +7,7 @@ pub mod block;
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
+pub mod rng;
 pub mod vsock;
 
 #[cfg(any(test, feature = "fuzzing"))]

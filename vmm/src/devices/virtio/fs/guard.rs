@@ -47,6 +47,13 @@ use super::listing::{Listings, Offer};
 use super::nodes::Nodes;
 use super::{Change, FsAccess, FsCache, FsConfig, FsSupervisor, Refusal, RuleRef, ShareQuota};
 
+/// The user sbx runs as, unless it is root.
+fn host_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid and getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    (uid != 0).then_some((uid, gid))
+}
+
 /// What `auto` promises when host edits cannot be watched: a name or an
 /// attribute is trusted for a second, then asked for again.
 const UNWATCHED_TIMEOUT: Duration = Duration::from_secs(1);
@@ -71,6 +78,9 @@ pub struct Guard {
     /// The mount's root, to open directories beneath for listing.
     pub(super) root: Option<OwnedFd>,
     pub(super) listings: Listings,
+    /// Run by an ordinary user: their uid and gid, which the guest sees
+    /// as root's (see [`Guard::show_owner`]).
+    owner: Option<(u32, u32)>,
 }
 
 impl Guard {
@@ -105,6 +115,7 @@ impl Guard {
             // Without it, the passthrough lists directories itself.
             root: beneath::open_root(&config.host_dir).ok(),
             listings: Listings::default(),
+            owner: host_user(),
         }
     }
 
@@ -139,11 +150,29 @@ impl Guard {
             e.entry_timeout = e.entry_timeout.min(t);
             e.attr_timeout = e.attr_timeout.min(t);
         }
+        self.show_owner(&mut e.attr);
         e
     }
 
-    fn fit_attr(&self, (attr, timeout): (stat64, Duration)) -> (stat64, Duration) {
+    fn fit_attr(&self, (mut attr, timeout): (stat64, Duration)) -> (stat64, Duration) {
+        self.show_owner(&mut attr);
         (attr, self.trust().map_or(timeout, |t| timeout.min(t)))
+    }
+
+    /// Files the guest makes belong to the host user sbx runs as, whoever
+    /// the guest says made them. Run by root, the guest sees root's files
+    /// as its root's; run by an ordinary user, it sees that user's files
+    /// as its root's too (as a rootless container does), so guest tools
+    /// that check ownership (git's safe.directory) work the same either way.
+    fn show_owner(&self, attr: &mut stat64) {
+        if let Some((uid, gid)) = self.owner {
+            if attr.st_uid == uid {
+                attr.st_uid = 0;
+            }
+            if attr.st_gid == gid {
+                attr.st_gid = 0;
+            }
+        }
     }
 
     /// Waits for the next batch of host edits, leaving out what the policy
