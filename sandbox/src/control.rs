@@ -76,6 +76,25 @@ fn reply(stream: &mut UnixStream, c: Control) {
     let _ = write_frame(stream, &Frame::Control(c));
 }
 
+/// Answers exec `id` with `message` and sbx's own failure status.
+fn refuse(stream: &mut UnixStream, id: u32, message: String) {
+    reply(
+        stream,
+        Control::Error {
+            id: Some(id),
+            message,
+        },
+    );
+    reply(
+        stream,
+        Control::Exited {
+            id,
+            code: Some(i32::from(EXIT_SBX_ERROR)),
+            signal: None,
+        },
+    );
+}
+
 /// Serves one control connection: an exec (checked, audited, given the
 /// session's environment, then handed to the guest agent), a shutdown, or
 /// a hello.
@@ -90,21 +109,7 @@ fn request(mut conn: UnixStream, s: &Served) {
                 "session `{}` is paused; `sbx resume {0}` first",
                 s.pause.status.name()
             );
-            reply(
-                &mut conn,
-                Control::Error {
-                    id: Some(req.id),
-                    message,
-                },
-            );
-            reply(
-                &mut conn,
-                Control::Exited {
-                    id: req.id,
-                    code: Some(i32::from(EXIT_SBX_ERROR)),
-                    signal: None,
-                },
-            );
+            refuse(&mut conn, req.id, message);
         }
         Ok(Some(Frame::Control(Control::Exec(mut req)))) => {
             // The caller's own -e settings come after, and win.
@@ -123,21 +128,7 @@ fn request(mut conn: UnixStream, s: &Served) {
                 Err(e) => Some(format!("{e}")),
             };
             if let Some(message) = refusal {
-                reply(
-                    &mut conn,
-                    Control::Error {
-                        id: Some(req.id),
-                        message,
-                    },
-                );
-                reply(
-                    &mut conn,
-                    Control::Exited {
-                        id: req.id,
-                        code: Some(i32::from(EXIT_SBX_ERROR)),
-                        signal: None,
-                    },
-                );
+                refuse(&mut conn, req.id, message);
                 return;
             }
             let (stream, rest) = frames.into_parts();
