@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::script::Script;
 #[cfg(test)]
 use super::script::Writer;
-use super::{guest_memory, Heap, ProcessDir, MEM_LEN, RING_BASE};
+use super::{guest_memory, raw_chain, Heap, ProcessDir, MEM_LEN, RING_BASE};
 use crate::devices::virtio::answer_all;
 use crate::devices::virtio::fs::{
     answer, file_system, Change, FsAccess, FsCache, FsConfig, FsSupervisor, Guard, Refusal,
@@ -203,10 +203,7 @@ pub fn fs_requests(data: &[u8]) {
                 send(&mut ring, &mut queue, &msg, reply_len);
             }
             2 => {
-                let n = 1 + usize::from(s.u8() % 3);
-                let descs: Vec<(u64, u32, u16)> = (0..n)
-                    .map(|_| (s.addr(MEM_LEN), s.u32() % 0x2_0000, u16::from(s.u8() & 6)))
-                    .collect();
+                let descs = raw_chain(&mut s, 3);
                 ring.post(&mem, &descs);
                 serve(&server, &mem, &mut queue, &irq);
             }

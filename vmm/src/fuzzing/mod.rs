@@ -57,6 +57,16 @@ fn guest_memory() -> GuestMemory {
     mem
 }
 
+/// A chain of 1 to `most` descriptors as a hostile driver writes them:
+/// any address, any length below 128 KiB, either direction, sometimes
+/// INDIRECT.
+fn raw_chain(s: &mut Script, most: u8) -> Vec<(u64, u32, u16)> {
+    let n = 1 + usize::from(s.u8() % most);
+    (0..n)
+        .map(|_| (s.addr(MEM_LEN), s.u32() % 0x2_0000, u16::from(s.u8() & 6)))
+        .collect()
+}
+
 /// Hands out guest buffers from [`HEAP_BASE`] up, wrapping around.
 struct Heap(u64);
 

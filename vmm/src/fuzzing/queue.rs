@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::script::Script;
 #[cfg(test)]
 use super::script::Writer;
-use super::{guest_memory, Heap, ProcessDir, MEM_LEN, RING_BASE};
+use super::{guest_memory, raw_chain, Heap, ProcessDir, MEM_LEN, RING_BASE};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -157,10 +157,7 @@ pub fn virtio_queue(data: &[u8]) {
             }
             HANDSHAKE => handshake(&mut transport, &ring, s.u8()),
             CHAIN => {
-                let n = 1 + usize::from(s.u8() % 4);
-                let descs: Vec<(u64, u32, u16)> = (0..n)
-                    .map(|_| (s.addr(MEM_LEN), s.u32() % 0x2_0000, u16::from(s.u8() & 6)))
-                    .collect();
+                let descs = raw_chain(&mut s, 4);
                 ring.post(&mem, &descs);
             }
             REQUEST => {

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::script::Script;
 #[cfg(test)]
 use super::script::Writer;
-use super::{guest_memory, Heap, MEM_LEN, RING_BASE};
+use super::{guest_memory, raw_chain, Heap, MEM_LEN, RING_BASE};
 use crate::devices::virtio::test_ring::{Ring, WRITE};
 use crate::devices::virtio::vsock::packet::*;
 use crate::devices::virtio::vsock::{Turn, VsockHost, HOST_CID};
@@ -73,10 +73,7 @@ pub fn vsock_muxer(data: &[u8]) {
             }
             CHAIN => {
                 let ring = if s.u8() & 1 == 0 { &mut rx } else { &mut tx };
-                let n = 1 + usize::from(s.u8() % 3);
-                let descs: Vec<(u64, u32, u16)> = (0..n)
-                    .map(|_| (s.addr(MEM_LEN), s.u32() % 0x2_0000, u16::from(s.u8() & 6)))
-                    .collect();
+                let descs = raw_chain(&mut s, 3);
                 ring.post(&mem, &descs);
             }
             POKE => {

@@ -104,6 +104,25 @@ impl WorkerThread {
     }
 }
 
+/// Starts the worker of a device whose queues are each served by
+/// `serve` (block, rng): thread `thread` under `kind`'s filter, `device`
+/// naming it in log lines.
+pub(crate) fn start_queue_worker(
+    thread: &str,
+    device: &'static str,
+    kind: sbx_seccomp::Kind,
+    (mem, mut queues, kicks, interrupt): (GuestMemory, Vec<Queue>, Vec<EventFd>, Arc<Interrupt>),
+    mut serve: impl FnMut(&GuestMemory, &mut Queue, &Interrupt) + Send + 'static,
+) -> Result<WorkerThread, ActivateError> {
+    let (stop, worker_stop) = WorkerThread::stop_fds()?;
+    let run = move || {
+        serve_kicks(device, &kicks, &worker_stop, |q| {
+            serve(&mem, &mut queues[q], &interrupt)
+        })
+    };
+    WorkerThread::start(thread, kind, stop, run)
+}
+
 /// A device worker's loop over its queues: serves each queue once
 /// (requests may have been queued before the driver said it was ready),
 /// then each queue whose kick fires, until `stop` is readable. `device`

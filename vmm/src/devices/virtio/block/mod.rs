@@ -23,7 +23,7 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    answer_all, check_queues, read_config_bytes, serve_kicks, ActivateError, Interrupt,
+    answer_all, check_queues, read_config_bytes, start_queue_worker, ActivateError, Interrupt,
     VirtioDevice, WorkerThread, VIRTIO_F_VERSION_1,
 };
 use crate::vstate::memory::GuestMemory;
@@ -312,24 +312,19 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         self.reset();
         check_queues(&queues, &kicks, QUEUE_SIZES.len())?;
-        let (stop, worker_stop) = WorkerThread::stop_fds()?;
         let disk = self.disk.clone();
-        let run = move || {
-            serve_kicks("virtio-blk", &kicks, &worker_stop, |q| {
-                serve(&disk, &mem, &mut queues[q], &interrupt)
-            })
-        };
-        self.worker = Some(WorkerThread::start(
+        self.worker = Some(start_queue_worker(
             "sbx-blk",
+            "virtio-blk",
             sbx_seccomp::Kind::Block,
-            stop,
-            run,
+            (mem, queues, kicks, interrupt),
+            move |mem, queue, interrupt| serve(&disk, mem, queue, interrupt),
         )?);
         Ok(())
     }

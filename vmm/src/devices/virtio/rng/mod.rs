@@ -17,7 +17,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    answer_all, check_queues, serve_kicks, ActivateError, Interrupt, VirtioDevice, WorkerThread,
+    answer_all, check_queues, start_queue_worker, ActivateError, Interrupt, VirtioDevice,
+    WorkerThread,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -108,23 +109,18 @@ impl VirtioDevice for Rng {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         kicks: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         self.reset();
         check_queues(&queues, &kicks, QUEUE_SIZES.len())?;
-        let (stop, worker_stop) = WorkerThread::stop_fds()?;
-        let run = move || {
-            serve_kicks("virtio-rng", &kicks, &worker_stop, |q| {
-                serve(&mem, &mut queues[q], &interrupt)
-            })
-        };
-        self.worker = Some(WorkerThread::start(
+        self.worker = Some(start_queue_worker(
             "sbx-rng",
+            "virtio-rng",
             sbx_seccomp::Kind::Rng,
-            stop,
-            run,
+            (mem, queues, kicks, interrupt),
+            serve,
         )?);
         Ok(())
     }
