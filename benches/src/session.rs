@@ -17,6 +17,12 @@
 //! host throughput, and creating and deleting files in the shared
 //! workspace; each row prints both and their ratio (target: under 1.02).
 //!
+//! With `--idle N`, instead: what idle sessions cost the host. N sessions
+//! are started and left alone; over `--seconds`, the CPU their processes
+//! use (all threads, user and system) and their memory (resident, and
+//! proportional, which counts pages shared with others once), first
+//! running, then paused (`sbx pause`), with how long each pause took.
+//!
 //! busybox `head` is slow in itself (about 8 MB/s into /dev/null in the
 //! nested host, all of it user time), so its row measures the producer as
 //! much as sbx; the `dd` rows measure the path through sbx.
@@ -50,6 +56,12 @@ struct Args {
     /// Measure what the seccomp filters cost instead (see the module).
     #[arg(long)]
     seccomp_cost: bool,
+    /// Measure what N idle sessions cost, running and paused, instead.
+    #[arg(long, value_name = "N")]
+    idle: Option<usize>,
+    /// Seconds each idle measurement lasts.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
     #[command(flatten)]
     images: Images,
 }
@@ -248,6 +260,9 @@ fn main() -> anyhow::Result<()> {
     if args.seccomp_cost {
         return seccomp_cost(&args);
     }
+    if let Some(n) = args.idle {
+        return idle(&args, n);
+    }
     let s = session(&args, "bench")?;
     s.start(&args.images, &[])?;
 
@@ -426,5 +441,108 @@ fn seccomp_cost(args: &Args) -> anyhow::Result<()> {
         bytes >> 20
     ));
     files.print("create+delete 300 files in /workspace (ms)");
+    Ok(())
+}
+
+impl Session {
+    /// The session process, from its `session.json`.
+    fn pid(&self) -> anyhow::Result<u32> {
+        let path = self.dir.join("run").join(self.name).join("session.json");
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        info["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+            .with_context(|| format!("no pid in {}", path.display()))
+    }
+}
+
+/// CPU a process has used, all threads, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').context("a /proc stat line")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// A process's resident and proportional memory, in MiB.
+fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    Ok((field("Rss:"), field("Pss:")))
+}
+
+/// Per session, over `seconds`: CPU in percent of one core, resident and
+/// proportional MiB.
+fn idle_costs(pids: &[u32], seconds: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let before: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p))
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(std::time::Duration::from_secs(seconds));
+    let mut cpu = 0.0;
+    let (mut rss, mut pss) = (0.0, 0.0);
+    for (pid, b) in pids.iter().zip(before) {
+        cpu += cpu_seconds(*pid)? - b;
+        let (r, p) = memory_mib(*pid)?;
+        rss += r;
+        pss += p;
+    }
+    let n = pids.len() as f64;
+    Ok((100.0 * cpu / seconds as f64 / n, rss / n, pss / n))
+}
+
+/// `--idle N`: N idle sessions, running and then paused (see the module).
+fn idle(args: &Args, n: usize) -> anyhow::Result<()> {
+    let sessions: Vec<Session> = (0..n)
+        .map(|i| session(args, Box::leak(format!("idle{i}").into_boxed_str())))
+        .collect::<Result<_, _>>()?;
+    eprintln!("starting {n} sessions...");
+    for s in &sessions {
+        s.start(&args.images, &[])?;
+    }
+    let pids: Vec<u32> = sessions
+        .iter()
+        .map(Session::pid)
+        .collect::<Result<_, _>>()?;
+    // Let the guests finish booting their userland before measuring.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    eprintln!("running, idle, for {} s...", args.seconds);
+    let running = idle_costs(&pids, args.seconds)?;
+    let mut pauses: Vec<f64> = Vec::new();
+    for s in &sessions {
+        let t = Instant::now();
+        let out = s.cmd(&["pause", s.name]).output()?;
+        if !out.status.success() {
+            bail!("sbx pause failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        pauses.push(ms_since(t));
+    }
+    eprintln!("paused for {} s...", args.seconds);
+    let paused = idle_costs(&pids, args.seconds)?;
+    for s in &sessions {
+        let _ = s.cmd(&["resume", s.name]).output();
+    }
+    println!();
+    println!("{n} idle sessions, per session, over {} s", args.seconds);
+    println!("{:<40} {:>10} {:>10}", "", "running", "paused");
+    let row = |what: &str, a: f64, b: f64| println!("{what:<40} {a:>10.2} {b:>10.2}");
+    row("host CPU (% of one core)", running.0, paused.0);
+    row("resident memory (MiB)", running.1, paused.1);
+    row("proportional memory (MiB)", running.2, paused.2);
+    println!(
+        "{:<40} p50 {} p95 {}",
+        "sbx pause, whole command (ms)",
+        cell(&pauses, 50.0),
+        cell(&pauses, 95.0)
+    );
     Ok(())
 }

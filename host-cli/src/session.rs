@@ -506,11 +506,10 @@ pub fn ls(a: LsArgs) -> anyhow::Result<u8> {
             .iter()
             .map(|(i, image, disk)| {
                 let mut v = serde_json::to_value(i).unwrap_or_default();
-                v["uptime_s"] = match i.state {
-                    Phase::Running | Phase::Starting | Phase::Paused => {
-                        sandbox::sys::unix_secs().saturating_sub(i.started).into()
-                    }
-                    _ => serde_json::Value::Null,
+                v["uptime_s"] = if i.state.is_alive() {
+                    sandbox::sys::unix_secs().saturating_sub(i.started).into()
+                } else {
+                    serde_json::Value::Null
                 };
                 v["image"] = image.clone().into();
                 v["disk_bytes"] = (*disk).into();
@@ -552,41 +551,35 @@ pub fn stop(a: StopArgs) -> anyhow::Result<u8> {
 
 pub fn pause(a: PauseArgs, pause: bool) -> anyhow::Result<u8> {
     let (dir, info) = Dir::existing(&a.name)?;
+    if !matches!(info.state, Phase::Running | Phase::Paused) {
+        bail!(
+            "session `{}` is {}: only a running session can be paused or resumed",
+            a.name,
+            info.state
+        );
+    }
     let (want, verb) = if pause {
         (Phase::Paused, "paused")
     } else {
         (Phase::Running, "resumed")
     };
-    match info.state {
-        s if s == want => {}
-        Phase::Running | Phase::Paused => {
-            let started = std::time::Instant::now();
-            launch::pause(&dir, pause)?;
-            let took_ms = started.elapsed().as_secs_f64() * 1000.0;
-            if a.json {
-                let doc = serde_json::json!({
-                    "name": a.name,
-                    "state": want.to_string(),
-                    "took_ms": took_ms,
-                });
-                println!("{doc}");
-            } else {
-                eprintln!("sbx: session `{}` {verb} in {took_ms:.0} ms", a.name);
-            }
-            return Ok(0);
-        }
-        state => bail!(
-            "session `{}` is {state}: only a running session can be paused or resumed",
-            a.name
-        ),
+    let already = info.state == want;
+    let started = std::time::Instant::now();
+    if !already {
+        launch::pause(&dir, pause)?;
     }
+    let took_ms = started.elapsed().as_secs_f64() * 1000.0;
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "name": a.name, "state": want.to_string(), "took_ms": 0 })
-        );
-    } else {
+        let doc = serde_json::json!({
+            "name": a.name,
+            "state": want.to_string(),
+            "took_ms": took_ms,
+        });
+        println!("{doc}");
+    } else if already {
         eprintln!("sbx: session `{}` is already {want}", a.name);
+    } else {
+        eprintln!("sbx: session `{}` {verb} in {took_ms:.0} ms", a.name);
     }
     Ok(0)
 }

@@ -385,7 +385,7 @@ fn spawn_vcpus(
 
 /// Interrupts one vCPU's KVM_RUN (the handler does nothing; KVM_RUN
 /// returns EINTR and the vCPU looks at what it was asked).
-fn kick(t: &JoinHandle<()>) {
+fn kick_vcpu(t: &JoinHandle<()>) {
     use std::os::unix::thread::JoinHandleExt;
     if !t.is_finished() {
         // SAFETY: the pthread is alive until joined, which only its owner
@@ -398,7 +398,7 @@ fn kick(t: &JoinHandle<()>) {
 fn stop_vcpus(threads: StartedVcpus) {
     let mut pending = threads;
     while !pending.is_empty() {
-        pending.iter().for_each(kick);
+        pending.iter().for_each(kick_vcpu);
         std::thread::sleep(Duration::from_micros(500));
         let (done, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
         for t in done {
@@ -491,19 +491,19 @@ impl Events<'_> {
             && !self.control.should_stop()
             && std::time::Instant::now() < until
         {
-            self.vcpus.iter().for_each(kick);
+            self.vcpus.iter().for_each(kick_vcpu);
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
 
 fn event_loop(
-    events_in: &Events<'_>,
+    vm: &Events<'_>,
     serial: &Mutex<SerialConsole>,
     input: Option<RawFd>,
     lifetime: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
-    let (control, signals) = (events_in.control, events_in.signals);
+    let (control, signals) = (vm.control, vm.signals);
     let deadline = lifetime.map(|d| (d, std::time::Instant::now() + d));
     let epoll = Epoll::new()?;
     let add = |fd: RawFd, data: u64| {
@@ -515,7 +515,7 @@ fn event_loop(
     };
     add(control.exit_evt.as_raw_fd(), EV_EXIT)?;
     add(signals.fd.as_raw_fd(), EV_SIGNAL)?;
-    add(events_in.pause.wake.as_raw_fd(), EV_PAUSE)?;
+    add(vm.pause.wake.as_raw_fd(), EV_PAUSE)?;
     if let Some(fd) = input {
         add(fd, EV_INPUT)?;
     }
@@ -548,7 +548,7 @@ fn event_loop(
                         control.request_exit(ExitReason::Signal(signo));
                     }
                 }
-                (EV_PAUSE, _) => events_in.kick_into_pause(),
+                (EV_PAUSE, _) => vm.kick_into_pause(),
                 (EV_INPUT, Some(fd)) => {
                     let mut buf = [0u8; 256];
                     // SAFETY: reads into a stack buffer of the given length.

@@ -140,6 +140,14 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         ];
         argv.extend(images.iter().cloned());
         script.push(argv);
+        // What idle sessions cost the host, running and paused.
+        let mut argv = vec![
+            path(&release.join("sbx-bench-session")),
+            "--idle".into(),
+            "4".into(),
+        ];
+        argv.extend(images.iter().cloned());
+        script.push(argv);
     }
     if matches!(args.which, Which::All | Which::Net) {
         // Only the guest rows matter in the nested host (TCG slows the rest).
