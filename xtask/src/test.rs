@@ -124,13 +124,10 @@ fn is_test_binary(bin: &Path, name: &str) -> bool {
 
 /// Makes the nested test host ready for an ordinary user, uid 1000, as a
 /// desktop host is: /dev/kvm open to their group, a cgroup delegated to
-/// them (as systemd's user@1000.service is), a home in /tmp, and /root
-/// (where the caches may be) passable. Only ever run in the nested host,
-/// which is thrown away after the run.
+/// them (as systemd's user@1000.service is), a home in /tmp. Only ever run
+/// in the nested host, which is thrown away after the run. [`passable`]
+/// goes first.
 const AS_USER: &str = r#"set -e
-mkdir -p /run/rootov/u /run/rootov/w
-mount -t overlay overlay -o lowerdir=/root,upperdir=/run/rootov/u,workdir=/run/rootov/w /root
-chmod 711 /root
 chgrp 1000 /dev/kvm && chmod 660 /dev/kvm
 echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 mkdir -p /sys/fs/cgroup/user-1000/init
@@ -150,6 +147,36 @@ unset XDG_RUNTIME_DIR
 cd /tmp
 set +e
 "#;
+/// Lines that let that user through the directories on the way to the
+/// checkout and the caches which only their owner may enter (a checkout
+/// under /root): each gets an in-memory overlay in the nested host, so
+/// that it may be entered there; the host's own stays as it is.
+fn passable(paths: &[PathBuf]) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let mut closed: Vec<&Path> = paths
+        .iter()
+        .flat_map(|p| p.ancestors())
+        .filter(|d| {
+            std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o001 == 0)
+        })
+        .collect();
+    // Outer directories first, each once.
+    closed.sort_by_key(|d| d.components().count());
+    closed.dedup();
+    closed
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let d = d.display();
+            format!(
+                "mkdir -p /run/passable/{i}/u /run/passable/{i}/w\n\
+                 mount -t overlay overlay -o lowerdir='{d}',upperdir=/run/passable/{i}/u,workdir=/run/passable/{i}/w '{d}'\n\
+                 chmod o+x '{d}'\n"
+            )
+        })
+        .collect()
+}
+
 /// Runs a test binary as that user, in their group alone.
 const AS_USER_RUN: &str = "setpriv --reuid=1000 --regid=1000 --clear-groups -- ";
 
@@ -295,7 +322,12 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
             b.display()
         ));
     }
-    let setup = if nested { AS_USER } else { "" };
+    let setup = if nested {
+        let reached = [paths::workspace(), paths::target_dir(), paths::cache_dir()];
+        format!("set -e\n{}{AS_USER}", passable(&reached))
+    } else {
+        String::new()
+    };
     let argv = vec![
         "sh".into(),
         "-c".into(),
@@ -335,6 +367,24 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_closed_directories_are_made_passable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("xtask-passable-{}", std::process::id()));
+        let closed = dir.join("closed");
+        let inner = closed.join("open/checkout");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let lines = passable(&[inner.clone(), inner]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(lines.matches("mount -t overlay").count(), 1, "{lines}");
+        assert!(
+            lines.contains(&format!("chmod o+x '{}'", closed.display())),
+            "{lines}"
+        );
+    }
 
     #[test]
     fn test_binaries_are_known_by_their_file() {
