@@ -18,15 +18,13 @@ use super::script::Writer;
 use super::{guest_memory, raw_chain, Heap, MEM_LEN, RING_BASE};
 use crate::devices::virtio::test_ring::{Ring, WRITE};
 use crate::devices::virtio::vsock::packet::*;
-use crate::devices::virtio::vsock::{Turn, VsockHost, HOST_CID};
+use crate::devices::virtio::vsock::{Turn, VsockHost, FIRST_LOCAL_PORT, HOST_CID};
 use crate::vstate::memory::GuestMemory;
 
 const GUEST_CID: u64 = 3;
 /// The host port with an in-process listener, and one without.
 const LISTENED: u32 = 1025;
 const UNLISTENED: u32 = 1026;
-/// The first local port of host-initiated connections.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Host sockets the script keeps (more are closed at once).
 const MAX_HOST: usize = 64;
 

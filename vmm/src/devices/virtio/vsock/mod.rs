@@ -156,7 +156,7 @@ impl VsockHost {
 }
 
 #[cfg(any(test, feature = "fuzzing"))]
-pub(crate) use muxer::Turn;
+pub(crate) use muxer::{Turn, FIRST_LOCAL_PORT};
 
 #[cfg(any(test, feature = "fuzzing"))]
 impl VsockHost {

@@ -52,7 +52,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a hybrid client has to send its `CONNECT <port>` line.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Host ports handed out to host-initiated connections.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
+pub(crate) const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
 const TOKEN_RX: u64 = 0;
 const TOKEN_TX: u64 = 1;
