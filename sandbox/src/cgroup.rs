@@ -1,13 +1,9 @@
 //! A cgroup (v2) per session, where the host lets sbx make one: the
 //! session process moves itself into `sbx/NAME` under the cgroup2 root
 //! before its first thread starts, with CPU for its vCPUs plus one for the
-//! VMM's own threads and a bound on threads, and its memory accounted.
-//!
-//! Memory is not limited yet: a cgroup's memory counts the host pages of
-//! the files its process writes, and where the session's disk or shares
-//! sit on tmpfs those cannot be reclaimed, so a limit of guest RAM plus an
-//! allowance killed a guest filling its 300 MiB disk (the OOM killer, in
-//! the nested test host, whose /tmp is RAM). `MEMORY_NOTE` says so.
+//! VMM's own threads and a bound on threads, and its memory limited to
+//! what [`crate::memory`] budgets (set once the session knows its shares
+//! and disks, before the guest runs).
 //!
 //! Root makes `sbx/` under the cgroup2 root. Another user makes it under
 //! the cgroup the host delegated to them: the highest ancestor of their
@@ -23,10 +19,9 @@ use std::sync::OnceLock;
 
 use sbx_audit::{AuditLog, Entry};
 
+use crate::memory::Memory;
 use crate::spec::SessionSpec;
 
-/// Why the cgroup does not limit memory (see the module).
-pub const MEMORY_NOTE: &str = "not limited: the cgroup would count the host pages of files the guest writes, which on tmpfs cannot be reclaimed";
 /// Threads and processes: the session's fixed threads, two per egress
 /// connection (at most 256), exec requests, and the MCP gateway's.
 pub const PIDS_MAX: u64 = 2048;
@@ -191,6 +186,7 @@ fn try_place(name: &str, limits: &Limits) -> Result<PathBuf, String> {
 }
 
 static PLACED: OnceLock<Placement> = OnceLock::new();
+static MEMORY: OnceLock<Memory> = OnceLock::new();
 
 /// Places this session process (see [`place`]) by its spec's VM size.
 pub fn place_session(spec: &SessionSpec) {
@@ -202,14 +198,32 @@ pub fn place_session(spec: &SessionSpec) {
     let _ = PLACED.set(placed);
 }
 
+/// Limits the memory of the cgroup [`place_session`] made to `memory`'s
+/// budget. Before the guest runs: past the limit the kernel kills.
+pub fn limit_memory(memory: Memory) {
+    let memory = match (PLACED.get(), memory.max()) {
+        (Some(Placement::Placed { path, .. }), Some(max)) => {
+            match write(&path.join("memory.max"), &max.to_string()) {
+                Ok(()) => memory,
+                Err(e) => Memory::Unlimited(e),
+            }
+        }
+        _ => memory,
+    };
+    let _ = MEMORY.set(memory);
+}
+
 /// Records where [`place_session`] put the process, and with what limits.
 pub fn record(log: &AuditLog) -> crate::error::Result<()> {
+    let memory = MEMORY
+        .get()
+        .map_or(serde_json::Value::Null, Memory::to_json);
     let entry = match PLACED.get() {
         None => return Ok(()),
         Some(Placement::Placed { path, limits }) => Entry::cgroup(
             &path.display().to_string(),
             serde_json::json!({
-                "memory": MEMORY_NOTE,
+                "memory": memory,
                 "cpu_max": format!("{} {}", limits.cpu_max.0, limits.cpu_max.1),
                 "pids_max": limits.pids_max,
             }),

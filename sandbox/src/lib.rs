@@ -21,6 +21,7 @@ mod host_edits;
 pub mod launch;
 pub mod managed;
 pub mod mcp;
+pub mod memory;
 pub mod paths;
 pub mod privileges;
 pub mod seccomp;

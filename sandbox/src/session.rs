@@ -256,7 +256,6 @@ pub fn run(spec: &SessionSpec, front: Front<'_>) -> Result<Ended> {
         if let Some(d) = crate::privileges::dropped() {
             log.record(Entry::privileges(&d.kept, d.dropped))?;
         }
-        cgroup::record(&log)?;
         crate::seccomp::record_to(&log)?;
     }
     let lifetime = policy.lifetime().map(|(_, rule)| {
@@ -395,9 +394,9 @@ fn service(
     )?;
 
     // The root from an image: its disk and the session's writable layer.
-    let (block, root) = match &spec.root {
-        Some(r) => {
-            let size = disks::layer_size(r, &policy);
+    let layer = spec.root.as_ref().map(|r| disks::layer_size(r, &policy));
+    let (block, root) = match (&spec.root, layer) {
+        (Some(r), Some(size)) => {
             let asked = format!("a {} MiB disk", size >> 20);
             admit(
                 log,
@@ -409,8 +408,13 @@ fn service(
             let (disks, root) = disks::devices(&spec.name, r, size)?;
             (disks, Some(root))
         }
-        None => (Vec::new(), None),
+        _ => (Vec::new(), None),
     };
+    // The session's memory, now that its shares and disks are known, and
+    // before the guest can use any.
+    let written = crate::memory::session_files(spec, &dir, &fs, layer);
+    cgroup::limit_memory(crate::memory::budget(spec.vm.mem_mib << 20, &written));
+    cgroup::record(log)?;
 
     // The MCP servers' helper starts VMs, which the confined session
     // process cannot: it starts first.

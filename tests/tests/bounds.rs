@@ -114,8 +114,9 @@ fn a_share_quota_stops_a_guest_filling_the_host_disk() {
 }
 
 /// The session process lives in a cgroup of its own sized to its VM: CPU
-/// for its vCPUs plus one, a bound on threads, its memory accounted (not
-/// limited: see `sandbox::cgroup`); the audit log says so.
+/// for its vCPUs plus one, a bound on threads, its memory accounted; a
+/// share kept in memory with no quota leaves memory unlimited, and the
+/// audit log says why and what would bound it.
 #[test]
 fn a_session_runs_in_a_cgroup_sized_to_its_vm() {
     let host = Host::new();
@@ -131,7 +132,6 @@ fn a_session_runs_in_a_cgroup_sized_to_its_vm() {
         .into_iter()
         .find(|r| r["action"] == "cgroup")
         .expect("a cgroup record");
-    assert_eq!(r["details"]["memory"], sandbox::cgroup::MEMORY_NOTE, "{r}");
     // Root's sessions go under the root; a user's under the cgroup the
     // host delegated to them.
     let path = r["resource"].as_str().unwrap().to_string();
@@ -154,6 +154,16 @@ fn a_session_runs_in_a_cgroup_sized_to_its_vm() {
     };
     assert_eq!(read("cpu.max"), "300000 100000");
     assert_eq!(read("pids.max"), sandbox::cgroup::PIDS_MAX.to_string());
+    let memory = &r["details"]["memory"];
+    if sandbox::memory::in_memory(&ws) {
+        let said = memory.as_str().unwrap_or_else(|| panic!("{r}"));
+        assert!(
+            said.starts_with(&format!("not limited: the shares at {}", ws.display())),
+            "{said}"
+        );
+        assert!(said.contains("--share-quota"), "{said}");
+        assert_eq!(read("memory.max"), "max");
+    }
     // The guest's memory is charged to it.
     let out = host.sh(
         "cg",
@@ -167,6 +177,103 @@ fn a_session_runs_in_a_cgroup_sized_to_its_vm() {
     );
     assert!(current > 32 << 20, "memory.current {current}");
     host.ok(&["stop", "cg"]);
+}
+
+/// Where every file the session keeps in memory has a bound, its cgroup
+/// limits its memory to guest RAM, the VMM's allowance and those bounds;
+/// a guest that fills its RAM and its share quota on tmpfs stays inside
+/// and is not killed.
+#[test]
+fn a_session_s_memory_is_limited_to_its_ram_allowance_and_files_in_memory() {
+    let host = Host::new();
+    let ws = host.dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    // The audit log grows for as long as the session lives: it goes on a
+    // disk (here, /tmp may be in memory).
+    let audit = host.dir.path().join("state/audit");
+    if sandbox::memory::in_memory(&audit) {
+        let disk = std::env::var_os("SBX_TEST_DISK_DIR").expect(
+            "where /tmp is in memory this test needs SBX_TEST_DISK_DIR, a directory of yours on a disk (cargo xtask test makes one)",
+        );
+        let mine = std::path::Path::new(&disk).join(format!("audit-{}", std::process::id()));
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::set_permissions(&mine, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        std::fs::create_dir_all(audit.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&mine, &audit).unwrap();
+    }
+    let quota = 96u64 << 20;
+    host.ok_in(
+        &ws,
+        &[
+            "start",
+            "--name",
+            "mem",
+            "--mem",
+            "384",
+            "--share-quota",
+            "96M",
+        ],
+    );
+    let r = host
+        .events("mem")
+        .into_iter()
+        .find(|r| r["action"] == "cgroup")
+        .expect("a cgroup record");
+    let dir = std::path::PathBuf::from(r["resource"].as_str().unwrap());
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let memory = &r["details"]["memory"];
+    let max = memory["max"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("memory is not limited: {r}"));
+    assert_eq!(read("memory.max"), max.to_string(), "{r}");
+    let parts = memory["parts"].as_array().unwrap();
+    let sum: u64 = parts.iter().map(|p| p["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(sum, max, "{r}");
+    let part = |what: &str| {
+        parts
+            .iter()
+            .find(|p| p["what"].as_str().unwrap().starts_with(what))
+            .map(|p| p["bytes"].as_u64().unwrap())
+    };
+    assert_eq!(part("guest RAM"), Some(384 << 20), "{r}");
+    assert_eq!(part("VMM allowance"), Some(sandbox::memory::VMM_ALLOWANCE));
+    let shares_in_memory = sandbox::memory::in_memory(&ws);
+    assert_eq!(
+        part("the shares in memory"),
+        shares_in_memory.then_some(quota),
+        "{r}"
+    );
+
+    // The guest fills its share quota and most of its RAM.
+    let out = host.sh(
+        "mem",
+        "dd if=/dev/zero of=/workspace/big bs=1M count=128 2>&1 | tail -1; \
+         mkdir -p /fill && mount -t tmpfs -o size=200m tmpfs /fill && \
+         dd if=/dev/zero of=/fill/x bs=1M count=180 2>&1 | tail -1; echo done",
+    );
+    let said = text(&out.stdout);
+    assert!(said.ends_with("done\n"), "{said}{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::metadata(ws.join("big")).unwrap().len(),
+        quota,
+        "{said}"
+    );
+    let peak = read("memory.peak");
+    eprintln!(
+        "memory.max {max} ({} MiB), memory.peak {peak}, memory.current {}, shares in memory: {shares_in_memory}",
+        max >> 20,
+        read("memory.current")
+    );
+    assert_eq!(host.ok(&["exec", "mem", "--", "echo", "alive"]), "alive\n");
+    let events = read("memory.events");
+    assert!(events.contains("oom_kill 0"), "{events}");
+    host.ok(&["stop", "mem"]);
 }
 
 /// Empties a test's tiny disk however the test ends (it may be shared).

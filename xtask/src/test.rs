@@ -138,7 +138,11 @@ echo $$ > /sys/fs/cgroup/user-1000/init/cgroup.procs
 mkdir -p /tmp/home-1000 && chown 1000:1000 /tmp/home-1000
 # A disk that fills up, for the audit log's test (only root can mount one).
 mkdir -p /run/sbx-tiny && mount -t tmpfs -o size=1m,uid=1000,gid=1000,mode=0700 tmpfs /run/sbx-tiny
-export HOME=/tmp/home-1000 SBX_TEST_TINY_DIR=/run/sbx-tiny
+# A directory on a disk (the run's 9p scratch share), not in memory as
+# /tmp is here, for the memory limit's test.
+disk="$SBX_NESTED_SCRATCH/disk-1000"
+mkdir -p "$disk" && chown 1000:1000 "$disk" && chmod 700 "$disk"
+export HOME=/tmp/home-1000 SBX_TEST_TINY_DIR=/run/sbx-tiny SBX_TEST_DISK_DIR="$disk"
 # Their own state directory, not the run's scratch one (root's).
 unset SBX_STATE_DIR
 # The tests' stand-ins for real servers listen on 443.
