@@ -4,6 +4,7 @@
 //! revalidate shared paths the host changed.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -11,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sbx_protocol::agent::{
-    write_frame, Control, EventKind, ExecRequest, Frame, FrameIo, Stream, AGENT_PORT,
-    INITIAL_CREDIT, MAX_DATA, VERSION,
+    write_data, write_frame, Control, EventKind, ExecRequest, Frame, FrameIo, Stream, AGENT_PORT,
+    INITIAL_CREDIT, VERSION,
 };
 
 use crate::{events, exec, reaper, vsock};
@@ -94,19 +95,29 @@ fn handle(conn: UnixStream) {
     }
 }
 
+/// The most output read and sent at once.
+const PUMP_READ: usize = 1 << 20;
+
 /// Copies one output stream into data frames until EOF.
 fn pump(mut from: std::fs::File, w: Writer, id: u32, stream: Stream) {
-    let mut buf = vec![0u8; MAX_DATA];
+    // Output the host has not taken yet gathers in a larger pipe, and goes
+    // out in one write of many frames: fewer wakeups on both sides of the
+    // VM boundary, where each costs an exit. (A PTY has no pipe size.)
+    // SAFETY: F_SETPIPE_SZ on a descriptor this function owns.
+    unsafe {
+        libc::fcntl(
+            from.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            PUMP_READ as libc::c_int,
+        )
+    };
+    let mut buf = vec![0u8; PUMP_READ];
     loop {
         match from.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                let frame = Frame::Data {
-                    id,
-                    stream,
-                    bytes: buf[..n].to_vec(),
-                };
-                if !send(&w, &frame) {
+                let mut out = w.lock().unwrap_or_else(|e| e.into_inner());
+                if write_data(&mut *out, id, stream, &buf[..n]).is_err() {
                     return;
                 }
             }

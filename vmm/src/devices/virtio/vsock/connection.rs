@@ -11,8 +11,11 @@ use std::collections::VecDeque;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 
-/// Bytes of guest data the device buffers per connection.
-pub const BUF_ALLOC: u32 = 256 * 1024;
+/// Bytes of guest data the device buffers per connection: the credit a
+/// guest may send ahead of the host. 1 MiB lets the guest agent's output
+/// (up to 1 MiB per write) go out as one run of packets, not a quarter
+/// at a time waiting for credit; the muxer's budget bounds the total.
+pub const BUF_ALLOC: u32 = 1024 * 1024;
 /// Forwarded bytes after which the guest is told about the freed space.
 const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
 
