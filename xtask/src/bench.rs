@@ -13,7 +13,8 @@ const BENCH_NESTED_MEM_MIB: u64 = 6144;
 pub enum Which {
     /// Everything.
     All,
-    /// Boot latency and memory, sbx against QEMU (boots real guests).
+    /// Boot latency and memory, sbx against QEMU microvm and, given
+    /// SBX_BENCH_FIRECRACKER, Firecracker (boots real guests).
     Boot,
     /// Network policy decisions per second (host only).
     Policy,
@@ -44,8 +45,9 @@ pub struct Args {
     /// Which benchmarks to run.
     #[arg(value_enum, default_value_t = Which::All)]
     which: Which,
-    /// Boots per VMM.
-    #[arg(long, default_value_t = 10)]
+    /// Boots per VMM, alternating (set SBX_BENCH_FIRECRACKER to a
+    /// Firecracker binary to boot it too).
+    #[arg(long, default_value_t = 15)]
     runs: usize,
     /// vCPUs per guest.
     #[arg(long, default_value_t = 1)]
