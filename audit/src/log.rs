@@ -268,9 +268,13 @@ impl AuditLog {
         st.len += line.len() as u64;
         st.seq = record.seq;
         st.prev = record.hash;
-        st.dirty = true;
         if st.last_sync.elapsed() >= self.shared.interval {
+            st.dirty = true;
             self.sync_locked(&mut st)?;
+        } else if !std::mem::replace(&mut st.dirty, true) {
+            // The flusher sleeps while nothing is dirty: it syncs this
+            // record within the interval.
+            self.shared.wake.notify_all();
         }
         Ok(Appended {
             seq: record.seq,
@@ -369,15 +373,23 @@ fn flush_loop(shared: &Shared) {
         if st.closed {
             return;
         }
-        let (next, _) = shared
-            .wake
-            .wait_timeout(st, shared.interval)
-            .unwrap_or_else(|p| p.into_inner());
-        st = next;
-        if st.failed.is_none() && st.last_sync.elapsed() >= shared.interval {
+        // Nothing to sync: sleep until a record is written, so that an
+        // idle session's flusher does not wake the host for nothing.
+        if !st.dirty || st.failed.is_some() {
+            st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        let due = shared.interval.saturating_sub(st.last_sync.elapsed());
+        if due.is_zero() {
             // A failure poisons the log; the next append reports it.
             let _ = st.sync();
+            continue;
         }
+        st = shared
+            .wake
+            .wait_timeout(st, due)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 
@@ -403,6 +415,37 @@ impl AuditError {
             path: path.to_path_buf(),
             what: what.to_string(),
             source: e,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Identity;
+
+    /// The flusher sleeps while nothing is dirty; a record written soon
+    /// after a sync wakes it, and it syncs that record within the interval.
+    #[test]
+    fn the_sleeping_flusher_syncs_a_record_within_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let interval = Duration::from_millis(200);
+        let log = AuditLog::open(
+            &dir.path().join("a.jsonl"),
+            Identity::current("s"),
+            interval,
+        )
+        .unwrap();
+        for _ in 0..3 {
+            log.sync().unwrap();
+            log.record(Entry::session_stop("s", serde_json::Value::Null))
+                .unwrap();
+            assert!(log.lock().dirty, "synced at once, inside the interval");
+            let deadline = Instant::now() + 10 * interval;
+            while log.lock().dirty {
+                assert!(Instant::now() < deadline, "the record was never synced");
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }

@@ -361,20 +361,33 @@ fn a_paused_session_uses_no_cpu_and_resumes_where_it_was() {
     let host = Host::new();
     host.start("p");
     let pid = host.session("p")["pid"].as_u64().unwrap();
-    host.ok(&["exec", "p", "--", "sh", "-c", "echo kept > /tmp/mark"]);
+    // A guest process that keeps the vCPU busy: an idle guest costs the
+    // host almost nothing, so only a busy one shows what a pause stops.
+    host.ok(&[
+        "exec",
+        "p",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /tmp/mark; setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &",
+    ]);
     let uptime = |host: &Host| -> f64 {
         let out = host.ok(&["exec", "p", "--", "cat", "/proc/uptime"]);
         out.split_whitespace().next().unwrap().parse().unwrap()
     };
     let up_before = uptime(&host);
-    let idle = cpu_over(pid, Duration::from_secs(3));
+    let busy = cpu_over(pid, Duration::from_secs(3));
+    assert!(
+        busy >= 100,
+        "a busy guest used {busy} ticks in 3 s: too few to tell a pause by"
+    );
 
     let out: serde_json::Value = serde_json::from_str(&host.ok(&["pause", "p", "--json"])).unwrap();
     assert_eq!(out["state"], "paused", "{out}");
     assert_eq!(host.session("p")["state"], "paused");
     let paused = cpu_over(pid, Duration::from_secs(3));
     eprintln!(
-        "session process CPU over 3 s: idle {idle} ticks, paused {paused} ticks; pause took {} ms",
+        "session process CPU over 3 s: busy {busy} ticks, paused {paused} ticks; pause took {} ms",
         out["took_ms"]
     );
     // A paused guest runs nothing: no timer ticks, no exits. What is left
