@@ -186,6 +186,16 @@ fn header(out: &mut Vec<u8>, body_len: usize, kind: u8) {
     out.push(kind);
 }
 
+/// `bytes` as the payloads of data frames of at most `size` bytes each; no
+/// bytes are one empty frame (which the peer still hears of).
+fn pieces(bytes: &[u8], size: usize) -> Vec<&[u8]> {
+    if bytes.is_empty() {
+        vec![&[][..]]
+    } else {
+        bytes.chunks(size).collect()
+    }
+}
+
 /// A data frame's bytes before its payload: length, kind and id.
 pub const DATA_HEAD: usize = 9;
 
@@ -208,12 +218,7 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(&body);
         }
         Frame::Data { id, stream, bytes } => {
-            let chunks: Vec<&[u8]> = if bytes.is_empty() {
-                vec![&[][..]]
-            } else {
-                bytes.chunks(MAX_DATA).collect()
-            };
-            for chunk in chunks {
+            for chunk in pieces(bytes, MAX_DATA) {
                 out.extend_from_slice(&data_head(*id, *stream, chunk.len()));
                 out.extend_from_slice(chunk);
             }
@@ -387,11 +392,7 @@ pub fn write_data(
     stream: Stream,
     bytes: &[u8],
 ) -> std::io::Result<()> {
-    let chunks: Vec<&[u8]> = if bytes.is_empty() {
-        vec![&[][..]]
-    } else {
-        bytes.chunks(MAX_DATA - DATA_HEAD).collect()
-    };
+    let chunks = pieces(bytes, MAX_DATA - DATA_HEAD);
     let heads: Vec<[u8; DATA_HEAD]> = chunks
         .iter()
         .map(|c| data_head(id, stream, c.len()))

@@ -35,10 +35,15 @@ pub struct Written {
     /// Files or directories of files; the bound counts once if any of
     /// them is in memory (a share quota bounds all shares together).
     pub paths: Vec<PathBuf>,
-    /// The most they can hold; None: they grow as long as the session
-    /// runs, and `bound` says what would bound them.
-    pub most: Option<u64>,
-    pub bound: &'static str,
+    pub bound: Bound,
+}
+
+/// How much files can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    Bytes(u64),
+    /// They grow as long as the session runs; what would bound them.
+    None(&'static str),
 }
 
 /// One part of a limited budget.
@@ -92,28 +97,29 @@ pub fn session_files(
             .filter(|f| !f.read_only)
             .map(|f| f.host_dir.clone())
             .collect(),
-        most: spec.share_quota,
-        bound: "--share-quota SIZE bounds what the guest adds to its shares",
+        bound: spec.share_quota.map_or(
+            Bound::None("--share-quota SIZE bounds what the guest adds to its shares"),
+            Bound::Bytes,
+        ),
     }];
     if let Some(size) = layer {
         files.push(Written {
             what: "the writable layer".into(),
             paths: vec![disks::layer_path(&spec.name)],
-            most: Some(size),
-            bound: "",
+            bound: Bound::Bytes(size),
         });
     }
     files.push(Written {
         what: "the console log".into(),
         paths: vec![dir.console_path()],
-        most: Some(CONSOLE_LOG_MAX),
-        bound: "",
+        bound: Bound::Bytes(CONSOLE_LOG_MAX),
     });
     files.push(Written {
         what: "the audit log".into(),
         paths: vec![paths::audit_dir()],
-        most: None,
-        bound: "keep the state directory, $SBX_STATE_DIR or ~/.local/state/sbx, on a disk",
+        bound: Bound::None(
+            "keep the state directory, $SBX_STATE_DIR or ~/.local/state/sbx, on a disk",
+        ),
     });
     files
 }
@@ -138,17 +144,16 @@ fn budget_with(guest_bytes: u64, written: &[Written], in_memory: impl Fn(&Path) 
         let Some(path) = w.paths.iter().find(|p| in_memory(p)) else {
             continue;
         };
-        match w.most {
-            Some(bytes) => parts.push(Part {
+        match w.bound {
+            Bound::Bytes(bytes) => parts.push(Part {
                 what: format!("{} in memory ({})", w.what, path.display()),
                 bytes,
             }),
-            None => {
+            Bound::None(fix) => {
                 return Memory::Unlimited(format!(
-                    "{} at {} is kept in memory and has no bound ({})",
+                    "{} at {} is kept in memory and has no bound ({fix})",
                     w.what,
                     path.display(),
-                    w.bound
                 ))
             }
         }
@@ -189,8 +194,7 @@ mod tests {
         Written {
             what: what.into(),
             paths: paths.iter().map(PathBuf::from).collect(),
-            most,
-            bound: "give it one",
+            bound: most.map_or(Bound::None("give it one"), Bound::Bytes),
         }
     }
 
