@@ -269,7 +269,9 @@ fn main() -> anyhow::Result<()> {
     if !args.no_qemu {
         peers.push(Peer::Qemu);
     }
-    let firecracker = (args.firecracker.clone())
+    let firecracker = args
+        .firecracker
+        .clone()
         .or_else(|| std::env::var_os("SBX_BENCH_FIRECRACKER").map(PathBuf::from));
     if let Some(fc) = firecracker {
         if !fc.is_file() {
